@@ -1,0 +1,1 @@
+"""Operator tooling: the `mdp` command line and the local supervisor."""

@@ -1,0 +1,1 @@
+"""mdp services: one subpackage per process."""

@@ -1,0 +1,1 @@
+"""Provider adapters (entry-point group `mdp.adapters`)."""

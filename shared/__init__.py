@@ -1,0 +1,1 @@
+"""The contract every mdp process shares: schemas, subjects, settings, bus helpers, runtime."""

@@ -1,0 +1,94 @@
+"""One settings model for every process: defaults, overridden by `MDP_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.schemas import interval_ns
+
+
+class ProviderSettings(BaseModel):
+    """How providers batch ticks before publishing."""
+
+    batch_max_ticks: int = Field(1000, ge=1, le=100_000)
+    batch_max_delay_ms: int = Field(50, ge=1, le=10_000)
+    max_in_flight: int = Field(256, ge=1, description="unacknowledged publishes per provider")
+
+
+class RouterSettings(BaseModel):
+    """Per-symbol source selection."""
+
+    source_order: list[str] = ["ibkr", "replay", "synthetic"]
+    stale_after_s: float = Field(5.0, gt=0, description="a source silent this long is unavailable")
+
+
+class AggregatorSettings(BaseModel):
+    """Bars and the hybrid batcher that carries them to the store."""
+
+    intervals: list[str] = ["1s", "1m"]
+    grace_ms: int = Field(500, ge=0)
+    revise_window_s: float = Field(60.0, ge=0)
+    price_type: Literal["LAST", "MID"] = "LAST"
+    batch_max_rows: int = Field(5000, ge=1)
+    batch_max_bytes: int = Field(1_000_000, ge=1024)
+    batch_max_delay_ms: int = Field(200, ge=1)
+    store_sync_mode: Literal["bus", "http", "none"] = "bus"
+
+    @field_validator("intervals")
+    @classmethod
+    def _intervals_parse(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one interval is needed")
+        for interval in value:
+            interval_ns(interval)
+        return sorted(set(value), key=interval_ns)
+
+
+class StreamSettings(BaseModel):
+    """JetStream stream and bucket parameters, created idempotently at start."""
+
+    replicas: int = Field(1, ge=1, le=5)
+    raw_max_age_s: float = Field(3600, gt=0)
+    quotes_max_age_s: float = Field(24 * 3600, gt=0)
+    bars_max_age_s: float = Field(7 * 24 * 3600, gt=0)
+    duplicate_window_s: float = Field(300, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything a process reads at start; `MDP_AGGREGATOR__GRACE_MS=0` reaches nested fields."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MDP_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    store_url: str = "sqlite:///var/mdp.db"
+    data_dir: Path = Path("var")
+    config_dir: Path = Path("configs")
+    metrics_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    encoding: Literal["json", "msgpack"] = "json"
+
+    provider: ProviderSettings = ProviderSettings()
+    router: RouterSettings = RouterSettings()
+    aggregator: AggregatorSettings = AggregatorSettings()
+    stream: StreamSettings = StreamSettings()
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError(
+                f"store URL {value!r} must start with sqlite:///PATH or postgresql://"
+            )
+        return value
+
+    @property
+    def content_type(self) -> str:
+        """The Content-Type this process publishes with."""
+        return "application/msgpack" if self.encoding == "msgpack" else "application/json"
