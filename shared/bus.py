@@ -1,0 +1,413 @@
+"""Bus helpers: connection, streams and buckets, a windowed JetStream publisher, a pull consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from shared import subjects
+from shared.metrics import DEAD_LETTERS, PUBLISH_RETRIES
+from shared.settings import Settings
+
+MSG_ID = "Nats-Msg-Id"
+DLQ_REASON = "Mdp-Dlq-Reason"
+DLQ_SUBJECT = "Mdp-Dlq-Subject"
+DLQ_SERVICE = "Mdp-Dlq-Service"
+CLOCK_RATE = "Mdp-Clock-Rate"
+END_OF_STREAM = "Mdp-End-Of-Stream"
+
+KV_JOBS = "ingest_jobs"
+KV_STATE = "ingest_state"
+KV_CHECKPOINTS = "mdp_checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection
+
+
+async def connect(settings: Settings, name: str, log: Any) -> NATS:
+    """Connect with unlimited reconnects, logging callbacks and a per-service inbox prefix."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", error=repr(exc))
+
+    async def on_disconnected() -> None:
+        log.warning("nats_disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats_reconnected", url=str(nc.connected_url.netloc if nc.connected_url else ""))
+
+    async def on_closed() -> None:
+        log.info("nats_closed")
+
+    nc = await nats.connect(
+        servers=[u.strip() for u in settings.nats_url.split(",")],
+        name=f"mdp-{name}",
+        inbox_prefix=f"_INBOX.mdp-{name}",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        closed_cb=on_closed,
+        pending_size=64 * 1024 * 1024,
+    )
+    return nc
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams and buckets: created idempotently by whoever starts.
+
+
+def stream_configs(settings: Settings) -> list[StreamConfig]:
+    """Every stream of the contract with this deployment's limits."""
+    s = settings.stream
+    common: dict[str, Any] = {
+        "storage": StorageType.FILE,
+        "num_replicas": s.replicas,
+        "duplicate_window": s.duplicate_window_s,
+    }
+    return [
+        StreamConfig(name="MD_RAW", subjects=["md.raw.>"], max_age=s.raw_max_age_s, **common),
+        StreamConfig(
+            name="MD_QUOTES", subjects=["md.quotes.>"], max_age=s.quotes_max_age_s, **common
+        ),
+        StreamConfig(name="MD_BARS", subjects=["md.bars.>"], max_age=s.bars_max_age_s, **common),
+        StreamConfig(
+            name="STORE_SYNC",
+            subjects=["store.sync.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            **common,
+        ),
+        StreamConfig(
+            name="MD_EVENTS", subjects=["ingest.events.>"], max_age=s.bars_max_age_s, **common
+        ),
+        StreamConfig(name="MD_DLQ", subjects=["md.dlq.>"], max_age=s.bars_max_age_s, **common),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    """Create every stream, or bring an existing one to this configuration."""
+    for config in stream_configs(settings):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+
+
+async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
+    """Create the KV buckets of the contract if they are missing."""
+    for bucket, history in ((KV_JOBS, 5), (KV_STATE, 5), (KV_CHECKPOINTS, 1)):
+        try:
+            await js.key_value(bucket)
+        except (NotFoundError, nats.js.errors.BucketNotFoundError):
+            with contextlib.suppress(BadRequestError):
+                await js.create_key_value(
+                    KeyValueConfig(
+                        bucket=bucket,
+                        history=history,
+                        storage=StorageType.FILE,
+                        replicas=settings.stream.replicas,
+                    )
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing: a window of in-flight acks on one inbox, retries with the same Nats-Msg-Id.
+
+
+@dataclass(slots=True)
+class _InFlight:
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    sent: float
+
+
+class JsPublisher:
+    """JetStream publishes without awaiting each ack: a bounded window, `flush()` awaits all.
+
+    A publish that fails (error ack, no responders during an election, or no ack within
+    `ack_timeout`) is sent again with the same headers, so `Nats-Msg-Id` makes it idempotent.
+    """
+
+    def __init__(
+        self, nc: NATS, max_in_flight: int = 1024, ack_timeout: float = 5.0, log: Any = None
+    ) -> None:
+        self._nc = nc
+        self._max = max_in_flight
+        self._ack_timeout = ack_timeout
+        self._log = log
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _InFlight] = {}
+        self._retry: set[int] = set()
+        self._changed = asyncio.Event()
+        self._prefix = ""
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        """Subscribe to the ack inbox."""
+        self._prefix = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_ack)
+
+    @property
+    def in_flight(self) -> int:
+        """Publishes sent and not yet acknowledged."""
+        return len(self._pending)
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Send one message; waits only while the window is full."""
+        while len(self._pending) >= self._max:
+            await self._wait_progress()
+        token = next(self._ids)
+        self._pending[token] = _InFlight(subject, data, headers, time.monotonic())
+        await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+
+    async def flush(self) -> None:
+        """Return once every message published so far is stored by its stream."""
+        while self._pending:
+            await self._wait_progress()
+
+    async def _wait_progress(self) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout=0.5)
+        await self._resend_due()
+
+    async def _resend_due(self) -> None:
+        now = time.monotonic()
+        for token, item in list(self._pending.items()):
+            if token in self._retry or now - item.sent > self._ack_timeout:
+                self._retry.discard(token)
+                if not self._nc.is_connected:
+                    continue
+                item.sent = now
+                PUBLISH_RETRIES.inc()
+                await self._nc.publish(
+                    item.subject, item.data, reply=f"{self._prefix}.{token}", headers=item.headers
+                )
+
+    async def _on_ack(self, msg: Msg) -> None:
+        token = int(msg.subject.rpartition(".")[2])
+        if token not in self._pending:
+            return
+        failed = (msg.headers is not None and msg.headers.get("Status") in ("503", "408")) or (
+            b'"error"' in msg.data
+        )
+        if failed:
+            # Stream unavailable (leader election, restart): retry after a short pause.
+            if self._log is not None:
+                self._log.warning(
+                    "publish_rejected", subject=self._pending[token].subject, ack=msg.data[:200]
+                )
+            self._pending[token].sent = time.monotonic() - self._ack_timeout + 0.25
+        else:
+            del self._pending[token]
+        self._changed.set()
+
+    async def close(self) -> None:
+        """Stop listening for acks."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+
+# ---------------------------------------------------------------------------------------------
+# Consuming: a hand-written pull loop (no `fetch()`), batch handler, ack after the handler.
+
+
+def stream_sequence(msg: Msg) -> int:
+    """The stream sequence of a JetStream message, read from its ack subject."""
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (optionally with
+    # domain and account hash tokens in front): the sequence is 5th from the end.
+    return int(msg.reply.split(".")[-4])
+
+
+BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+
+
+@dataclass
+class PullConsumer:
+    """A durable pull consumer driven by its own loop: pull, hand a batch over, then ack.
+
+    With `AckPolicy.ALL` only the last message of a processed batch is acked. A handler that
+    raises is retried with the same batch after a backoff (nothing newer is pulled meanwhile,
+    which is the backpressure). Redelivered messages already processed are skipped by sequence.
+    """
+
+    nc: NATS
+    js: JetStreamContext
+    stream: str
+    durable: str
+    filter_subjects: Sequence[str]
+    handler: BatchHandler
+    log: Any
+    batch: int = 256
+    ack_policy: AckPolicy = AckPolicy.ALL
+    ack_wait: float = 60.0
+    max_ack_pending: int = 4096
+    expires: float = 2.0
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _buffer: list[Msg] = field(default_factory=list, init=False)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _outstanding: int = field(default=0, init=False)
+    _last_seq: int = field(default=0, init=False)
+    _stopping: bool = field(default=False, init=False)
+
+    async def ensure(self, start_seq: int | None = None) -> None:
+        """Create (or update) the durable consumer."""
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=self.ack_policy,
+            ack_wait=self.ack_wait,
+            max_ack_pending=self.max_ack_pending,
+            max_waiting=64,
+            deliver_policy=(
+                DeliverPolicy.BY_START_SEQUENCE if start_seq else DeliverPolicy.ALL
+            ),
+            opt_start_seq=start_seq,
+            **(
+                {"filter_subject": self.filter_subjects[0]}
+                if len(self.filter_subjects) == 1
+                else {"filter_subjects": list(self.filter_subjects)}
+            ),
+        )
+        await self.js.add_consumer(self.stream, config)
+
+    async def start(self) -> None:
+        """Start pulling."""
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
+        self._task = asyncio.create_task(self._run(), name=f"pull-{self.durable}")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, then stop pulling."""
+        self._stopping = True
+        self._arrived.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers is not None and "Status" in headers and not msg.reply:
+            status = headers["Status"]
+            if status != "100":  # 404/408/409: this pull request is over
+                pending = headers.get("Nats-Pending-Messages")
+                self._outstanding = (
+                    max(0, self._outstanding - int(pending)) if pending else 0
+                )
+                self._arrived.set()
+            return
+        self._outstanding = max(0, self._outstanding - 1)
+        self._buffer.append(msg)
+        self._arrived.set()
+
+    async def _pull(self) -> None:
+        want = self.batch * 2 - self._outstanding
+        if want < self.batch or not self.nc.is_connected:
+            return
+        request = msgspec.json.encode({"batch": want, "expires": int(self.expires * 1e9)})
+        await self.nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}", request, reply=self._inbox
+        )
+        self._outstanding += want
+        self._pulled_at = time.monotonic()
+
+    async def _run(self) -> None:
+        self._pulled_at = 0.0
+        while not self._stopping:
+            if time.monotonic() - self._pulled_at > self.expires + 1.0:
+                self._outstanding = 0  # the request expired unseen (e.g. across a reconnect)
+            await self._pull()
+            if not self._buffer:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), timeout=self.expires)
+                continue
+            msgs, self._buffer = self._buffer, []
+            fresh = [m for m in msgs if stream_sequence(m) > self._last_seq]
+            if fresh:
+                await self._handle(fresh)
+            # Ack even a batch of duplicates: the server must stop redelivering them.
+            await self._ack(msgs[-1] if self.ack_policy == AckPolicy.ALL else None, msgs)
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self.handler(msgs)
+                self._last_seq = max(self._last_seq, stream_sequence(msgs[-1]))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.error(
+                    "batch_failed_retrying",
+                    consumer=self.durable,
+                    messages=len(msgs),
+                    error=repr(exc),
+                    retry_in_s=backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _ack(self, last: Msg | None, msgs: list[Msg]) -> None:
+        targets = [last] if last is not None else msgs
+        for msg in targets:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(msg.reply, b"+ACK")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dead letters
+
+
+async def dead_letter(
+    publisher: JsPublisher, service: str, msg: Msg, reason: str, reason_class: str
+) -> None:
+    """Publish a rejected message to `md.dlq.<service>` with the reason in headers."""
+    headers = dict(msg.headers or {})
+    headers.pop(MSG_ID, None)
+    headers[DLQ_REASON] = reason[:1000].replace("\r", " ").replace("\n", " ")
+    headers[DLQ_SUBJECT] = msg.subject
+    headers[DLQ_SERVICE] = service
+    with contextlib.suppress(Exception):
+        headers[MSG_ID] = f"dlq:{service}:{msg.subject}:{stream_sequence(msg)}"
+    DEAD_LETTERS.labels(service, reason_class).inc()
+    await publisher.publish(subjects.dlq(service), msg.data, headers)
+
+
+async def request_json(nc: NATS, subject: str, body: bytes, timeout: float = 5.0) -> Any:
+    """Send a request and decode the JSON reply."""
+    try:
+        reply = await nc.request(subject, body, timeout=timeout)
+    except NatsTimeoutError as exc:
+        raise TimeoutError(f"no reply on {subject} within {timeout} s") from exc
+    return msgspec.json.decode(reply.data)

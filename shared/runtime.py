@@ -1,0 +1,147 @@
+"""The one service runtime: connect, declare streams, register, serve metrics, stop gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.micro import add_service
+from nats.micro.service import Service as MicroService
+
+from shared.bus import JsPublisher, connect, ensure_buckets, ensure_streams
+from shared.logging import configure_logging
+from shared.metrics import serve_metrics
+from shared.settings import Settings
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class Context:
+    """What a running service gets from the runtime."""
+
+    name: str
+    settings: Settings
+    nc: NATS
+    js: JetStreamContext
+    publisher: JsPublisher
+    micro: MicroService
+    log: Any
+    metrics_port: int
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Run a background task owned by the service; its crash is logged and stops the service."""
+        task = asyncio.create_task(coro, name=name)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is not None:
+                self.log.error("task_crashed", task=name, error=repr(exc))
+                self.stopping.set()
+
+        task.add_done_callback(done)
+        self.tasks.append(task)
+        return task
+
+
+class Service(Protocol):
+    """A process role: `start` wires subscriptions, `stop` flushes what it holds."""
+
+    name: ClassVar[str]
+
+    async def start(self, ctx: Context) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve(service: Service, settings: Settings) -> int:
+    """Run a service until SIGTERM/SIGINT; return the exit code."""
+    log = configure_logging(service.name, settings.log_level, settings.log_format)
+    stop_signal = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_signal.set)
+
+    try:
+        nc = await connect(settings, service.name, log)
+    except Exception as exc:
+        log.error("nats_connect_failed", url=settings.nats_url, error=repr(exc))
+        return 2
+    js = nc.jetstream(timeout=10)
+    await ensure_streams(js, settings)
+    await ensure_buckets(js, settings)
+    publisher = JsPublisher(nc, max_in_flight=4096, log=log)
+    await publisher.start()
+    try:
+        metrics_port = serve_metrics(settings.metrics_port)
+    except OSError as exc:
+        log.error("metrics_port_unavailable", port=settings.metrics_port, error=str(exc))
+        await nc.close()
+        return 2
+    micro = await add_service(
+        nc,
+        name=f"mdp-{service.name}",
+        version=VERSION,
+        description=f"mdp {service.name} service",
+        metadata={"metrics_port": str(metrics_port)},
+    )
+    ctx = Context(service.name, settings, nc, js, publisher, micro, log, metrics_port)
+    ctx.stopping = stop_signal
+    try:
+        await service.start(ctx)
+    except Exception as exc:
+        log.error("start_failed", error=repr(exc), exc_info=True)
+        await nc.close()
+        return 1
+    log.info("started", nats=settings.nats_url, metrics_port=metrics_port, pid=os.getpid())
+
+    await stop_signal.wait()
+    log.info("stopping")
+    code = 0
+    try:
+        await service.stop()
+        await asyncio.wait_for(publisher.flush(), timeout=30)
+    except Exception as exc:
+        log.error("stop_failed", error=repr(exc))
+        code = 1
+    for task in ctx.tasks:
+        task.cancel()
+    for task in ctx.tasks:
+        with contextlib.suppress(BaseException):
+            await task
+    with contextlib.suppress(Exception):
+        await micro.stop()
+    with contextlib.suppress(Exception):
+        await publisher.close()
+        await nc.drain()
+    log.info("stopped", code=code)
+    return code
+
+
+def main(factory: Callable[[Settings], Service], argv: list[str] | None = None) -> None:
+    """Entry point of `python -m services.<name>`: settings from the environment."""
+    del argv
+    try:
+        settings = Settings()
+    except Exception as exc:  # pydantic's ValidationError lists every bad variable
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.exit(asyncio.run(serve(factory(settings), settings)))
+
+
+def json_reply(obj: Any) -> bytes:
+    """Encode a JSON reply body."""
+    return msgspec.json.encode(obj)
