@@ -286,9 +286,7 @@ class PullConsumer:
             ack_wait=self.ack_wait,
             max_ack_pending=self.max_ack_pending,
             max_waiting=64,
-            deliver_policy=(
-                DeliverPolicy.BY_START_SEQUENCE if start_seq else DeliverPolicy.ALL
-            ),
+            deliver_policy=(DeliverPolicy.BY_START_SEQUENCE if start_seq else DeliverPolicy.ALL),
             opt_start_seq=start_seq,
             **(
                 {"filter_subject": self.filter_subjects[0]}
@@ -320,9 +318,7 @@ class PullConsumer:
             status = headers["Status"]
             if status != "100":  # 404/408/409: this pull request is over
                 pending = headers.get("Nats-Pending-Messages")
-                self._outstanding = (
-                    max(0, self._outstanding - int(pending)) if pending else 0
-                )
+                self._outstanding = max(0, self._outstanding - int(pending)) if pending else 0
                 self._arrived.set()
             return
         self._outstanding = max(0, self._outstanding - 1)

@@ -83,9 +83,7 @@ class Settings(BaseSettings):
     @classmethod
     def _store_url_scheme(cls, value: str) -> str:
         if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
-            raise ValueError(
-                f"store URL {value!r} must start with sqlite:///PATH or postgresql://"
-            )
+            raise ValueError(f"store URL {value!r} must start with sqlite:///PATH or postgresql://")
         return value
 
     @property

@@ -1,0 +1,375 @@
+"""`mdp`: run the system, replay files, export bars, control ingestion."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+
+from mdp.supervisor import Supervisor, scrape
+from services.registry import SERVICES
+
+DEFAULT_SYMBOLS = "AAPL,MSFT,BRK.B,BTC/USD"
+
+
+class CliError(Exception):
+    """A failure to report in one line and exit 1."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nats", help="NATS URL (env MDP_NATS_URL); default: embedded server")
+    parser.add_argument("--store", help="sqlite:///PATH or postgresql://... (env MDP_STORE_URL)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="mdp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run the whole system locally until Ctrl-C or --duration")
+    _common(up)
+    up.add_argument("--duration", type=float, default=0, help="stop after S seconds (0: never)")
+    up.add_argument("--provider", default="synthetic", help="provider to start (default synthetic)")
+    up.add_argument("--symbols", default=DEFAULT_SYMBOLS, help="comma-separated symbols")
+    up.add_argument("--rate", type=float, default=200, help="synthetic ticks/s per symbol")
+    up.add_argument("--data-dir", type=Path, default=Path("var"), help="state directory (./var)")
+
+    service = sub.add_parser("service", help="run one service in the foreground")
+    _common(service)
+    service.add_argument("name", choices=sorted(SERVICES))
+
+    replay = sub.add_parser("replay", help="run a recorded CSV(.gz) through the whole system")
+    _common(replay)
+    replay.add_argument("file", type=Path)
+    replay.add_argument("--speed", default="max", help="'max' (default) or a factor (1 = real)")
+    replay.add_argument("--data-dir", type=Path, default=Path("var"))
+    replay.add_argument("--timeout", type=float, default=0, help="give up after S seconds")
+
+    bars = sub.add_parser("bars", help="read stored bars")
+    bars_sub = bars.add_subparsers(dest="bars_command", required=True, metavar="ACTION")
+    export = bars_sub.add_parser("export", help="print stored bars as CSV")
+    _common(export)
+    export.add_argument("--symbol")
+    export.add_argument("--interval")
+
+    ingest = sub.add_parser("ingest", help="send ingest.control requests")
+    ingest_sub = ingest.add_subparsers(dest="verb", required=True, metavar="VERB")
+    start = ingest_sub.add_parser("start", help="start a job")
+    _common(start)
+    start.add_argument("--provider", required=True)
+    start.add_argument("--symbols", default="", help="comma-separated symbols")
+    start.add_argument("--job", default="default")
+    start.add_argument("--dry-run", action="store_true", default=None)
+    start.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="provider parameter"
+    )
+    stop = ingest_sub.add_parser("stop", help="stop a job")
+    _common(stop)
+    stop.add_argument("--job", default="default")
+    stop.add_argument("--reason", default="operator_request")
+    for verb in ("status", "reload"):
+        _common(ingest_sub.add_parser(verb, help=f"{verb} request"))
+    return parser
+
+
+def _apply_overrides(args: argparse.Namespace) -> None:
+    """Flags win over the environment; children inherit them through it."""
+    if getattr(args, "nats", None):
+        os.environ["MDP_NATS_URL"] = args.nats
+    if getattr(args, "store", None):
+        os.environ["MDP_STORE_URL"] = args.store
+
+
+def _nats_url() -> str:
+    url = os.environ.get("MDP_NATS_URL")
+    if not url:
+        raise CliError("no NATS server: pass --nats URL or set MDP_NATS_URL")
+    return url
+
+
+async def _connect(url: str) -> NATS:
+    try:
+        return await nats.connect(url, max_reconnect_attempts=2, connect_timeout=3)
+    except Exception as exc:
+        raise CliError(f"cannot connect to NATS at {url}: {exc}") from None
+
+
+async def control_request(nc: NATS, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Send one `ingest.control.<verb>` request and return the decoded reply."""
+    try:
+        msg = await nc.request(f"ingest.control.{verb}", msgspec.json.encode(body), timeout=10)
+    except Exception as exc:
+        raise CliError(
+            f"no reply on ingest.control.{verb} ({type(exc).__name__}): is the control "
+            "service running?"
+        ) from None
+    reply: dict[str, Any] = msgspec.json.decode(msg.data)
+    return reply
+
+
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--param {pair!r}: expected KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+async def cmd_ingest(args: argparse.Namespace) -> int:
+    """`mdp ingest VERB`: print the reply; exit 1 on an error reply."""
+    body: dict[str, Any] = {}
+    if args.verb == "start":
+        body = {"provider": args.provider, "job": args.job, "params": _parse_params(args.param)}
+        if args.symbols:
+            body["symbols"] = [s.strip() for s in args.symbols.split(",") if s.strip()]
+        if args.dry_run is not None:
+            body["dry_run"] = args.dry_run
+    elif args.verb == "stop":
+        body = {"job": args.job, "reason": args.reason}
+    nc = await _connect(_nats_url())
+    try:
+        reply = await control_request(nc, args.verb, body)
+    finally:
+        await nc.close()
+    print(json.dumps(reply, indent=2, sort_keys=True))
+    if not reply.get("ok"):
+        error = reply.get("error", {})
+        print(f"error {error.get('code')}: {error.get('message')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def cmd_bars_export(args: argparse.Namespace) -> int:
+    """`mdp bars export`: CSV of the stored bars on stdout."""
+    from services.store.writers import export_csv, open_writer
+    from shared.settings import Settings
+
+    writer = open_writer(Settings().store_url)
+    await writer.open()
+    try:
+        bars = await writer.read(symbol=args.symbol, interval=args.interval)
+    finally:
+        await writer.close()
+    export_csv(bars, sys.stdout)
+    return 0
+
+
+def _supervisor(data_dir: Path) -> Supervisor:
+    store = os.environ.get("MDP_STORE_URL") or f"sqlite:///{data_dir / 'mdp.db'}"
+    return Supervisor(
+        data_dir=data_dir,
+        store_url=store,
+        nats_url=os.environ.get("MDP_NATS_URL") or None,
+        say=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+
+
+class Progress:
+    """The live line of `mdp up`: ticks/s in, bars out, rows stored."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.at = time.monotonic()
+
+    async def line(self, nc: NATS) -> str:
+        """Scrape the services' metrics and format one progress line."""
+        ticks = await scrape(nc, "provider", ["provider_ticks_published_total"])
+        bars = await scrape(nc, "aggregator", ["aggregator_bars_emitted_total"])
+        rows = await scrape(nc, "store", ["store_rows_written_total"])
+        now = time.monotonic()
+        current = {
+            "ticks": ticks["provider_ticks_published_total"],
+            "bars": bars["aggregator_bars_emitted_total"],
+            "rows": rows["store_rows_written_total"],
+        }
+        elapsed = max(now - self.at, 1e-3)
+        rate = (current["ticks"] - self.last.get("ticks", 0.0)) / elapsed
+        self.last, self.at = current, now
+        return (
+            f"ticks in {current['ticks']:>10,.0f} ({rate:>9,.0f}/s) | "
+            f"bars out {current['bars']:>8,.0f} | rows stored {current['rows']:>8,.0f}"
+        )
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    """`mdp up`: embedded NATS, every service, the synthetic provider, a live progress line."""
+    sup = _supervisor(args.data_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        url = sup.start_nats()
+        print(f"nats: {url} (store: {sup.store_url}, logs: {sup.log_dir})", file=sys.stderr)
+        for name in sup.services:
+            sup.spawn(name)
+        await sup.wait_ready()
+        nc = await _connect(url)
+        symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
+        params = {"rate": args.rate} if args.provider == "synthetic" else {}
+        reply = await control_request(
+            nc, "start", {"provider": args.provider, "symbols": symbols, "params": params}
+        )
+        if not reply.get("ok"):
+            raise CliError(f"start refused: {reply.get('error')}")
+        print(f"started {args.provider} for {', '.join(symbols)}; Ctrl-C stops", file=sys.stderr)
+        deadline = time.monotonic() + args.duration if args.duration > 0 else None
+        progress = Progress()
+        tty = sys.stdout.isatty()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            sup.check()
+            line = await progress.line(nc)
+            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+        if tty:
+            print()
+        with contextlib.suppress(CliError):
+            await control_request(nc, "stop", {"reason": "operator_request"})
+        print("\n" + await progress.line(nc), flush=True)
+        await nc.close()
+    finally:
+        codes = sup.stop()
+    failed = {name: code for name, code in codes.items() if code != 0}
+    if failed:
+        print(f"services exited uncleanly: {failed}", file=sys.stderr)
+        return 1
+    print("stopped cleanly", file=sys.stderr)
+    return 0
+
+
+async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> dict[str, Any]:
+    """Start a replay job and wait until the store reports every symbol of it committed."""
+    completed: dict[str, int] = {}
+    outcome: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    run = ""
+    expected = -1
+
+    async def on_event(msg: Any) -> None:
+        nonlocal expected
+        body = msgspec.json.decode(msg.data)
+        if body.get("run") != run or outcome.done():
+            return
+        event = msg.subject.rsplit(".", 1)[-1]
+        if event == "completed":
+            completed[body["symbol"]] = int(body.get("ticks", 0))
+            expected = int(body["symbols_total"])
+        elif event == "failed":
+            outcome.set_exception(CliError(f"replay failed: {body.get('error')}"))
+            return
+        elif event == "stopped" and body.get("reason") == "completed" and not body.get("ticks"):
+            expected = 0
+        if expected >= 0 and len(completed) >= expected:
+            outcome.set_result({"symbols": len(completed), "ticks": sum(completed.values())})
+
+    sub = await nc.subscribe("ingest.events.*", cb=on_event)
+    job = f"replay-{uuid.uuid4().hex[:12]}"
+    try:
+        started = time.perf_counter()
+        reply = await control_request(
+            nc,
+            "start",
+            {
+                "provider": "replay",
+                "job": job,
+                "params": {"path": str(path.resolve()), "speed": _speed(speed)},
+            },
+        )
+        if not reply.get("ok"):
+            error = reply.get("error", {})
+            raise CliError(f"replay refused ({error.get('code')}): {error.get('message')}")
+        run = reply["job"]["run"]
+        result = await asyncio.wait_for(outcome, timeout=timeout or None)
+        result["seconds"] = time.perf_counter() - started
+        result["job"] = job
+        return result
+    finally:
+        await sub.unsubscribe()
+        with contextlib.suppress(CliError):
+            await control_request(nc, "stop", {"job": job, "reason": "replay_done"})
+
+
+def _speed(value: str) -> str | float:
+    if value == "max":
+        return value
+    try:
+        speed = float(value)
+    except ValueError:
+        raise CliError(f"--speed {value!r}: expected 'max' or a positive number") from None
+    if speed <= 0:
+        raise CliError(f"--speed {value!r}: expected a positive number")
+    return speed
+
+
+async def cmd_replay(args: argparse.Namespace) -> int:
+    """`mdp replay FILE`: returns once every bar of the file is stored."""
+    if not args.file.is_file():
+        raise CliError(f"{args.file}: no such file")
+    speed = _speed(args.speed)
+    sup = None
+    if not os.environ.get("MDP_NATS_URL"):
+        sup = _supervisor(args.data_dir)
+        sup.start()
+        await sup.wait_ready()
+    try:
+        nc = await _connect(sup.nats_url if sup else _nats_url())  # type: ignore[arg-type]
+        try:
+            result = await replay_file(nc, args.file, str(speed), args.timeout)
+        except TimeoutError:
+            raise CliError(f"replay did not complete within {args.timeout} s") from None
+        finally:
+            await nc.close()
+    finally:
+        if sup is not None:
+            sup.stop()
+    rate = result["ticks"] / result["seconds"] if result["seconds"] else 0.0
+    print(
+        f"replayed {result['ticks']:,} ticks of {result['symbols']} symbols in "
+        f"{result['seconds']:.2f} s ({rate:,.0f} ticks/s); every bar is stored"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    args = build_parser().parse_args(argv)
+    _apply_overrides(args)
+    if args.command == "service":
+        from services.registry import service_factory
+        from shared.runtime import main as run_service
+
+        run_service(service_factory(args.name))
+        return
+    handlers = {"up": cmd_up, "replay": cmd_replay, "ingest": cmd_ingest}
+    handler = cmd_bars_export if args.command == "bars" else handlers[args.command]
+    try:
+        code = asyncio.run(handler(args))
+    except CliError as exc:
+        print(f"mdp: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Run the whole system locally: a private nats-server and the five services as child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.registry import SERVICES
+from shared.natsserver import EmbeddedNats
+
+# Stop order: sources first, so every later stage can drain what is in flight.
+STOP_ORDER = ["provider", "control", "router", "aggregator", "store"]
+
+
+@dataclass
+class Child:
+    """One supervised service process."""
+
+    name: str
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started: float = 0.0
+    next_start: float = 0.0
+
+
+@dataclass
+class Supervisor:
+    """Starts, watches (restarting with backoff) and stops the services of one deployment."""
+
+    data_dir: Path
+    store_url: str
+    nats_url: str | None = None
+    services: Sequence[str] = tuple(SERVICES)
+    env: dict[str, str] = field(default_factory=dict)
+    say: Callable[[str], None] = print
+    children: dict[str, Child] = field(default_factory=dict)
+    nats_server: EmbeddedNats | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        """Where each service's JSON log goes."""
+        return self.data_dir / "logs"
+
+    def start_nats(self) -> str:
+        """Start the embedded nats-server unless a URL was given; return the URL."""
+        if self.nats_url:
+            return self.nats_url
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.nats_server = EmbeddedNats(
+            self.data_dir / "nats", log_file=self.log_dir / "nats-server.log"
+        )
+        self.nats_url = self.nats_server.start()
+        return self.nats_url
+
+    def child_env(self) -> dict[str, str]:
+        """The environment every service starts with."""
+        env = dict(os.environ)
+        env.update(
+            MDP_NATS_URL=self.nats_url or "",
+            MDP_STORE_URL=self.store_url,
+            MDP_DATA_DIR=str(self.data_dir),
+            MDP_METRICS_PORT=env.get("MDP_METRICS_PORT", "0"),
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.env)
+        return env
+
+    def spawn(self, name: str) -> None:
+        """Start (or restart) one service process."""
+        child = self.children.setdefault(name, Child(name))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            env=self.child_env(),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        log.close()
+        child.started = time.monotonic()
+
+    def start(self) -> None:
+        """Start nats (if embedded) and every service."""
+        self.start_nats()
+        for name in self.services:
+            self.spawn(name)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every service answers its NATS micro PING."""
+        assert self.nats_url
+        nc = await nats.connect(self.nats_url, max_reconnect_attempts=3)
+        try:
+            deadline = time.monotonic() + timeout
+            waiting = set(self.services)
+            while waiting:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"services not ready after {timeout} s: {', '.join(sorted(waiting))} "
+                        f"(logs in {self.log_dir})"
+                    )
+                for name in list(waiting):
+                    self._raise_if_dead(name)
+                    with contextlib.suppress(Exception):
+                        await nc.request(f"$SRV.PING.mdp-{name}", b"", timeout=0.5)
+                        waiting.discard(name)
+                await asyncio.sleep(0.05)
+        finally:
+            await nc.close()
+
+    def _raise_if_dead(self, name: str) -> None:
+        proc = self.children[name].proc
+        if proc is not None and proc.poll() is not None:
+            tail = _tail(self.log_dir / f"{name}.log")
+            raise RuntimeError(f"service {name} exited with code {proc.returncode}:\n{tail}")
+
+    def check(self) -> None:
+        """Restart any service that died, with exponential backoff, and say so."""
+        now = time.monotonic()
+        for child in self.children.values():
+            proc = child.proc
+            if proc is None or proc.poll() is None:
+                continue
+            if child.next_start == 0.0:
+                stable = now - child.started > 60
+                child.restarts = 0 if stable else child.restarts + 1
+                delay = min(30.0, 0.5 * 2**child.restarts)
+                child.next_start = now + delay
+                self.say(
+                    f"service {child.name} exited with code {proc.returncode}; "
+                    f"restarting in {delay:.1f} s (log: {self.log_dir / (child.name + '.log')})"
+                )
+            elif now >= child.next_start:
+                child.next_start = 0.0
+                self.spawn(child.name)
+                self.say(f"service {child.name} restarted")
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int]:
+        """SIGTERM the services in stop order, each waited for; then the embedded server."""
+        codes: dict[str, int] = {}
+        for name in [n for n in STOP_ORDER if n in self.children]:
+            proc = self.children[name].proc
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.say(f"service {name} did not stop within {timeout} s; killing it")
+                    proc.kill()
+                    proc.wait()
+            codes[name] = proc.returncode
+        if self.nats_server is not None:
+            self.nats_server.stop()
+        return codes
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+async def scrape(nc: NATS, service: str, metric_names: Sequence[str]) -> dict[str, float]:
+    """Sum the named counters from the `/metrics` of every instance of one service."""
+    totals = dict.fromkeys(metric_names, 0.0)
+    try:
+        info = await nc.request(f"$SRV.INFO.mdp-{service}", b"", timeout=0.5)
+    except Exception:
+        return totals
+    port = msgspec.json.decode(info.data).get("metadata", {}).get("metrics_port")
+    if not port:
+        return totals
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
+            return str(resp.read().decode())
+
+    try:
+        text = await asyncio.to_thread(fetch)
+    except OSError:
+        return totals
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals

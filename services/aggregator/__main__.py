@@ -1,0 +1,6 @@
+"""`python -m services.aggregator`."""
+
+from services.aggregator.service import AggregatorService
+from shared.runtime import main
+
+main(AggregatorService)

@@ -1,0 +1,252 @@
+"""The provider: runs the adapters the `ingest_jobs` bucket asks for, publishes `md.raw.*`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
+from prometheus_client import Counter, Gauge
+
+from services.provider.adapters.base import Adapter, AdapterError, load_adapters
+from services.provider.batching import TickBatcher
+from shared import subjects
+from shared.bus import CLOCK_RATE, END_OF_STREAM, KV_JOBS, KV_STATE, MSG_ID
+from shared.codec import CONTENT_TYPE, JSON, encode
+from shared.runtime import Context
+from shared.schemas import EndOfStream, JobSpec, Tick, TickBatch
+from shared.settings import Settings
+
+TICKS_PUBLISHED = Counter(
+    "provider_ticks_published_total", "Ticks published on md.raw", ["provider"]
+)
+BATCHES_PUBLISHED = Counter(
+    "provider_batches_published_total", "Tick batches published on md.raw", ["provider"]
+)
+BAD_ROWS = Counter("provider_bad_rows_total", "Source rows rejected by an adapter", ["provider"])
+JOBS_RUNNING = Gauge("provider_jobs_running", "Jobs this process runs", ["provider"])
+
+
+@dataclass
+class JobSink:
+    """Where an adapter writes: per-symbol batching, then publication with deterministic ids."""
+
+    ctx: Context
+    spec: JobSpec
+    clock_rate: float
+    batcher: TickBatcher
+    ticks: int = 0
+    published_seq: dict[str, int] = field(default_factory=dict)
+
+    async def put(self, symbol: str, ticks: list[Tick]) -> None:
+        """Buffer ticks; publish every batch that became full."""
+        for sym, batch in self.batcher.add(symbol, ticks, time.monotonic_ns()):
+            await self.publish(sym, batch)
+
+    async def flush_due(self) -> None:
+        """Publish batches that waited long enough."""
+        for sym, batch in self.batcher.due(time.monotonic_ns()):
+            await self.publish(sym, batch)
+
+    async def publish(self, symbol: str, ticks: list[Tick]) -> None:
+        """Publish one TickBatch on `md.raw.<provider>.<sym>`."""
+        ctx = self.ctx
+        body = encode(TickBatch(symbol, self.spec.provider, ticks), ctx.settings.content_type)
+        headers = {
+            CONTENT_TYPE: ctx.settings.content_type,
+            MSG_ID: f"raw:{self.spec.run}:{subjects.escape_symbol(symbol)}:{ticks[0].seq}",
+            CLOCK_RATE: repr(self.clock_rate),
+        }
+        await ctx.publisher.publish(subjects.raw(self.spec.provider, symbol), body, headers)
+        self.ticks += len(ticks)
+        self.published_seq[symbol] = ticks[-1].seq
+        TICKS_PUBLISHED.labels(self.spec.provider).inc(len(ticks))
+        BATCHES_PUBLISHED.labels(self.spec.provider).inc()
+
+    async def end_of_stream(
+        self, symbols: Sequence[str], ticks_per_symbol: Mapping[str, int]
+    ) -> None:
+        """Flush, then mark the end of every symbol so downstream stages can finish."""
+        for sym, batch in self.batcher.flush():
+            await self.publish(sym, batch)
+        for symbol in symbols:
+            marker = EndOfStream(
+                self.spec.run, symbol, len(symbols), int(ticks_per_symbol.get(symbol, 0))
+            )
+            headers = {
+                CONTENT_TYPE: JSON,
+                MSG_ID: f"eos:{self.spec.run}:{subjects.escape_symbol(symbol)}",
+                END_OF_STREAM: msgspec.json.encode(marker).decode(),
+                CLOCK_RATE: repr(self.clock_rate),
+            }
+            body = encode(TickBatch(symbol, self.spec.provider, []))
+            await self.ctx.publisher.publish(
+                subjects.raw(self.spec.provider, symbol), body, headers
+            )
+        await self.ctx.publisher.flush()
+
+
+@dataclass
+class RunningJob:
+    """A job this process is running."""
+
+    spec: JobSpec
+    adapter: Adapter
+    sink: JobSink
+    task: asyncio.Task[None]
+
+
+class ProviderService:
+    """Watches `ingest_jobs` and runs a task per job whose provider it hosts."""
+
+    name: ClassVar[str] = "provider"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.adapters = load_adapters()
+        self.jobs: dict[str, RunningJob] = {}
+
+    async def start(self, ctx: Context) -> None:
+        """Start watching the desired state."""
+        self.ctx = ctx
+        self.jobs_kv = await ctx.js.key_value(KV_JOBS)
+        self.state_kv = await ctx.js.key_value(KV_STATE)
+        ctx.spawn(self._watch_jobs(), "watch-jobs")
+        ctx.spawn(self._flush_loop(), "flush-due")
+        ctx.log.info("adapters", names=sorted(self.adapters))
+
+    async def stop(self) -> None:
+        """Stop every job and publish what is buffered."""
+        for job in list(self.jobs.values()):
+            await self._stop_job(job, state="interrupted")
+
+    async def _watch_jobs(self) -> None:
+        watcher = await self.jobs_kv.watchall()
+        async for entry in watcher:
+            if entry is None:
+                continue  # end of the initial values
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                job = self.jobs.get(entry.key)
+                if job is not None:
+                    await self._stop_job(job, state="stopped")
+                continue
+            try:
+                spec = msgspec.json.decode(entry.value, type=JobSpec)
+            except msgspec.DecodeError as exc:
+                self.ctx.log.error("bad_job_spec", key=entry.key, error=str(exc))
+                continue
+            await self._ensure_job(spec)
+
+    async def _ensure_job(self, spec: JobSpec) -> None:
+        current = self.jobs.get(spec.job)
+        if current is not None:
+            if current.spec.run == spec.run:
+                return
+            await self._stop_job(current, state="replaced")
+        adapter_cls = self.adapters.get(spec.provider)
+        if adapter_cls is None:
+            return  # another provider process hosts it
+        if await self._already_finished(spec):
+            return
+        log = self.ctx.log.bind(job=spec.job, run=spec.run, provider=spec.provider)
+        try:
+            adapter = adapter_cls(spec)
+        except AdapterError as exc:
+            log.error("job_rejected", error=str(exc))
+            await self._record(spec, "failed", error=str(exc))
+            await self._event("failed", spec, error=str(exc))
+            return
+        batcher = TickBatcher(
+            self.settings.provider.batch_max_ticks,
+            self.settings.provider.batch_max_delay_ms * 1_000_000,
+        )
+        sink = JobSink(self.ctx, spec, adapter.clock_rate, batcher)
+        task = asyncio.create_task(self._run(spec, adapter, sink, log), name=f"job-{spec.job}")
+        self.jobs[spec.job] = RunningJob(spec, adapter, sink, task)
+        JOBS_RUNNING.labels(spec.provider).inc()
+        await self._record(spec, "running")
+        log.info("job_started", symbols=spec.symbols, params=spec.params)
+
+    async def _run(self, spec: JobSpec, adapter: Adapter, sink: JobSink, log: Any) -> None:
+        try:
+            await adapter.run(sink)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("job_failed", error=repr(exc))
+            await self._record(spec, "failed", error=repr(exc), ticks=sink.ticks)
+            await self._event("failed", spec, error=repr(exc))
+            self._forget(spec)
+            return
+        await self._report_bad_rows(spec, adapter)
+        await self._record(spec, "completed", ticks=sink.ticks)
+        await self._event("stopped", spec, reason="completed", ticks=sink.ticks)
+        log.info("job_completed", ticks=sink.ticks)
+        self._forget(spec)
+
+    def _forget(self, spec: JobSpec) -> None:
+        job = self.jobs.get(spec.job)
+        if job is not None and job.spec.run == spec.run:
+            del self.jobs[spec.job]
+            JOBS_RUNNING.labels(spec.provider).dec()
+
+    async def _stop_job(self, job: RunningJob, state: str) -> None:
+        job.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await job.task
+        for sym, batch in job.sink.batcher.flush():
+            await job.sink.publish(sym, batch)
+        await self.ctx.publisher.flush()
+        self._forget(job.spec)
+        await self._record(job.spec, state, ticks=job.sink.ticks)
+        self.ctx.log.info("job_stopped", job=job.spec.job, state=state, ticks=job.sink.ticks)
+
+    async def _flush_loop(self) -> None:
+        period = self.settings.provider.batch_max_delay_ms / 2000
+        while True:
+            await asyncio.sleep(period)
+            for job in list(self.jobs.values()):
+                await job.sink.flush_due()
+
+    async def _report_bad_rows(self, spec: JobSpec, adapter: Adapter) -> None:
+        bad_rows = getattr(adapter, "bad_rows", None) or []
+        count = int(getattr(adapter, "bad_row_count", len(bad_rows)))
+        if not count:
+            return
+        BAD_ROWS.labels(spec.provider).inc(count)
+        for line, reason in bad_rows:
+            body = msgspec.json.encode({"job": spec.job, "run": spec.run, "line": line})
+            headers = {
+                CONTENT_TYPE: JSON,
+                MSG_ID: f"badrow:{spec.run}:{line}",
+                "Mdp-Dlq-Reason": reason,
+                "Mdp-Dlq-Service": self.name,
+            }
+            await self.ctx.publisher.publish(subjects.dlq(self.name), body, headers)
+
+    async def _already_finished(self, spec: JobSpec) -> bool:
+        try:
+            entry = await self.state_kv.get(f"provider.{spec.job}")
+        except Exception:
+            return False
+        state = msgspec.json.decode(entry.value or b"{}")
+        return bool(state.get("run") == spec.run and state.get("state") == "completed")
+
+    async def _record(self, spec: JobSpec, state: str, **extra: Any) -> None:
+        body = {"job": spec.job, "run": spec.run, "provider": spec.provider, "state": state}
+        body.update(extra, updated_ns=time.time_ns())
+        try:
+            await self.state_kv.put(f"provider.{spec.job}", msgspec.json.encode(body))
+        except Exception as exc:
+            self.ctx.log.warning("state_write_failed", job=spec.job, error=repr(exc))
+
+    async def _event(self, name: str, spec: JobSpec, **extra: Any) -> None:
+        body = {"job": spec.job, "run": spec.run, "provider": spec.provider, "ts": time.time_ns()}
+        body.update(extra)
+        await self.ctx.publisher.publish(
+            subjects.event(name), msgspec.json.encode(body), {CONTENT_TYPE: JSON}
+        )

@@ -1,0 +1,125 @@
+"""The router: `md.raw.>` in, one source per symbol out on `md.quotes.<sym>`."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, ClassVar
+
+import msgspec
+from nats.aio.msg import Msg
+from prometheus_client import Counter
+
+from services.router.routing import SourceSelector
+from shared import subjects
+from shared.bus import CLOCK_RATE, END_OF_STREAM, MSG_ID, PullConsumer, dead_letter, stream_sequence
+from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError
+from shared.runtime import Context
+from shared.schemas import TickBatch
+from shared.settings import Settings
+
+TICKS_ROUTED = Counter("router_ticks_routed_total", "Ticks forwarded to md.quotes", ["provider"])
+TICKS_NOT_SELECTED = Counter(
+    "router_ticks_not_selected_total", "Ticks of a provider not chosen for the symbol", ["provider"]
+)
+FAILOVERS = Counter("router_source_changes_total", "Per-symbol source changes", ["provider"])
+
+# Event times outside [1990, now + 1 day] are treated as absurd.
+_MIN_TS = 631_152_000_000_000_000
+_MAX_FUTURE_NS = 86_400_000_000_000
+
+
+class Rejected(ValueError):
+    """A message that must go to the dead-letter queue, with a reason class for the metric."""
+
+    def __init__(self, reason: str, reason_class: str) -> None:
+        super().__init__(reason)
+        self.reason_class = reason_class
+
+
+def validate_batch(batch: TickBatch, subject: str, end_of_stream: bool) -> None:
+    """Raise Rejected unless the batch is consistent with its subject and its values are sane."""
+    _, _, provider, token = subject.split(".", 3)
+    if batch.provider != provider:
+        raise Rejected(
+            f"payload provider {batch.provider!r} differs from subject provider {provider!r}",
+            "subject_mismatch",
+        )
+    if subjects.escape_symbol(batch.symbol) != token:
+        raise Rejected(
+            f"payload symbol {batch.symbol!r} does not match subject token {token!r}",
+            "subject_mismatch",
+        )
+    if not batch.ticks and not end_of_stream:
+        raise Rejected("a tick batch needs at least one tick", "empty")
+    hi = time.time_ns() + _MAX_FUTURE_NS
+    for tick in batch.ticks:
+        if not _MIN_TS <= tick.ts <= hi:
+            raise Rejected(f"absurd event time {tick.ts} ns (seq {tick.seq})", "timestamp")
+        if not math.isfinite(tick.price):
+            raise Rejected(f"non-finite price {tick.price} (seq {tick.seq})", "value")
+
+
+class RouterService:
+    """Validates raw tick batches, picks one provider per symbol, forwards its batches."""
+
+    name: ClassVar[str] = "router"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.selector = SourceSelector(
+            settings.router.source_order, int(settings.router.stale_after_s * 1e9)
+        )
+        self.codec = Codec(TickBatch)
+
+    async def start(self, ctx: Context) -> None:
+        """Start consuming `md.raw.>`."""
+        self.ctx = ctx
+        self.consumer = PullConsumer(
+            ctx.nc, ctx.js, "MD_RAW", "router", [subjects.RAW_ALL], self.handle, ctx.log
+        )
+        await self.consumer.ensure()
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        """Finish the batch in hand."""
+        await self.consumer.stop()
+
+    async def handle(self, msgs: list[Msg]) -> None:
+        """Route one pulled batch; returns once every forward is stored in MD_QUOTES."""
+        ctx = self.ctx
+        now = time.time_ns()
+        for msg in msgs:
+            headers = msg.headers or {}
+            eos = END_OF_STREAM in headers
+            try:
+                batch = self.codec.decode(msg.data, headers)
+                validate_batch(batch, msg.subject, eos)
+            except DecodeError as exc:
+                await dead_letter(ctx.publisher, self.name, msg, f"undecodable: {exc}", "decode")
+                continue
+            except Rejected as exc:
+                await dead_letter(ctx.publisher, self.name, msg, str(exc), exc.reason_class)
+                continue
+            forward, changed = self.selector.observe(batch.symbol, batch.provider, now)
+            if changed is not None:
+                FAILOVERS.labels(changed).inc()
+                await self._source_changed(batch.symbol, changed)
+            if not forward:
+                TICKS_NOT_SELECTED.labels(batch.provider).inc(len(batch.ticks))
+                continue
+            out_headers: dict[str, Any] = {
+                CONTENT_TYPE: headers.get(CONTENT_TYPE, JSON),
+                MSG_ID: "q:" + headers.get(MSG_ID, f"MD_RAW:{stream_sequence(msg)}"),
+            }
+            for key in (CLOCK_RATE, END_OF_STREAM):
+                if key in headers:
+                    out_headers[key] = headers[key]
+            # The payload is forwarded as received: validated above, never re-encoded.
+            await ctx.publisher.publish(subjects.quotes(batch.symbol), msg.data, out_headers)
+            TICKS_ROUTED.labels(batch.provider).inc(len(batch.ticks))
+        await ctx.publisher.flush()
+
+    async def _source_changed(self, symbol: str, provider: str) -> None:
+        body = msgspec.json.encode({"symbol": symbol, "provider": provider, "ts": time.time_ns()})
+        await self.ctx.publisher.publish(subjects.event("failover"), body, {CONTENT_TYPE: JSON})
