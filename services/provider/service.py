@@ -237,16 +237,16 @@ class ProviderService:
         return bool(state.get("run") == spec.run and state.get("state") == "completed")
 
     async def _record(self, spec: JobSpec, state: str, **extra: Any) -> None:
-        body = {"job": spec.job, "run": spec.run, "provider": spec.provider, "state": state}
-        body.update(extra, updated_ns=time.time_ns())
+        body: dict[str, Any] = {"job": spec.job, "run": spec.run, "provider": spec.provider}
+        body.update(extra, state=state, updated_ns=time.time_ns())
         try:
             await self.state_kv.put(f"provider.{spec.job}", msgspec.json.encode(body))
         except Exception as exc:
             self.ctx.log.warning("state_write_failed", job=spec.job, error=repr(exc))
 
     async def _event(self, name: str, spec: JobSpec, **extra: Any) -> None:
-        body = {"job": spec.job, "run": spec.run, "provider": spec.provider, "ts": time.time_ns()}
-        body.update(extra)
+        body: dict[str, Any] = {"job": spec.job, "run": spec.run, "provider": spec.provider}
+        body.update(extra, ts=time.time_ns())
         await self.ctx.publisher.publish(
             subjects.event(name), msgspec.json.encode(body), {CONTENT_TYPE: JSON}
         )

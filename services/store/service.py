@@ -9,7 +9,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 from prometheus_client import Counter, Histogram
 
-from services.store.writers import BarWriter, open_writer
+from services.store.writers import BarWriter, InvalidBarError, open_writer
 from shared import subjects
 from shared.bus import END_OF_STREAM, MSG_ID, PullConsumer, dead_letter
 from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError
@@ -57,23 +57,26 @@ class StoreService:
 
     async def handle(self, msgs: list[Msg]) -> None:
         """Write every bar of the pulled batches in one transaction, then report completions."""
-        bars: list[Bar] = []
+        batches: list[tuple[Msg, BarBatch]] = []
         markers: list[str] = []
         for msg in msgs:
             headers = msg.headers or {}
             try:
-                batch = self.codec.decode(msg.data, headers)
+                batches.append((msg, self.codec.decode(msg.data, headers)))
             except DecodeError as exc:
                 await dead_letter(self.ctx.publisher, self.name, msg, str(exc), "decode")
                 continue
-            bars.extend(batch.bars)
             if END_OF_STREAM in headers:
                 markers.append(headers[END_OF_STREAM])
-        if bars:
-            started = time.perf_counter()
-            await self.writer.write(bars)
-            WRITE_SECONDS.observe(time.perf_counter() - started)
-            ROWS_STORED.inc(len(bars))
+        try:
+            await self._write([bar for _, batch in batches for bar in batch.bars])
+        except InvalidBarError:
+            # One bad batch must not hold back the others: write them one by one.
+            for msg, batch in batches:
+                try:
+                    await self._write(batch.bars)
+                except InvalidBarError as exc:
+                    await dead_letter(self.ctx.publisher, self.name, msg, str(exc), "value")
         BATCHES_STORED.inc(len(msgs))
         for marker in markers:
             # Everything before the marker is committed: say so, for `mdp replay` and others.
@@ -83,3 +86,11 @@ class StoreService:
                 {CONTENT_TYPE: JSON, MSG_ID: "completed:" + marker},
             )
         await self.ctx.publisher.flush()
+
+    async def _write(self, bars: list[Bar]) -> None:
+        if not bars:
+            return
+        started = time.perf_counter()
+        await self.writer.write(bars)
+        WRITE_SECONDS.observe(time.perf_counter() - started)
+        ROWS_STORED.inc(len(bars))
