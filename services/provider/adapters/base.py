@@ -1,0 +1,185 @@
+"""What an adapter is, what it writes to, and how adapters are found (entry points `mdp.adapters`).
+
+An adapter turns one `JobSpec` into ticks: it validates `job.params` when it is constructed
+(raising `AdapterError` with a message that says what to fix), then `run` writes per-symbol
+tick lists into a `TickSink` until the source ends (bounded sources) or it is cancelled (live
+ones). The sink owns batching, publishing and backpressure; adapters do no network I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from importlib import metadata
+from typing import Any, ClassVar, Protocol, cast, runtime_checkable
+
+import structlog
+
+from shared.schemas import JobSpec, Tick
+
+ENTRY_POINT_GROUP = "mdp.adapters"
+
+# The adapters this distribution ships, used when its metadata is missing (e.g. running from a
+# source tree that was never installed) so the provider still knows its own adapters.
+BUILTIN_ADAPTERS: dict[str, str] = {
+    "synthetic": "services.provider.adapters.synthetic:SyntheticAdapter",
+    "replay": "services.provider.adapters.replay:ReplayAdapter",
+}
+
+log = structlog.get_logger(__name__)
+
+
+class AdapterError(Exception):
+    """A job an adapter cannot run (bad params, unreadable input); the message says what to fix."""
+
+
+@runtime_checkable
+class TickSink(Protocol):
+    """Where an adapter delivers ticks; `put` may block to apply backpressure."""
+
+    async def put(self, symbol: str, ticks: list[Tick]) -> None:
+        """Take ownership of `ticks` of `symbol`, in per-symbol arrival order."""
+        ...
+
+    async def end_of_stream(
+        self, symbols: Sequence[str], ticks_per_symbol: Mapping[str, int]
+    ) -> None:
+        """Called once by a bounded source after its last `put`."""
+        ...
+
+
+class Adapter(Protocol):
+    """A source of ticks for one job."""
+
+    name: ClassVar[str]
+
+    def __init__(self, job: JobSpec) -> None:
+        """Validate `job.params` and `job.symbols`; raise `AdapterError` on anything wrong."""
+        ...
+
+    @property
+    def clock_rate(self) -> float:
+        """Event-time seconds per wall second: 1.0 live, a replay's speed, 0.0 at full speed."""
+        ...
+
+    async def run(self, sink: TickSink, resume_after: Mapping[str, int] | None = None) -> None:
+        """Deliver ticks to `sink`, skipping those with `seq <= resume_after[symbol]`."""
+        ...
+
+
+def load_adapters(errors: dict[str, str] | None = None) -> dict[str, type[Adapter]]:
+    """Every adapter registered under the `mdp.adapters` entry points, by entry-point name.
+
+    An entry point that fails to import (say an optional dependency is missing) is left out with
+    a warning, and its reason is stored in `errors` when given, so one broken plugin cannot keep
+    the provider from starting. The built-in adapters are added directly when the distribution
+    metadata does not list them.
+    """
+    found: dict[str, type[Adapter]] = {}
+    failed: dict[str, str] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found or ep.name in failed:
+            log.warning("adapter_duplicate", adapter=ep.name, ignored=ep.value)
+            continue
+        _register(found, failed, ep.name, ep.value, ep.load)
+    for name, target in BUILTIN_ADAPTERS.items():
+        if name not in found and name not in failed:
+            _register(found, failed, name, target, functools.partial(_import, target))
+    if errors is not None:
+        errors.update(failed)
+    return found
+
+
+def get_adapter(name: str, adapters: Mapping[str, type[Adapter]] | None = None) -> type[Adapter]:
+    """The adapter class registered as `name`; `AdapterError` naming the known ones otherwise."""
+    registry = load_adapters() if adapters is None else adapters
+    try:
+        return registry[name]
+    except KeyError:
+        known = ", ".join(sorted(registry)) or "none"
+        raise AdapterError(f"unknown adapter {name!r} (registered: {known})") from None
+
+
+def _import(target: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _register(
+    found: dict[str, type[Adapter]],
+    failed: dict[str, str],
+    name: str,
+    target: str,
+    load: Callable[[], Any],
+) -> None:
+    try:
+        obj = load()
+    except Exception as exc:  # any import-time failure of a plugin must not stop the provider
+        reason = f"cannot load {target!r}: {type(exc).__name__}: {exc}"
+    else:
+        if isinstance(obj, type) and callable(getattr(obj, "run", None)):
+            found[name] = cast(type[Adapter], obj)
+            return
+        reason = f"{target!r} is not an adapter class (it needs a run method)"
+    log.warning("adapter_unavailable", adapter=name, reason=reason)
+    failed[name] = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter checks shared by adapters, so every message has the same shape:
+# "<adapter>: params.<key> must be <what>, got <value>".
+
+
+def reject_unknown_params(adapter: str, params: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    """Raise `AdapterError` naming any key of `params` not in `allowed` (catches typos)."""
+    allowed = sorted(allowed)
+    unknown = sorted(str(key) for key in params if key not in allowed)
+    if unknown:
+        names = ", ".join(repr(key) for key in unknown)
+        raise AdapterError(
+            f"{adapter}: unknown params {names} (accepted: {', '.join(allowed) or 'none'})"
+        )
+
+
+def positive_number(adapter: str, key: str, value: Any, what: str) -> float:
+    """`value` as a finite float > 0 (numbers or numeric strings); `AdapterError` otherwise."""
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise AdapterError(f"{adapter}: params.{key} must be {what}, got {value!r}")
+    return number
+
+
+def positive_int(adapter: str, key: str, value: Any, what: str) -> int:
+    """`value` as an int >= 1 (ints, integral floats or digit strings); `AdapterError` otherwise."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    if number is None or number < 1:
+        raise AdapterError(f"{adapter}: params.{key} must be {what}, got {value!r}")
+    return number
+
+
+def job_symbols(job: JobSpec) -> list[str]:
+    """The job's symbols, de-duplicated in order; `AdapterError` for an empty or non-str one."""
+    for symbol in job.symbols:
+        if not isinstance(symbol, str) or not symbol:
+            raise AdapterError(
+                f"{job.provider}: job.symbols must be non-empty strings, got {symbol!r}"
+            )
+    return list(dict.fromkeys(job.symbols))

@@ -1,0 +1,575 @@
+"""The `replay` adapter: feeds a recorded `ts_ns,ts_utc,symbol,price,size,...` CSV (or .csv.gz).
+
+Rows are replayed in file order (the recorded arrival order), with `seq` per symbol from 1, as
+fast as possible (`speed: "max"`) or paced by event time (`speed: 10` is ten times the recorded
+pace). Bad rows are collected with their line number and reason, never fatal and never silently
+dropped; the good rows around them flow on.
+
+Parsing is the provider's hot path, so the common case works on whole blocks of bytes with
+C-level loops: one `split` of a block into fields, columns taken as strided slices, numbers
+converted with `map(int, ...)`/`map(float, ...)`, validated with `min`/`sum`, grouped by symbol
+with one stable sort, and ticks built with `map(Tick, ...)`. Any block that does not fit that
+shape (a bad value, a short row, quoting, blank lines) goes through a per-row path that finds and
+reports exactly the bad rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import gzip
+import math
+import os
+import time
+import zlib
+from bisect import bisect_right
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import accumulate, compress
+from operator import itemgetter
+from pathlib import Path
+from typing import IO, Any, ClassVar, cast
+
+from services.provider.adapters.base import (
+    AdapterError,
+    TickSink,
+    job_symbols,
+    positive_number,
+    reject_unknown_params,
+)
+from shared.schemas import JobSpec, Tick
+
+MAX_BAD_ROWS = 1000
+"""How many bad-row reasons are kept; `bad_row_count` counts them all."""
+
+REQUIRED_COLUMNS = ("ts_ns", "symbol", "price", "size")
+RECV_COLUMN = "recv_ns"
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_MAX_HEADER_BYTES = 1 << 20
+_NAME_CACHE_LIMIT = 100_000
+_SHOW_LIMIT = 40
+
+# Decoded symbols by their raw bytes (None: empty or not UTF-8), and the per-row path's symbols,
+# which are already `str`, map to themselves.
+_Names = Mapping[Any, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where the columns are, from the header."""
+
+    gzipped: bool
+    fields: int  # columns in the header: rows of the fast path have exactly this many
+    ts: int
+    symbol: int
+    price: int
+    size: int
+    recv: int  # -1 when the file has no recv_ns column
+    needed: int  # a row shorter than this lacks a required column
+
+
+@dataclass(slots=True)
+class _Columns:
+    """The good rows of one block, in file order, column by column."""
+
+    symbols: list[Any]  # raw bytes (fast path) or str (per-row path), decoded through `names`
+    names: _Names
+    unique: _Names | None  # exactly the symbols of these rows in order of appearance, if known
+    ts: list[int]
+    recv: list[int]  # the very same list as `ts` when the file has no recv_ns
+    price: list[float]
+    size: list[float]
+
+    def __getitem__(self, span: slice) -> _Columns:
+        ts = self.ts[span]
+        recv = ts if self.recv is self.ts else self.recv[span]
+        symbols = self.symbols[span]
+        return _Columns(symbols, self.names, None, ts, recv, self.price[span], self.size[span])
+
+
+class ReplayAdapter:
+    """Replays a recorded tick CSV in file order; a bounded source that ends with end_of_stream."""
+
+    name: ClassVar[str] = "replay"
+    params: ClassVar[tuple[str, ...]] = ("path", "speed")
+
+    def __init__(
+        self,
+        job: JobSpec,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        chunk_bytes: int = 256 * 1024,
+        pacing_quantum_s: float = 0.01,
+    ) -> None:
+        params = job.params
+        reject_unknown_params(self.name, params, self.params)
+        self.path = _path_param(params.get("path"))
+        self.speed = _speed_param(params.get("speed", "max"))
+        symbols = job_symbols(job)
+        self.symbols_filter: frozenset[str] | None = frozenset(symbols) if symbols else None
+        self._job_symbols = symbols
+        self._layout = _read_layout(self.path)
+        # Blocks of about 256 KiB (a few thousand rows) keep the working set in cache, which
+        # measured faster than bigger blocks, and keep each pause of the event loop short.
+        self._chunk_bytes = max(1, chunk_bytes)
+        self._clock = clock
+        self._sleep = sleep
+        self._quantum_s = pacing_quantum_s
+        self._names: dict[bytes, str | None] = {}
+        self.bad_rows: list[tuple[int, str]] = []
+        """The first `MAX_BAD_ROWS` rejected rows: (line number, reason); the header is line 1."""
+        self.bad_row_count = 0
+        self.ticks_per_symbol: dict[str, int] = {}
+        """Good rows per symbol so far (the last `seq`), in order of first appearance."""
+        self._reset()
+
+    @property
+    def clock_rate(self) -> float:
+        """0.0 when replaying as fast as possible, else the speed factor."""
+        return 0.0 if self.speed is None else self.speed
+
+    async def run(self, sink: TickSink, resume_after: Mapping[str, int] | None = None) -> None:
+        """Replay the whole file into `sink`, then call `sink.end_of_stream` once."""
+        self._reset()
+        resume = {sym: seq for sym, seq in (resume_after or {}).items() if seq > 0} or None
+        try:
+            stream = _open(self.path, self._layout.gzipped)
+        except OSError as exc:
+            raise AdapterError(
+                f"replay: params.path {str(self.path)!r} cannot be opened: {exc}"
+            ) from exc
+        with stream:
+            for line_no, block, lines in self._blocks(stream):
+                columns = self._parse(line_no, block, lines)
+                if columns is not None:
+                    if self.speed is None:
+                        for symbol, ticks in self._group(columns, resume):
+                            await sink.put(symbol, ticks)
+                    else:
+                        await self._paced(columns, resume, sink)
+                # Let the sink's publisher (acks, timers) run between blocks.
+                await asyncio.sleep(0)
+        counts = self.ticks_per_symbol
+        # Requested symbols absent from the file still get their (empty) end of stream, so
+        # whoever waits for every symbol of the job is not left waiting.
+        symbols = [*counts, *(sym for sym in self._job_symbols if sym not in counts)]
+        await sink.end_of_stream(symbols, {sym: counts.get(sym, 0) for sym in symbols})
+
+    # -----------------------------------------------------------------------------------------
+    # Reading
+
+    def _reset(self) -> None:
+        self.bad_rows = []
+        self.bad_row_count = 0
+        self.ticks_per_symbol = {}
+        self._ts0: int | None = None  # event time of the first replayed row (pacing origin)
+        self._t0 = 0.0  # clock() when it was replayed
+        self._max_ts = 0  # largest event time replayed so far (pacing never goes backwards)
+
+    def _blocks(self, stream: IO[bytes]) -> Iterator[tuple[int, bytes, int]]:
+        """Blocks of whole data lines: (number of the first line, block, lines in it)."""
+        carry = b""
+        line_no = 0  # 0 until the header line has been skipped
+        try:
+            while True:
+                chunk = stream.read(self._chunk_bytes)
+                if not chunk:
+                    break
+                data = carry + chunk if carry else chunk
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    carry = data
+                    continue
+                block, carry = data[:cut], data[cut + 1 :]
+                if line_no == 0:
+                    line_no = 2
+                    newline = block.find(b"\n")
+                    if newline < 0:
+                        continue  # the block was just the header line
+                    block = block[newline + 1 :]
+                lines = block.count(b"\n") + 1
+                yield line_no, block, lines
+                line_no += lines
+        except (OSError, EOFError, zlib.error) as exc:
+            where = f"after line {max(line_no - 1, 1)}"
+            raise AdapterError(
+                f"replay: params.path {str(self.path)!r} could not be read {where}: {exc}"
+            ) from exc
+        if carry and line_no:
+            yield line_no, carry, carry.count(b"\n") + 1  # the last line had no newline
+
+    def _parse(self, line_no: int, block: bytes, rows: int) -> _Columns | None:
+        """The good (and wanted) rows of a block; None when there are none."""
+        if b"\r" in block:
+            # CRLF files: blocks are cut at "\n", so the last line may still end in "\r".
+            block = block.replace(b"\r\n", b"\n").removesuffix(b"\r")
+        if b'"' in block:
+            return self._parse_rows(line_no, block)
+        lay = self._layout
+        width = lay.fields
+        fields = block.replace(b"\n", b",").split(b",")
+        if len(fields) != rows * width:
+            return self._parse_rows(line_no, block)  # short/long rows or blank lines
+        symbols = fields[lay.symbol :: width]
+        cache = self._names
+        unique = dict.fromkeys(symbols)
+        names: dict[bytes, str | None] = {}
+        for raw in unique:
+            name = cache[raw] if raw in cache else self._name(raw)
+            if name is None:
+                return self._parse_rows(line_no, block)  # an empty or undecodable symbol
+            names[raw] = name
+        ts_raw = fields[lay.ts :: width]
+        price_raw = fields[lay.price :: width]
+        size_raw = fields[lay.size :: width]
+        recv_raw = fields[lay.recv :: width] if lay.recv >= 0 else None
+        wanted = self.symbols_filter
+        unique_kept: Mapping[bytes, str | None] | None = names
+        if wanted is not None:
+            keep = {raw for raw in unique if names[raw] in wanted}
+            if not keep:
+                return None
+            if len(keep) < len(unique):
+                unique_kept = None
+                mask = list(map(keep.__contains__, symbols))
+                symbols = list(compress(symbols, mask))
+                ts_raw = list(compress(ts_raw, mask))
+                price_raw = list(compress(price_raw, mask))
+                size_raw = list(compress(size_raw, mask))
+                if recv_raw is not None:
+                    recv_raw = list(compress(recv_raw, mask))
+        try:
+            ts = list(map(int, ts_raw))
+            price = list(map(float, price_raw))
+            size = list(map(float, size_raw))
+            recv = ts if recv_raw is None else list(map(int, recv_raw))
+        except ValueError:
+            return self._parse_rows(line_no, block)
+        # A NaN or inf anywhere makes the sum non-finite; a finite sum that overflows only
+        # costs a detour through the exact per-row check.
+        if (
+            min(ts) <= 0
+            or not math.isfinite(sum(price))
+            or not math.isfinite(sum(size))
+            or min(size) < 0
+        ):
+            return self._parse_rows(line_no, block)
+        return _Columns(symbols, names, unique_kept, ts, recv, price, size)
+
+    def _parse_rows(self, line_no: int, block: bytes) -> _Columns | None:
+        """The per-row path: every row checked on its own, bad ones recorded with a reason."""
+        lay = self._layout
+        wanted = self.symbols_filter
+        quoted = b'"' in block
+        symbols: list[str] = []
+        ts_col: list[int] = []
+        recv_col: list[int] = []
+        price_col: list[float] = []
+        size_col: list[float] = []
+        bad = self._bad
+        for offset, line in enumerate(block.split(b"\n")):
+            number = line_no + offset
+            if not line.strip():
+                continue  # a blank line is not a row
+            fields: Sequence[bytes | str]
+            if quoted:
+                try:
+                    fields = next(csv.reader([line.decode("utf-8")]), [])
+                except (UnicodeDecodeError, csv.Error) as exc:
+                    bad(number, f"unreadable row: {exc}")
+                    continue
+            else:
+                fields = line.split(b",")
+            if len(fields) < lay.needed:
+                bad(
+                    number,
+                    f"missing fields: {len(fields)} of the {lay.needed} needed to reach "
+                    f"every required column ({', '.join(REQUIRED_COLUMNS)})",
+                )
+                continue
+            raw_symbol = fields[lay.symbol]
+            if isinstance(raw_symbol, bytes):
+                symbol = self._names.get(raw_symbol) or self._name(raw_symbol)
+            else:
+                symbol = raw_symbol or None
+            if symbol is None:
+                bad(number, f"symbol {_show(raw_symbol)} is empty or not UTF-8")
+                continue
+            if wanted is not None and symbol not in wanted:
+                continue
+            raw = fields[lay.ts]
+            try:
+                ts = int(raw)
+            except ValueError:
+                bad(number, f"ts_ns {_show(raw)} is not an integer")
+                continue
+            if ts <= 0:
+                bad(number, f"ts_ns {ts} is not positive")
+                continue
+            price = _number(fields[lay.price], "price", number, bad)
+            if price is None:
+                continue
+            size = _number(fields[lay.size], "size", number, bad)
+            if size is None:
+                continue
+            if size < 0:
+                bad(number, f"size {_show(fields[lay.size])} is negative")
+                continue
+            recv = ts
+            if lay.recv >= 0 and lay.recv < len(fields) and fields[lay.recv].strip():
+                raw = fields[lay.recv]
+                try:
+                    recv = int(raw)
+                except ValueError:
+                    bad(number, f"recv_ns {_show(raw)} is not an integer")
+                    continue
+            symbols.append(symbol)
+            ts_col.append(ts)
+            recv_col.append(recv)
+            price_col.append(price)
+            size_col.append(size)
+        if not symbols:
+            return None
+        names = {symbol: symbol for symbol in dict.fromkeys(symbols)}
+        recv_col = recv_col if lay.recv >= 0 else ts_col
+        return _Columns(symbols, names, names, ts_col, recv_col, price_col, size_col)
+
+    def _name(self, raw: bytes) -> str | None:
+        """Decode (and cache) a raw symbol; None when it is empty or not UTF-8."""
+        try:
+            name: str | None = raw.decode("utf-8") or None
+        except UnicodeDecodeError:
+            name = None
+        if len(self._names) >= _NAME_CACHE_LIMIT:
+            self._names.clear()  # a file of countless distinct symbols must not grow it forever
+        self._names[raw] = name
+        return name
+
+    def _bad(self, line: int, reason: str) -> None:
+        self.bad_row_count += 1
+        if len(self.bad_rows) < MAX_BAD_ROWS:
+            self.bad_rows.append((line, reason))
+
+    # -----------------------------------------------------------------------------------------
+    # Ticks
+
+    def _group(
+        self, cols: _Columns, resume: Mapping[str, int] | None
+    ) -> list[tuple[str, list[Tick]]]:
+        """Ticks per symbol (file order kept within a symbol), numbered and resume-filtered."""
+        symbols, names = cols.symbols, cols.names
+        counts = self.ticks_per_symbol
+        unique = cols.unique if cols.unique is not None else dict.fromkeys(symbols)
+        for raw in unique:
+            counts.setdefault(names[raw] or "", 0)  # first appearance order, in file order
+        same_recv = cols.recv is cols.ts
+        groups: list[tuple[Any, Sequence[int], Sequence[int], Sequence[float], Sequence[float]]]
+        if len(unique) == 1:
+            groups = [(symbols[0], cols.ts, cols.recv, cols.price, cols.size)]
+        else:
+            # One stable sort of row positions by symbol puts each symbol's rows together, still
+            # in file order; every column is then reordered by one C-level itemgetter call.
+            pick = itemgetter(*sorted(range(len(symbols)), key=symbols.__getitem__))
+            ordered = pick(symbols)
+            ts: Sequence[int] = pick(cols.ts)
+            recv: Sequence[int] = ts if same_recv else pick(cols.recv)
+            price: Sequence[float] = pick(cols.price)
+            size: Sequence[float] = pick(cols.size)
+            groups = []
+            start = 0
+            for raw in sorted(unique):
+                end = bisect_right(ordered, raw, start)
+                groups.append(
+                    (
+                        raw,
+                        ts[start:end],
+                        ts[start:end] if same_recv else recv[start:end],
+                        price[start:end],
+                        size[start:end],
+                    )
+                )
+                start = end
+        out: list[tuple[str, list[Tick]]] = []
+        for raw, g_ts, g_recv, g_price, g_size in groups:
+            symbol = names[raw] or ""
+            first = counts[symbol]
+            count = len(g_ts)
+            counts[symbol] = first + count
+            if resume is not None:
+                skip = min(count, max(0, resume.get(symbol, 0) - first))
+                if skip == count:
+                    continue
+                if skip:
+                    g_ts, g_recv = g_ts[skip:], g_recv[skip:]
+                    g_price, g_size = g_price[skip:], g_size[skip:]
+                    first += skip
+            seqs = range(first + 1, first + len(g_ts) + 1)
+            out.append((symbol, list(map(Tick, g_ts, g_recv, seqs, g_price, g_size))))
+        return out
+
+    async def _paced(
+        self, cols: _Columns, resume: Mapping[str, int] | None, sink: TickSink
+    ) -> None:
+        """Deliver a block at `speed` times the recorded pace, in slices of about one quantum."""
+        assert self.speed is not None
+        ns_per_s = self.speed * 1e9  # event-time ns replayed per wall-clock second
+        times: list[int] = cols.ts
+        if resume is not None and any(
+            self.ticks_per_symbol.get(symbol, 0) < seq for symbol, seq in resume.items()
+        ):
+            # Rows a resumed run skips must not be waited for: they count as time 0, which
+            # makes them due at once and keeps them out of the pacing origin.
+            kept = self._kept(cols, resume)
+            times = [t if keep else 0 for t, keep in zip(times, kept, strict=True)]
+        if self._ts0 is None:
+            first = next((t for t in times if t), 0)
+            if not first:
+                for symbol, ticks in self._group(cols, resume):  # all skipped: numbering only
+                    await sink.put(symbol, ticks)
+                return
+            self._ts0, self._t0, self._max_ts = first, self._clock(), first
+        ts0, t0 = self._ts0, self._t0
+        # Rows are due at their running maximum event time: file order is kept, and a row whose
+        # time goes backwards (merged feeds) is simply due at once.
+        due_ts = list(accumulate(times, max, initial=self._max_ts))[1:]
+        self._max_ts = due_ts[-1]
+        quantum_ns = self._quantum_s * ns_per_s
+        i, n = 0, len(due_ts)
+        while i < n:
+            now = self._clock()
+            j = bisect_right(due_ts, ts0 + (now - t0) * ns_per_s, i)
+            if j == i:
+                # Ahead of schedule: wait for the next quantum of rows, then send it at once.
+                j = bisect_right(due_ts, due_ts[i] + quantum_ns, i)
+                await self._sleep(t0 + (due_ts[j - 1] - ts0) / ns_per_s - now)
+            for symbol, ticks in self._group(cols[i:j], resume):
+                await sink.put(symbol, ticks)
+            i = j
+
+    def _kept(self, cols: _Columns, resume: Mapping[str, int]) -> list[bool]:
+        """Per row of `cols`, whether a run resuming after `resume` delivers it."""
+        counts = self.ticks_per_symbol
+        names = cols.names
+        running: dict[str, int] = {}
+        keep: list[bool] = []
+        for raw in cols.symbols:
+            symbol = names[raw] or ""
+            seq = running.get(symbol, counts.get(symbol, 0)) + 1
+            running[symbol] = seq
+            keep.append(seq > resume.get(symbol, 0))
+        return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Params and header
+
+
+def _path_param(value: Any) -> Path:
+    if value is None:
+        raise AdapterError("replay: params.path is required (the .csv or .csv.gz file to replay)")
+    if not isinstance(value, str | os.PathLike) or not str(value).strip():
+        raise AdapterError(f"replay: params.path must be a file path string, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise AdapterError(f"replay: params.path {str(value)!r} does not exist")
+    if not path.is_file():
+        raise AdapterError(f"replay: params.path {str(value)!r} is not a regular file")
+    return path
+
+
+def _speed_param(value: Any) -> float | None:
+    if isinstance(value, str) and value.strip().lower() == "max":
+        return None
+    return positive_number(
+        "replay",
+        "speed",
+        value,
+        '"max" or a positive number (1 = recorded pace, 10 = ten times faster)',
+    )
+
+
+def _open(path: Path, gzipped: bool) -> IO[bytes]:
+    if gzipped:
+        return cast(IO[bytes], gzip.open(path, "rb"))
+    return open(path, "rb")  # the caller closes it
+
+
+def _read_layout(path: Path) -> _Layout:
+    """Open the file once to find its compression and the required columns in its header."""
+    shown = repr(str(path))
+    try:
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == _GZIP_MAGIC or path.name.lower().endswith(".gz")
+        with _open(path, gzipped) as stream:
+            head = b""
+            while b"\n" not in head and len(head) < _MAX_HEADER_BYTES:
+                more = stream.read(64 * 1024)
+                if not more:
+                    break
+                head += more
+    except PermissionError as exc:
+        raise AdapterError(f"replay: params.path {shown} is not readable: {exc}") from exc
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise AdapterError(f"replay: params.path {shown} is not a valid gzip file: {exc}") from exc
+    except OSError as exc:
+        raise AdapterError(f"replay: params.path {shown} cannot be read: {exc}") from exc
+    line, newline, _ = head.partition(b"\n")
+    if not newline and len(head) >= _MAX_HEADER_BYTES:
+        raise AdapterError(
+            f"replay: params.path {shown} has no line break in its first "
+            f"{_MAX_HEADER_BYTES} bytes: not a CSV file with a header"
+        )
+    try:
+        text = line.decode("utf-8-sig").rstrip("\r")
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"replay: params.path {shown} has a header that is not UTF-8") from exc
+    if not text.strip():
+        raise AdapterError(
+            f"replay: params.path {shown} has no header line; it must start with "
+            f"{','.join(REQUIRED_COLUMNS)} (any order, extra columns allowed)"
+        )
+    columns = [name.strip().lower() for name in next(csv.reader([text]))]
+    index: dict[str, int] = {}
+    for i, name in enumerate(columns):
+        index.setdefault(name, i)  # the first of duplicate names wins
+    for name in REQUIRED_COLUMNS:
+        if name not in index:
+            raise AdapterError(
+                f"replay: params.path {shown} has no column {name!r} in its header "
+                f"(found: {', '.join(columns)}; required: {', '.join(REQUIRED_COLUMNS)})"
+            )
+    required = [index[name] for name in REQUIRED_COLUMNS]
+    return _Layout(
+        gzipped=gzipped,
+        fields=len(columns),
+        ts=index["ts_ns"],
+        symbol=index["symbol"],
+        price=index["price"],
+        size=index["size"],
+        recv=index.get(RECV_COLUMN, -1),
+        needed=max(required) + 1,
+    )
+
+
+def _number(
+    raw: bytes | str, column: str, line: int, bad: Callable[[int, str], None]
+) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        bad(line, f"{column} {_show(raw)} is not a number")
+        return None
+    if not math.isfinite(value):
+        bad(line, f"{column} {_show(raw)} is not finite")
+        return None
+    return value
+
+
+def _show(raw: bytes | str) -> str:
+    """A raw field, quoted and cut short, for a bad-row reason."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    if len(text) > _SHOW_LIMIT:
+        text = text[:_SHOW_LIMIT] + "..."
+    return repr(text)
