@@ -1,0 +1,698 @@
+"""Event-time OHLCV bars: the aggregator's pure core (no I/O, no asyncio, no clock reads).
+
+The bar definition is the one in `shared/data/README.md`: one bar per (symbol, interval) over the
+half-open interval `[start, start + width)`, `start = ts - ts % width`, labelled by its start.
+`open` is the first trade by event time and `close` the last, equal timestamps keeping their
+arrival order; `high`/`low` are the extremes; `trade_count` counts every tick, zero-size ones
+included (they also set OHLC); `vwap = sum(price * size) / volume`, `None` when the volume is 0.
+
+Volume is exact: every size is converted once to an integer number of 1e-9 units
+(`round(size * 1e9)`), the units are summed as Python ints and the bar's volume is
+`units / 1e9`, which Python rounds correctly. The volume is therefore the float64 nearest to the
+exact decimal sum of the sizes, as long as sizes have at most 9 decimals (the size resolution of
+this engine is 1e-9) and are below ~9e6 (where `size * 1e9` stops being an exact float64).
+
+Time is event time. Each symbol has a watermark: the largest event time seen for it, advanced by
+the wall-clock time elapsed since the tick that set it arrived, scaled by `clock_rate`
+(`wm(now) = max_ts + clock_rate * (now - arrival)`; 0 = event time alone, for replays at full
+speed; 1 = live). The watermark never goes backwards: a tick older than the current watermark
+does not pull it back. A bar closes (is emitted with `rev=0`) when `wm >= end + grace`; closing
+is checked at the start and at the end of every `on_ticks` call for that symbol, and for every
+symbol on `advance()`. A tick whose bar has already closed is late: within `revise_window` of the
+watermark it revises the bar (re-emitted with `rev + 1`; a bar created for an interval that was
+empty when it closed is emitted with `rev=0`); beyond the window it is reported in
+`Emitted.late` and touches nothing. Lateness is judged per interval. Closed bars are kept only
+while `end + revise_window >= wm`, so memory stays bounded.
+
+Ticks with a non-finite price or size are left out and reported in `Emitted.invalid`.
+
+Every call is deterministic: the same sequence of calls with the same arguments (`now_ns`
+included) produces the same output. The bars of one call are ordered by
+(interval width, interval, symbol, start, rev); late ticks by interval width, then arrival.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Literal
+
+import msgspec
+
+from shared.schemas import Bar, Tick, interval_ns
+
+__all__ = ["SIZE_UNITS", "BarEngine", "Emitted", "InvalidTick", "LateTick", "PriceType"]
+
+SIZE_UNITS = 1_000_000_000
+"""Sizes are accumulated as integers of 1/SIZE_UNITS (1e-9), which makes volume sums exact."""
+
+PriceType = Literal["LAST", "MID"]
+
+_FAR_PAST = -(1 << 62)  # "nothing closed yet": below any event time
+_SNAPSHOT_VERSION = 1
+
+# One prepared tick: (ts, price, size units, price * size, the tick itself).
+_Row = tuple[int, float, int, float, Tick]
+
+
+class LateTick(msgspec.Struct, frozen=True):
+    """A tick that arrived after its bar closed and beyond the revise window; it changed nothing."""
+
+    symbol: str
+    interval: str
+    tick: Tick
+    reason: str
+    provider: str = ""
+    lag_ns: int = 0
+
+
+class InvalidTick(msgspec.Struct, frozen=True):
+    """A tick with a non-finite price or size: it would poison its bars, so it is left out.
+
+    Negative sizes are the schema's to refuse (`Tick.size` is validated `>= 0` on decode).
+    """
+
+    symbol: str
+    tick: Tick
+    reason: str
+    provider: str = ""
+
+
+class Emitted:
+    """What one engine call produced: bars to publish, late and invalid ticks to dead-letter."""
+
+    __slots__ = ("bars", "invalid", "late")
+
+    def __init__(
+        self,
+        bars: list[Bar] | None = None,
+        late: list[LateTick] | None = None,
+        invalid: list[InvalidTick] | None = None,
+    ) -> None:
+        self.bars: list[Bar] = bars if bars is not None else []
+        self.late: list[LateTick] = late if late is not None else []
+        self.invalid: list[InvalidTick] = invalid if invalid is not None else []
+
+    def __bool__(self) -> bool:
+        return bool(self.bars or self.late or self.invalid)
+
+    def __repr__(self) -> str:
+        return f"Emitted(bars={self.bars!r}, late={self.late!r}, invalid={self.invalid!r})"
+
+    def extend(self, other: Emitted) -> None:
+        """Append another call's output (keeps each part's own order)."""
+        self.bars.extend(other.bars)
+        self.late.extend(other.late)
+        self.invalid.extend(other.invalid)
+
+
+class _Acc:
+    """The mutable accumulator of one bar; converted to a `Bar` only when emitted."""
+
+    __slots__ = (
+        "close",
+        "close_ts",
+        "count",
+        "end",
+        "high",
+        "low",
+        "open",
+        "open_ts",
+        "provider",
+        "pv",
+        "rev",
+        "start",
+        "units",
+    )
+
+    def __init__(
+        self, start: int, end: int, ts: int, price: float, units: int, pv: float, provider: str
+    ) -> None:
+        self.start = start
+        self.end = end
+        self.open = self.high = self.low = self.close = price
+        self.open_ts = self.close_ts = ts
+        self.units = units
+        self.pv = pv
+        self.count = 1
+        self.rev = -1  # -1: never emitted
+        self.provider = provider
+
+    def add(self, ts: int, price: float, units: int, pv: float) -> None:
+        """Fold one tick in (the slow path; `BarEngine._fold` inlines the same logic)."""
+        if price > self.high:
+            self.high = price
+        elif price < self.low:
+            self.low = price
+        if ts >= self.close_ts:  # >=: among equal timestamps the later arrival closes
+            self.close = price
+            self.close_ts = ts
+        elif ts < self.open_ts:  # <: among equal timestamps the earlier arrival opens
+            self.open = price
+            self.open_ts = ts
+        self.units += units
+        self.pv += pv
+        self.count += 1
+
+
+class _Series:
+    """The bars of one (symbol, interval): open ones, recently closed ones, and the close line."""
+
+    __slots__ = ("closed", "closed_end", "cur", "interval", "open", "order", "width")
+
+    def __init__(self, interval: str, width: int) -> None:
+        self.interval = interval
+        self.width = width
+        # Every bar with end <= closed_end is closed (emitted, or empty when its time passed).
+        self.closed_end = _FAR_PAST
+        self.open: dict[int, _Acc] = {}
+        self.closed: dict[int, _Acc] = {}
+        self.order: deque[int] = deque()  # closed starts in closing order, for pruning
+        self.cur: _Acc | None = None  # the open bar the last tick went to: the fast path
+
+
+class _Symbol:
+    """Per-symbol state: the watermark and one series per interval."""
+
+    __slots__ = ("anchor_now", "anchor_ts", "max_ts", "rate", "series", "symbol", "wm")
+
+    def __init__(self, symbol: str, series: list[_Series], now_ns: int, rate: float) -> None:
+        self.symbol = symbol
+        self.series = series
+        self.max_ts = 0
+        # wm(now) = max(wm, anchor_ts + rate * (now - anchor_now)): anchor is the tick that set
+        # the watermark (or the moment the rate changed); `wm` keeps it monotonic.
+        self.wm = 0
+        self.anchor_ts = 0
+        self.anchor_now = now_ns
+        self.rate = rate
+
+    def peek(self, now_ns: int) -> int:
+        """The watermark at `now_ns`, without recording it."""
+        if self.rate:
+            advanced = self.anchor_ts + int(self.rate * (now_ns - self.anchor_now))
+            if advanced > self.wm:
+                return advanced
+        return self.wm
+
+    def watermark(self, now_ns: int) -> int:
+        """The watermark at `now_ns`, recorded so that it never goes backwards."""
+        self.wm = wm = self.peek(now_ns)
+        return wm
+
+
+# Snapshot layout (msgpack, positional arrays to keep checkpoints small).
+
+
+class _AccState(msgspec.Struct, array_like=True):
+    start: int
+    open: float
+    high: float
+    low: float
+    close: float
+    open_ts: int
+    close_ts: int
+    units: int
+    pv: float
+    count: int
+    rev: int
+    provider: str
+
+
+class _SeriesState(msgspec.Struct, array_like=True):
+    interval: str
+    closed_end: int
+    open: list[_AccState]
+    closed: list[_AccState]  # in closing order
+
+
+class _SymbolState(msgspec.Struct, array_like=True):
+    symbol: str
+    wm: int
+    anchor_ts: int
+    anchor_now: int
+    rate: float
+    max_ts: int
+    series: list[_SeriesState]
+
+
+class _EngineState(msgspec.Struct):
+    version: int
+    intervals: list[str]
+    grace_ns: int
+    revise_window_ns: int
+    price_type: str
+    symbols: list[_SymbolState]
+
+
+def _units(size: float) -> int:
+    """`round(size * 1e9)`, or 0 for a non-finite size (such a tick is rejected later)."""
+    return round(size * SIZE_UNITS) if math.isfinite(size) else 0
+
+
+def _acc_state(acc: _Acc) -> _AccState:
+    return _AccState(
+        acc.start, acc.open, acc.high, acc.low, acc.close, acc.open_ts, acc.close_ts,
+        acc.units, acc.pv, acc.count, acc.rev, acc.provider,
+    )  # fmt: skip
+
+
+def _acc_from_state(state: _AccState, width: int) -> _Acc:
+    acc = _Acc(state.start, state.start + width, state.open_ts, state.open, 0, 0.0, state.provider)
+    acc.high = state.high
+    acc.low = state.low
+    acc.close = state.close
+    acc.close_ts = state.close_ts
+    acc.units = state.units
+    acc.pv = state.pv
+    acc.count = state.count
+    acc.rev = state.rev
+    return acc
+
+
+class BarEngine:
+    """Event-time bars for many symbols and intervals, with grace, late ticks and revisions."""
+
+    def __init__(
+        self,
+        intervals: Sequence[str],
+        grace_ns: int,
+        revise_window_ns: int,
+        price_type: PriceType = "LAST",
+    ) -> None:
+        if not intervals:
+            raise ValueError("at least one interval is needed")
+        if grace_ns < 0 or revise_window_ns < 0:
+            raise ValueError("grace_ns and revise_window_ns must be >= 0")
+        if price_type not in ("LAST", "MID"):
+            raise ValueError(f"price_type must be LAST or MID, not {price_type!r}")
+        widths = {interval: interval_ns(interval) for interval in intervals}
+        # Narrowest first: this is also the order of emitted bars.
+        self._intervals: list[str] = sorted(widths, key=lambda i: (widths[i], i))
+        self._widths: dict[str, int] = widths
+        self._grace = int(grace_ns)
+        self._window = int(revise_window_ns)
+        self._price_type: PriceType = price_type
+        self._symbols: dict[str, _Symbol] = {}
+
+    # -- introspection ------------------------------------------------------------------------
+
+    @property
+    def intervals(self) -> list[str]:
+        """The intervals, narrowest first."""
+        return list(self._intervals)
+
+    @property
+    def symbols(self) -> list[str]:
+        """Symbols with state, in first-seen order."""
+        return list(self._symbols)
+
+    def watermark(self, symbol: str, now_ns: int) -> int | None:
+        """The symbol's watermark at `now_ns` (None for an unknown symbol); changes no state."""
+        state = self._symbols.get(symbol)
+        return None if state is None else state.peek(now_ns)
+
+    def open_bars(self) -> int:
+        """How many bars are open (not yet emitted) over all symbols and intervals."""
+        return sum(len(s.open) for st in self._symbols.values() for s in st.series)
+
+    def retained_bars(self) -> int:
+        """How many closed bars are kept for revisions over all symbols and intervals."""
+        return sum(len(s.closed) for st in self._symbols.values() for s in st.series)
+
+    def forget(self, symbol: str) -> None:
+        """Drop all state of a symbol (e.g. after its end of stream, before a new replay)."""
+        self._symbols.pop(symbol, None)
+
+    # -- the engine ----------------------------------------------------------------------------
+
+    def on_ticks(
+        self,
+        symbol: str,
+        provider: str,
+        ticks: Sequence[Tick],
+        now_ns: int,
+        clock_rate: float = 1.0,
+    ) -> Emitted:
+        """Fold one batch of a symbol's ticks (arrival order) received at `now_ns`."""
+        if clock_rate < 0:
+            raise ValueError("clock_rate must be >= 0")
+        state = self._symbols.get(symbol)
+        if state is None:
+            series_list = [_Series(i, self._widths[i]) for i in self._intervals]
+            state = self._symbols[symbol] = _Symbol(symbol, series_list, now_ns, clock_rate)
+        bars: list[Bar] = []
+        late: list[LateTick] = []
+
+        wm0 = state.watermark(now_ns)
+        if clock_rate != state.rate:
+            # Re-anchor so that the time elapsed so far keeps the rate it had.
+            state.anchor_ts = wm0
+            state.anchor_now = now_ns
+            state.rate = clock_rate
+        # Bars whose deadline passed before these ticks arrived close first: their ticks are late.
+        self._close_due(state, wm0, bars)
+
+        invalid: list[InvalidTick] = []
+        rows = self._rows(ticks)
+        if rows and not math.isfinite(sum([row[3] for row in rows])):
+            # NaN or infinity somewhere (this sum is the cheap test); a huge finite sum is fine
+            rows = self._valid_rows(symbol, provider, rows, invalid)
+        if rows:
+            dirty: dict[tuple[str, int], tuple[_Series, _Acc]] = {}
+            for series in state.series:
+                self._fold(state, series, rows, wm0, provider, dirty, late)
+            batch_max = max([row[0] for row in rows])
+            if batch_max > state.max_ts:
+                state.max_ts = batch_max
+            if batch_max > state.wm:
+                state.wm = state.anchor_ts = batch_max
+                state.anchor_now = now_ns
+            for series, acc in dirty.values():
+                acc.rev += 1  # -1 (created for an interval empty at close) becomes 0
+                bars.append(self._bar(symbol, series.interval, acc))
+            self._close_due(state, state.wm, bars)
+
+        if len(bars) > 1:
+            widths = self._widths
+            bars.sort(key=lambda b: (widths[b.interval], b.interval, b.start, b.rev))
+        return Emitted(bars, late, invalid)
+
+    def advance(self, now_ns: int) -> Emitted:
+        """Close the bars that the wall clock made due (idle symbols, `clock_rate > 0`)."""
+        bars: list[Bar] = []
+        for state in self._symbols.values():
+            if state.rate:  # at rate 0 the watermark only moves with ticks
+                self._close_due(state, state.watermark(now_ns), bars)
+        if len(bars) > 1:
+            widths = self._widths
+            bars.sort(key=lambda b: (widths[b.interval], b.interval, b.symbol, b.start, b.rev))
+        return Emitted(bars)
+
+    def end_of_stream(self, symbol: str) -> Emitted:
+        """Close every open bar of `symbol` now, whatever its watermark."""
+        state = self._symbols.get(symbol)
+        bars: list[Bar] = []
+        if state is None:
+            return Emitted(bars)
+        for series in state.series:
+            if not series.open:
+                continue
+            for start in sorted(series.open):
+                self._emit_closed(state, series, series.open[start], bars)
+            last_end = max(series.open) + series.width
+            series.open.clear()
+            series.cur = None
+            # Later ticks for these bars are revisions, never a second rev 0 of the same bar.
+            if last_end > series.closed_end:
+                series.closed_end = last_end
+        return Emitted(bars)  # already in (width, start) order
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _rows(self, ticks: Sequence[Tick]) -> list[_Row]:
+        """Prepare each tick once for all intervals: price, size units and price * size.
+
+        A non-finite price or size gives a non-finite `price * size` (its units are then 0, as
+        `round` cannot take them), which `on_ticks` detects on the whole batch at once.
+        """
+        if self._price_type == "LAST":
+            try:
+                return [
+                    (t.ts, t.price, round(t.size * SIZE_UNITS), t.price * t.size, t) for t in ticks
+                ]
+            except (ValueError, OverflowError):  # a NaN or infinite size: the slow way
+                return [(t.ts, t.price, _units(t.size), t.price * t.size, t) for t in ticks]
+        rows: list[_Row] = []
+        for t in ticks:
+            bid = t.bid
+            ask = t.ask
+            if bid is None or ask is None:  # a MID bar needs both sides of the quote
+                continue
+            mid = (bid + ask) / 2
+            rows.append((t.ts, mid, _units(t.size), mid * t.size, t))
+        return rows
+
+    @staticmethod
+    def _valid_rows(
+        symbol: str, provider: str, rows: list[_Row], invalid: list[InvalidTick]
+    ) -> list[_Row]:
+        """Drop and report the rows that would poison a bar."""
+        valid: list[_Row] = []
+        for row in rows:
+            _, price, _, _, tick = row
+            if not math.isfinite(price):
+                invalid.append(InvalidTick(symbol, tick, f"non-finite price {price}", provider))
+            elif not math.isfinite(tick.size):
+                invalid.append(InvalidTick(symbol, tick, f"non-finite size {tick.size}", provider))
+            else:
+                valid.append(row)
+        return valid
+
+    def _fold(
+        self,
+        state: _Symbol,
+        series: _Series,
+        rows: list[_Row],
+        wm0: int,
+        provider: str,
+        dirty: dict[tuple[str, int], tuple[_Series, _Acc]],
+        late: list[LateTick],
+    ) -> None:
+        """Fold a batch into one series; the hot loop, hence the locals mirroring `cur`."""
+        width = series.width
+        closed_end = series.closed_end
+        opened = series.open
+        cur = series.cur
+        if cur is None:
+            cs = ce = 0  # an empty range: every tick takes the slow path
+            o = h = lo = c = pvs = 0.0
+            ots = cts = units = n = 0
+        else:
+            cs = cur.start
+            ce = cur.end
+            o, h, lo, c = cur.open, cur.high, cur.low, cur.close
+            ots, cts, units, pvs, n = cur.open_ts, cur.close_ts, cur.units, cur.pv, cur.count
+        for ts, p, u, pv, tick in rows:
+            if cs <= ts < ce:
+                # Fast path: the tick belongs to the bar the previous tick went to.
+                if p > h:
+                    h = p
+                elif p < lo:
+                    lo = p
+                if ts >= cts:
+                    c = p
+                    cts = ts
+                elif ts < ots:
+                    o = p
+                    ots = ts
+                units += u
+                pvs += pv
+                n += 1
+                continue
+            if cur is not None:
+                cur.open, cur.high, cur.low, cur.close = o, h, lo, c
+                cur.open_ts, cur.close_ts, cur.units, cur.pv, cur.count = ots, cts, units, pvs, n
+            start = ts - ts % width
+            if start + width <= closed_end:
+                self._late(state, series, start, ts, p, u, pv, tick, wm0, provider, dirty, late)
+                continue
+            acc = opened.get(start)
+            if acc is None:
+                acc = opened[start] = _Acc(start, start + width, ts, p, u, pv, provider)
+            else:
+                acc.add(ts, p, u, pv)
+            cur = acc
+            cs = cur.start
+            ce = cur.end
+            o, h, lo, c = cur.open, cur.high, cur.low, cur.close
+            ots, cts, units, pvs, n = cur.open_ts, cur.close_ts, cur.units, cur.pv, cur.count
+        if cur is not None:
+            cur.open, cur.high, cur.low, cur.close = o, h, lo, c
+            cur.open_ts, cur.close_ts, cur.units, cur.pv, cur.count = ots, cts, units, pvs, n
+        series.cur = cur
+
+    def _late(
+        self,
+        state: _Symbol,
+        series: _Series,
+        start: int,
+        ts: int,
+        price: float,
+        units: int,
+        pv: float,
+        tick: Tick,
+        wm0: int,
+        provider: str,
+        dirty: dict[tuple[str, int], tuple[_Series, _Acc]],
+        late: list[LateTick],
+    ) -> None:
+        """A tick whose bar already closed: revise the bar, or report it beyond the window."""
+        lag = wm0 - ts
+        if lag > self._window:
+            reason = (
+                f"beyond revise window: {lag / 1e9:.1f} s behind watermark "
+                f"(window {self._window / 1e9:g} s)"
+            )
+            late.append(LateTick(state.symbol, series.interval, tick, reason, provider, lag))
+            return
+        # Within the window the bar cannot have been pruned: end > ts >= wm - window.
+        acc = series.closed.get(start)
+        if acc is None:  # the interval was empty when it closed
+            acc = series.closed[start] = _Acc(start, start + series.width, ts, price, units, pv,
+                                              provider)  # fmt: skip
+            series.order.append(start)
+        else:
+            acc.add(ts, price, units, pv)
+        dirty[(series.interval, start)] = (series, acc)
+
+    def _close_due(self, state: _Symbol, wm: int, bars: list[Bar]) -> None:
+        """Emit the open bars with `end + grace <= wm` and prune closed bars out of the window."""
+        limit = wm - self._grace
+        for series in state.series:
+            width = series.width
+            close_end = limit - limit % width  # the last bar end that is due
+            if close_end <= series.closed_end:
+                continue
+            series.closed_end = close_end
+            opened = series.open
+            if opened:
+                for start in sorted([s for s in opened if s + width <= close_end]):
+                    self._emit_closed(state, series, opened.pop(start), bars)
+                if series.cur is not None and series.cur.end <= close_end:
+                    series.cur = None
+            # Keep closed bars while end + window >= wm, i.e. prune start < wm - window - width.
+            horizon = wm - self._window - width
+            order = series.order
+            closed = series.closed
+            while order and order[0] < horizon:
+                del closed[order.popleft()]
+
+    def _emit_closed(self, state: _Symbol, series: _Series, acc: _Acc, bars: list[Bar]) -> None:
+        acc.rev = 0
+        series.closed[acc.start] = acc
+        series.order.append(acc.start)
+        bars.append(self._bar(state.symbol, series.interval, acc))
+
+    @staticmethod
+    def _bar(symbol: str, interval: str, acc: _Acc) -> Bar:
+        units = acc.units
+        vwap: float | None
+        if units:
+            volume = units / SIZE_UNITS  # int / int: correctly rounded, so exact to the 1e-9 sum
+            vwap = acc.pv / volume
+            # Rounding in the price * size sum must not push the average outside the range.
+            if vwap > acc.high:
+                vwap = acc.high
+            elif vwap < acc.low:
+                vwap = acc.low
+        else:
+            volume = 0.0
+            vwap = None
+        return Bar(
+            symbol=symbol,
+            interval=interval,
+            start=acc.start,
+            end=acc.end,
+            open=acc.open,
+            high=acc.high,
+            low=acc.low,
+            close=acc.close,
+            volume=volume,
+            trade_count=acc.count,
+            vwap=vwap,
+            provider=acc.provider,
+            rev=acc.rev,
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The full state as msgpack bytes, for a crash checkpoint; see `restore`."""
+        symbols = [
+            _SymbolState(
+                symbol=state.symbol,
+                wm=state.wm,
+                anchor_ts=state.anchor_ts,
+                anchor_now=state.anchor_now,
+                rate=state.rate,
+                max_ts=state.max_ts,
+                series=[
+                    _SeriesState(
+                        interval=series.interval,
+                        closed_end=series.closed_end,
+                        open=[_acc_state(series.open[s]) for s in sorted(series.open)],
+                        closed=[_acc_state(series.closed[s]) for s in series.order],
+                    )
+                    for series in state.series
+                ],
+            )
+            for state in self._symbols.values()
+        ]
+        return msgspec.msgpack.encode(
+            _EngineState(
+                version=_SNAPSHOT_VERSION,
+                intervals=self._intervals,
+                grace_ns=self._grace,
+                revise_window_ns=self._window,
+                price_type=self._price_type,
+                symbols=symbols,
+            )
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        data: bytes,
+        *,
+        intervals: Sequence[str] | None = None,
+        grace_ns: int | None = None,
+        revise_window_ns: int | None = None,
+        price_type: PriceType | None = None,
+    ) -> BarEngine:
+        """Rebuild an engine from `snapshot()` bytes; settings default to the snapshot's.
+
+        A changed grace or window applies from now on; an interval added starts empty and one
+        removed is dropped. A different price type is refused: it would mix prices in open bars.
+        """
+        try:
+            state = msgspec.msgpack.decode(data, type=_EngineState)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ValueError(f"not a bar engine snapshot: {exc}") from exc
+        if state.version != _SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported bar engine snapshot version {state.version}")
+        if price_type is not None and price_type != state.price_type:
+            raise ValueError(
+                f"snapshot price type {state.price_type} differs from requested {price_type}"
+            )
+        if state.price_type not in ("LAST", "MID"):
+            raise ValueError(f"snapshot has an invalid price type {state.price_type!r}")
+        snap_price: PriceType = "MID" if state.price_type == "MID" else "LAST"
+        engine = cls(
+            intervals if intervals is not None else state.intervals,
+            state.grace_ns if grace_ns is None else grace_ns,
+            state.revise_window_ns if revise_window_ns is None else revise_window_ns,
+            snap_price,
+        )
+        for sym in state.symbols:
+            saved = {s.interval: s for s in sym.series}
+            series_list = []
+            for interval in engine._intervals:
+                width = engine._widths[interval]
+                series = _Series(interval, width)
+                snap = saved.get(interval)
+                if snap is not None:
+                    series.closed_end = snap.closed_end
+                    for a in snap.open:
+                        series.open[a.start] = _acc_from_state(a, width)
+                    for a in snap.closed:
+                        series.closed[a.start] = _acc_from_state(a, width)
+                        series.order.append(a.start)
+                series_list.append(series)
+            restored = _Symbol(sym.symbol, series_list, sym.anchor_now, sym.rate)
+            restored.wm = sym.wm
+            restored.anchor_ts = sym.anchor_ts
+            restored.max_ts = sym.max_ts
+            engine._symbols[sym.symbol] = restored
+        return engine
