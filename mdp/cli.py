@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 
 from mdp.supervisor import Supervisor, scrape
 from services.registry import SERVICES
+from shared.logging import configure_logging
 
 DEFAULT_SYMBOLS = "AAPL,MSFT,BRK.B,BTC/USD"
 
@@ -281,6 +282,7 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
         if expected >= 0 and len(completed) >= expected:
             outcome.set_result({"symbols": len(completed), "ticks": sum(completed.values())})
 
+    absolute = os.path.abspath(path)  # noqa: ASYNC240 (no I/O; the provider has its own cwd)
     sub = await nc.subscribe("ingest.events.*", cb=on_event)
     job = f"replay-{uuid.uuid4().hex[:12]}"
     try:
@@ -291,7 +293,7 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
             {
                 "provider": "replay",
                 "job": job,
-                "params": {"path": str(path.resolve()), "speed": _speed(speed)},
+                "params": {"path": absolute, "speed": _speed(speed)},
             },
         )
         if not reply.get("ok"):
@@ -359,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run_service(service_factory(args.name))
         return
+    # Library logs go to stderr so that stdout stays clean for CSV and JSON output.
+    configure_logging("cli", level="WARNING", fmt="console")
     handlers = {"up": cmd_up, "replay": cmd_replay, "ingest": cmd_ingest}
     handler = cmd_bars_export if args.command == "bars" else handlers[args.command]
     try:

@@ -42,9 +42,7 @@ PipelineFactory = Callable[..., Supervisor]
 
 
 @pytest.fixture
-def pipeline(
-    nats_server: EmbeddedNats, tmp_path: Path
-) -> Iterator[PipelineFactory]:
+def pipeline(nats_server: EmbeddedNats, tmp_path: Path) -> Iterator[PipelineFactory]:
     """Start the five services (optionally a subset, with extra env) against the test's server."""
     started: list[Supervisor] = []
 

@@ -246,9 +246,17 @@ class _EngineState(msgspec.Struct):
     symbols: list[_SymbolState]
 
 
+_EXACT_LIMIT = 2**53 / SIZE_UNITS  # above this, size * 1e9 is no longer an exact integer
+
+
 def _units(size: float) -> int:
-    """`round(size * 1e9)`, or 0 for a non-finite size (such a tick is rejected later)."""
-    return round(size * SIZE_UNITS) if math.isfinite(size) else 0
+    """`size` in 1e-9 units, exact at any magnitude; 0 for a non-finite size (rejected later)."""
+    if not math.isfinite(size):
+        return 0
+    if size < _EXACT_LIMIT:
+        return round(size * SIZE_UNITS)
+    whole = int(size)  # split so neither part loses digits in the multiplication
+    return whole * SIZE_UNITS + round((size - whole) * SIZE_UNITS)
 
 
 def _acc_state(acc: _Acc) -> _AccState:
@@ -419,11 +427,14 @@ class BarEngine:
         """
         if self._price_type == "LAST":
             try:
-                return [
+                fast = [
                     (t.ts, t.price, round(t.size * SIZE_UNITS), t.price * t.size, t) for t in ticks
                 ]
             except (ValueError, OverflowError):  # a NaN or infinite size: the slow way
                 return [(t.ts, t.price, _units(t.size), t.price * t.size, t) for t in ticks]
+            if max((r[2] for r in fast), default=0) >= 2**53:  # a huge size: redo it exactly
+                return [(t.ts, t.price, _units(t.size), t.price * t.size, t) for t in ticks]
+            return fast
         rows: list[_Row] = []
         for t in ticks:
             bid = t.bid

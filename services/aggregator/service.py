@@ -13,7 +13,15 @@ from prometheus_client import Counter
 from services.aggregator.bars import BarEngine, Emitted
 from services.aggregator.batcher import BarBatcher
 from shared import subjects
-from shared.bus import CLOCK_RATE, END_OF_STREAM, MSG_ID, PullConsumer, dead_letter
+from shared.bus import (
+    CLOCK_RATE,
+    DLQ_REASON,
+    DLQ_SERVICE,
+    END_OF_STREAM,
+    MSG_ID,
+    PullConsumer,
+    dead_letter,
+)
 from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError, encode
 from shared.runtime import Context
 from shared.schemas import BarBatch, EndOfStream, TickBatch
@@ -103,6 +111,8 @@ class AggregatorService:
             await dead_letter(self.ctx.publisher, self.name, msg, f"bad marker: {exc}", "decode")
             return
         await self._emit(self.engine.end_of_stream(symbol), msg)
+        # The bounded stream is over: a later run of the same symbol starts afresh.
+        self.engine.forget(symbol)
         await self._send_batches(self.batcher.flush())
         if self.sync_subject is None:
             return
@@ -126,6 +136,15 @@ class AggregatorService:
             BARS_EMITTED.labels(bar.interval).inc()
             if self.sync_subject is not None:
                 await self._send_batches(self.batcher.add(bar, len(body), now))
+        for invalid in emitted.invalid:
+            body = msgspec.json.encode({"symbol": invalid.symbol, "tick": invalid.tick})
+            headers = {
+                CONTENT_TYPE: JSON,
+                MSG_ID: f"invalid:{invalid.symbol}:{invalid.tick.seq}:{invalid.tick.ts}",
+                DLQ_REASON: invalid.reason,
+                DLQ_SERVICE: self.name,
+            }
+            await ctx.publisher.publish(subjects.dlq(self.name), body, headers)
         for late in emitted.late:
             LATE_TICKS.labels(late.symbol).inc()
             body = msgspec.json.encode(
@@ -134,8 +153,8 @@ class AggregatorService:
             headers = {
                 CONTENT_TYPE: JSON,
                 MSG_ID: f"late:{late.interval}:{late.symbol}:{late.tick.seq}:{late.tick.ts}",
-                "Mdp-Dlq-Reason": late.reason,
-                "Mdp-Dlq-Service": self.name,
+                DLQ_REASON: late.reason,
+                DLQ_SERVICE: self.name,
             }
             await ctx.publisher.publish(subjects.dlq(self.name), body, headers)
 

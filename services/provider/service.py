@@ -15,7 +15,15 @@ from prometheus_client import Counter, Gauge
 from services.provider.adapters.base import Adapter, AdapterError, load_adapters
 from services.provider.batching import TickBatcher
 from shared import subjects
-from shared.bus import CLOCK_RATE, END_OF_STREAM, KV_JOBS, KV_STATE, MSG_ID
+from shared.bus import (
+    CLOCK_RATE,
+    DLQ_REASON,
+    DLQ_SERVICE,
+    END_OF_STREAM,
+    KV_JOBS,
+    KV_STATE,
+    MSG_ID,
+)
 from shared.codec import CONTENT_TYPE, JSON, encode
 from shared.runtime import Context
 from shared.schemas import EndOfStream, JobSpec, Tick, TickBatch
@@ -223,8 +231,8 @@ class ProviderService:
             headers = {
                 CONTENT_TYPE: JSON,
                 MSG_ID: f"badrow:{spec.run}:{line}",
-                "Mdp-Dlq-Reason": reason,
-                "Mdp-Dlq-Service": self.name,
+                DLQ_REASON: reason,
+                DLQ_SERVICE: self.name,
             }
             await self.ctx.publisher.publish(subjects.dlq(self.name), body, headers)
 

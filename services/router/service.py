@@ -24,9 +24,11 @@ TICKS_NOT_SELECTED = Counter(
 )
 FAILOVERS = Counter("router_source_changes_total", "Per-symbol source changes", ["provider"])
 
-# Event times outside [1990, now + 1 day] are treated as absurd.
+# Event times before 1990, after now + 1 day, or more than 5 minutes ahead of their own
+# receive time are absurd: one such tick would drag its symbol's watermark into the future.
 _MIN_TS = 631_152_000_000_000_000
 _MAX_FUTURE_NS = 86_400_000_000_000
+_MAX_AHEAD_OF_RECV_NS = 300_000_000_000
 
 
 class Rejected(ValueError):
@@ -54,10 +56,15 @@ def validate_batch(batch: TickBatch, subject: str, end_of_stream: bool) -> None:
         raise Rejected("a tick batch needs at least one tick", "empty")
     hi = time.time_ns() + _MAX_FUTURE_NS
     for tick in batch.ticks:
-        if not _MIN_TS <= tick.ts <= hi:
-            raise Rejected(f"absurd event time {tick.ts} ns (seq {tick.seq})", "timestamp")
-        if not math.isfinite(tick.price):
-            raise Rejected(f"non-finite price {tick.price} (seq {tick.seq})", "value")
+        if not _MIN_TS <= tick.ts <= hi or tick.ts - tick.recv > _MAX_AHEAD_OF_RECV_NS:
+            raise Rejected(
+                f"absurd event time {tick.ts} ns (receive time {tick.recv} ns, seq {tick.seq})",
+                "timestamp",
+            )
+        if not (math.isfinite(tick.price) and math.isfinite(tick.size)):
+            raise Rejected(
+                f"non-finite price or size ({tick.price}, {tick.size}) at seq {tick.seq}", "value"
+            )
 
 
 class RouterService:

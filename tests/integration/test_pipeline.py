@@ -1,4 +1,4 @@
-"""End to end: real nats-server, the five services as subprocesses, a real replay into a real store."""
+"""End to end: real nats-server, the five services as subprocesses, replays into real stores."""
 
 from __future__ import annotations
 

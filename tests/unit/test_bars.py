@@ -499,3 +499,16 @@ def test_invalid_settings_are_refused() -> None:
         BarEngine(["1s"], 0, 0, price_type="BID")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         engine().on_ticks("A", "p", [], NOW, clock_rate=-1.0)
+
+
+def test_huge_sizes_keep_the_volume_of_the_decimal_sum() -> None:
+    """Sizes above 2**53 / 1e9 (~9M) still sum to float64 of the exact decimal sum."""
+    from decimal import Decimal
+
+    engine = BarEngine(["1s"], grace_ns=0, revise_window_ns=0)
+    base = 1_700_000_000_000_000_000
+    sizes = ["10000000.123456789", "12345678.987654321", "123456789", "0.5"]
+    ticks = [Tick(base + i, base + i, i + 1, 10.0, float(s)) for i, s in enumerate(sizes)]
+    engine.on_ticks("BIG", "replay", ticks, now_ns=0, clock_rate=0)
+    (bar,) = engine.end_of_stream("BIG").bars
+    assert bar.volume == float(sum(Decimal(s) for s in sizes))
