@@ -37,6 +37,8 @@ DLQ_SUBJECT = "Mdp-Dlq-Subject"
 DLQ_SERVICE = "Mdp-Dlq-Service"
 CLOCK_RATE = "Mdp-Clock-Rate"
 END_OF_STREAM = "Mdp-End-Of-Stream"
+DRY_RUN = "Mdp-Dry-Run"
+POLICY_KEY = "policy"
 
 KV_JOBS = "ingest_jobs"
 KV_STATE = "ingest_state"

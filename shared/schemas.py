@@ -133,3 +133,25 @@ class EndOfStream(Struct, omit_defaults=True):
 
 
 json_encoder = msgspec.json.Encoder()
+
+
+class WritePath(Struct, omit_defaults=True):
+    """Whether bars reach the store at all, and the default dry-run of new jobs."""
+
+    enabled: bool = True
+    dry_run: bool = False
+
+
+class StoreSync(Struct, omit_defaults=True):
+    """How bar batches travel to the store: `bus`, `http` (forwarded by POST) or `none`."""
+
+    mode: str = "bus"
+    http_url: str = ""
+
+
+class Policy(Struct, omit_defaults=True):
+    """The effective ingestion policy, published by control in `ingest_state` under `policy`."""
+
+    write_path: WritePath = WritePath()
+    store_sync: StoreSync = StoreSync()
+    revision: int = 0
