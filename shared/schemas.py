@@ -132,17 +132,15 @@ class EndOfStream(Struct, omit_defaults=True):
     ticks: int = 0
 
 
-json_encoder = msgspec.json.Encoder()
 
-
-class WritePath(Struct, omit_defaults=True):
+class WritePath(Struct, frozen=True, omit_defaults=True):
     """Whether bars reach the store at all, and the default dry-run of new jobs."""
 
     enabled: bool = True
     dry_run: bool = False
 
 
-class StoreSync(Struct, omit_defaults=True):
+class StoreSync(Struct, frozen=True, omit_defaults=True):
     """How bar batches travel to the store: `bus`, `http` (forwarded by POST) or `none`."""
 
     mode: str = "bus"
