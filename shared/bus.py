@@ -38,6 +38,7 @@ DLQ_SERVICE = "Mdp-Dlq-Service"
 CLOCK_RATE = "Mdp-Clock-Rate"
 END_OF_STREAM = "Mdp-End-Of-Stream"
 DRY_RUN = "Mdp-Dry-Run"
+RUN = "Mdp-Run"
 POLICY_KEY = "policy"
 
 KV_JOBS = "ingest_jobs"
@@ -252,6 +253,10 @@ def stream_sequence(msg: Msg) -> int:
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 
 
+class StopConsuming(Exception):
+    """Raised by a handler that must stop at once without acking (e.g. it was fenced off)."""
+
+
 @dataclass
 class PullConsumer:
     """A durable pull consumer driven by its own loop: pull, hand a batch over, then ack.
@@ -297,6 +302,11 @@ class PullConsumer:
             ),
         )
         await self.js.add_consumer(self.stream, config)
+
+    async def rewind(self, seq: int) -> None:
+        """Redeliver from stream sequence `seq` on (server >= 2.14), e.g. after a checkpoint."""
+        await self.js.reset_consumer(self.stream, self.durable, seq=seq)
+        self._last_seq = seq - 1
 
     async def start(self) -> None:
         """Start pulling."""
@@ -352,7 +362,10 @@ class PullConsumer:
             msgs, self._buffer = self._buffer, []
             fresh = [m for m in msgs if stream_sequence(m) > self._last_seq]
             if fresh:
-                await self._handle(fresh)
+                try:
+                    await self._handle(fresh)
+                except StopConsuming:
+                    return
             # Ack even a batch of duplicates: the server must stop redelivering them.
             await self._ack(msgs[-1] if self.ack_policy == AckPolicy.ALL else None, msgs)
 
@@ -363,7 +376,8 @@ class PullConsumer:
                 await self.handler(msgs)
                 self._last_seq = max(self._last_seq, stream_sequence(msgs[-1]))
                 return
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, StopConsuming):
+                self._stopping = True
                 raise
             except Exception as exc:
                 self.log.error(

@@ -48,6 +48,11 @@ class BarBatcher:
         return self._bytes
 
     @property
+    def pending(self) -> list[Bar]:
+        """A copy of the bars waiting in the current batch (for checkpoints)."""
+        return list(self._bars)
+
+    @property
     def next_deadline_ns(self) -> int | None:
         """When the pending batch becomes due by age; None when nothing is pending."""
         return self._oldest_ns + self._max_delay if self._bars else None

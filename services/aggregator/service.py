@@ -1,13 +1,28 @@
-"""The aggregator: `md.quotes.>` in, bars out on `md.bars.*` and in batches to the store."""
+"""The aggregator: `md.quotes.>` in, bars out on `md.bars.*` and in batches to the store.
+
+Crash safety (checkpoint and rewind): for every pulled group of messages the aggregator folds
+the ticks, publishes what they produced (bars with `interval:symbol:start:rev` ids, full store
+batches) and waits for every PubAck, then writes a checkpoint (the engine, the bars still
+waiting in the batchers, the last input sequence) with compare-and-swap, and only then acks the
+input. A restart restores the checkpoint and rewinds the consumer to the sequence after it, so
+nothing is lost; anything published twice carries the same id, and the store upserts. A lease
+keeps a second instance of the same consumer in standby, and the compare-and-swap on the
+checkpoint fences off a zombie that lost it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 import time
+import uuid
 from typing import ClassVar
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from prometheus_client import Counter
 
 from services.aggregator.bars import BarEngine, Emitted
@@ -17,24 +32,57 @@ from shared.bus import (
     CLOCK_RATE,
     DLQ_REASON,
     DLQ_SERVICE,
+    DRY_RUN,
     END_OF_STREAM,
+    KV_CHECKPOINTS,
+    KV_STATE,
     MSG_ID,
+    POLICY_KEY,
+    RUN,
     PullConsumer,
+    StopConsuming,
     dead_letter,
+    stream_sequence,
 )
 from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError, encode
+from shared.lease import Lease, LeaseLost
 from shared.runtime import Context
-from shared.schemas import BarBatch, EndOfStream, TickBatch
+from shared.schemas import Bar, BarBatch, EndOfStream, Policy, StoreSync, Tick, TickBatch
 from shared.settings import Settings
 
 BARS_EMITTED = Counter(
     "aggregator_bars_emitted_total", "Bars published (revisions included)", ["interval"]
 )
 BATCHES_SENT = Counter("aggregator_batches_total", "Bar batches sent towards the store", ["mode"])
+SUPPRESSED = Counter(
+    "aggregator_writes_suppressed_total", "Bar batches kept from the store", ["reason"]
+)
 LATE_TICKS = Counter(
     "late_ticks_total", "Ticks beyond the revise window, dead-lettered", ["symbol"]
 )
+DUPLICATE_TICKS = Counter(
+    "aggregator_duplicate_ticks_total", "Ticks dropped as already seen (same run and seq)"
+)
 TICKS_AGGREGATED = Counter("aggregator_ticks_total", "Ticks folded into bars")
+
+SYNC_SUBJECTS = {"bus": subjects.STORE_SYNC_BUS, "http": subjects.STORE_SYNC_HTTP}
+# Past this many waiting bars a checkpoint sends the batch first, to keep checkpoints small.
+CHECKPOINT_MAX_PENDING = 2000
+
+
+class Checkpoint(msgspec.Struct):
+    """Everything needed to resume exactly: see the module docstring."""
+
+    last_seq: int
+    engine: bytes
+    pending: list[Bar]
+    suppressed: dict[str, list[Bar]]
+    sources: dict[str, tuple[str, int]]
+    dry_run: list[str]
+
+
+class Fenced(StopConsuming):
+    """Another instance owns this consumer now: stop without acking anything."""
 
 
 class AggregatorService:
@@ -45,46 +93,89 @@ class AggregatorService:
     def __init__(self, settings: Settings) -> None:
         cfg = settings.aggregator
         self.settings = settings
-        self.engine = BarEngine(
+        self.engine = self._new_engine()
+        self.batcher = self._new_batcher()
+        self.suppressed: dict[str, BarBatcher] = {}
+        self.codec = Codec(TickBatch)
+        self.lock = asyncio.Lock()
+        self.policy = Policy(store_sync=StoreSync(mode=cfg.store_sync_mode))
+        self.dry_run: set[str] = set()
+        # Per symbol, the (run, seq) of the newest tick folded: a provider that resumes after a
+        # crash may send some ticks again in differently cut batches.
+        self.sources: dict[str, tuple[str, int]] = {}
+        self.last_seq = 0
+        self.durable = "aggregator"
+        self.checkpoint_key = f"aggregator.{self.durable}"
+        self.revision = 0
+        self.dirty = False
+        self._pending_notices: list[bytes] = []
+        host = socket.gethostname()
+        self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    def _new_engine(self) -> BarEngine:
+        cfg = self.settings.aggregator
+        return BarEngine(
             cfg.intervals,
             grace_ns=cfg.grace_ms * 1_000_000,
             revise_window_ns=int(cfg.revise_window_s * 1e9),
             price_type=cfg.price_type,
         )
-        self.batcher = BarBatcher(
+
+    def _new_batcher(self) -> BarBatcher:
+        cfg = self.settings.aggregator
+        return BarBatcher(
             cfg.batch_max_rows, cfg.batch_max_bytes, cfg.batch_max_delay_ms * 1_000_000
         )
-        self.codec = Codec(TickBatch)
-        self.lock = asyncio.Lock()
-        mode = cfg.store_sync_mode
-        self.sync_subject = {"bus": subjects.STORE_SYNC_BUS, "http": subjects.STORE_SYNC_HTTP}.get(
-            mode
-        )
+
+    # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, ctx: Context) -> None:
-        """Start consuming `md.quotes.>` and the closing timer."""
+        """Take the lease, restore the checkpoint, rewind, then consume `md.quotes.>`."""
         self.ctx = ctx
+        self.kv = await ctx.js.key_value(KV_CHECKPOINTS)
+        self.state_kv = await ctx.js.key_value(KV_STATE)
+        self.lease = Lease(self.kv, f"lease.{self.durable}", self.instance, log=ctx.log)
+        if not await self.lease.acquire(ctx.stopping):
+            return
+        await self._restore()
         self.consumer = PullConsumer(
-            ctx.nc, ctx.js, "MD_QUOTES", "aggregator", [subjects.QUOTES_ALL], self.handle, ctx.log
+            ctx.nc, ctx.js, "MD_QUOTES", self.durable, [subjects.QUOTES_ALL], self.handle, ctx.log
         )
         await self.consumer.ensure()
+        if self.last_seq:
+            await self.consumer.rewind(self.last_seq + 1)
         await self.consumer.start()
+        ctx.spawn(self._keep_lease(), "lease")
+        ctx.spawn(self._watch_policy(), "policy")
         ctx.spawn(self._timer(), "close-timer")
 
     async def stop(self) -> None:
-        """Stop consuming, then send what the batcher holds."""
+        """Stop consuming, checkpoint what is held, give the lease up."""
+        if not hasattr(self, "consumer"):
+            return
         await self.consumer.stop()
         async with self.lock:
-            await self._send_batches(self.batcher.flush())
-            await self.ctx.publisher.flush()
+            with contextlib.suppress(Fenced):
+                await self.ctx.publisher.flush()
+                await self._checkpoint(force=True)
+        await self.lease.release()
+
+    # -- input ---------------------------------------------------------------------------------
 
     async def handle(self, msgs: list[Msg]) -> None:
-        """Fold one pulled batch; returns once every output is stored by its stream."""
+        """Fold one pulled group; returns once its outputs and the checkpoint are durable."""
         async with self.lock:
             for msg in msgs:
+                seq = stream_sequence(msg)
+                if seq <= self.last_seq:
+                    continue  # applied before a restart: the checkpoint has it
                 await self._handle_one(msg)
-            await self._send_batches(self.batcher.due(time.monotonic_ns()))
+                self.last_seq = seq
+                self.dirty = True
+            await self._send(self.batcher.due(time.monotonic_ns()))
+            await self._send_suppressed(due=True)
             await self.ctx.publisher.flush()
+            await self._checkpoint()
 
     async def _handle_one(self, msg: Msg) -> None:
         headers = msg.headers or {}
@@ -94,15 +185,34 @@ class AggregatorService:
         except (DecodeError, ValueError) as exc:
             await dead_letter(self.ctx.publisher, self.name, msg, f"undecodable: {exc}", "decode")
             return
-        eos_header = headers.get(END_OF_STREAM)
-        if batch.ticks:
+        if headers.get(DRY_RUN) == "1":
+            self.dry_run.add(batch.symbol)
+        else:
+            self.dry_run.discard(batch.symbol)
+        ticks = self._fresh_ticks(batch, headers.get(RUN, ""))
+        if ticks:
             emitted = self.engine.on_ticks(
-                batch.symbol, batch.provider, batch.ticks, time.time_ns(), clock_rate
+                batch.symbol, batch.provider, ticks, time.time_ns(), clock_rate
             )
-            TICKS_AGGREGATED.inc(len(batch.ticks))
-            await self._emit(emitted, msg)
+            TICKS_AGGREGATED.inc(len(ticks))
+            await self._emit(emitted)
+        eos_header = headers.get(END_OF_STREAM)
         if eos_header is not None:
             await self._end_of_stream(batch.symbol, eos_header, msg)
+
+    def _fresh_ticks(self, batch: TickBatch, run: str) -> list[Tick]:
+        """Drop ticks of this symbol's run already folded (a resumed provider may resend)."""
+        if not run:
+            return batch.ticks
+        seen_run, seen_seq = self.sources.get(batch.symbol, ("", 0))
+        ticks = batch.ticks
+        if seen_run == run and ticks and ticks[0].seq <= seen_seq:
+            fresh = [t for t in ticks if t.seq > seen_seq]
+            DUPLICATE_TICKS.inc(len(ticks) - len(fresh))
+            ticks = fresh
+        if ticks:
+            self.sources[batch.symbol] = (run, ticks[-1].seq)
+        return ticks
 
     async def _end_of_stream(self, symbol: str, header: str, msg: Msg) -> None:
         try:
@@ -110,68 +220,213 @@ class AggregatorService:
         except msgspec.DecodeError as exc:
             await dead_letter(self.ctx.publisher, self.name, msg, f"bad marker: {exc}", "decode")
             return
-        await self._emit(self.engine.end_of_stream(symbol), msg)
+        await self._emit(self.engine.end_of_stream(symbol))
         # The bounded stream is over: a later run of the same symbol starts afresh.
         self.engine.forget(symbol)
-        await self._send_batches(self.batcher.flush())
-        if self.sync_subject is None:
+        self.sources.pop(symbol, None)
+        await self._send(self.batcher.flush())
+        await self._send_suppressed(due=False)
+        subject = SYNC_SUBJECTS.get(self.policy.store_sync.mode)
+        if subject is None or symbol in self.dry_run or not self.policy.write_path.enabled:
+            # No store will see the marker: announce completion here.
+            await self.ctx.publisher.publish(
+                subjects.event("completed"),
+                header.encode(),
+                {CONTENT_TYPE: JSON, MSG_ID: f"completed:{marker.run}:{marker.symbol}"},
+            )
             return
-        # An empty batch carries the marker: the store reports completion once it is reached.
+        # An empty batch carries the marker: the store reports completion once it reaches it.
         headers = {
             CONTENT_TYPE: JSON,
             MSG_ID: f"eos:{marker.run}:{subjects.escape_symbol(symbol)}",
             END_OF_STREAM: header,
         }
         body = encode(BarBatch(f"eos:{marker.run}:{symbol}", []))
-        await self.ctx.publisher.publish(self.sync_subject, body, headers)
+        await self.ctx.publisher.publish(subject, body, headers)
 
-    async def _emit(self, emitted: Emitted, msg: Msg | None) -> None:
+    # -- output --------------------------------------------------------------------------------
+
+    def _suppression(self, symbol: str) -> str | None:
+        if not self.policy.write_path.enabled:
+            return "write_path_disabled"
+        if symbol in self.dry_run:
+            return "dry_run"
+        return None
+
+    async def _emit(self, emitted: Emitted) -> None:
         ctx = self.ctx
         content_type = ctx.settings.content_type
         now = time.monotonic_ns()
+        to_store = self.policy.store_sync.mode in SYNC_SUBJECTS
         for bar in emitted.bars:
             body = encode(bar, content_type)
             headers = {CONTENT_TYPE: content_type, MSG_ID: bar.bar_id}
             await ctx.publisher.publish(subjects.bars(bar.interval, bar.symbol), body, headers)
             BARS_EMITTED.labels(bar.interval).inc()
-            if self.sync_subject is not None:
-                await self._send_batches(self.batcher.add(bar, len(body), now))
+            if not to_store:
+                continue
+            reason = self._suppression(bar.symbol)
+            if reason is None:
+                await self._send(self.batcher.add(bar, len(body), now))
+            else:
+                batcher = self.suppressed.setdefault(reason, self._new_batcher())
+                self._count_suppressed(reason, batcher.add(bar, len(body), now))
         for invalid in emitted.invalid:
             body = msgspec.json.encode({"symbol": invalid.symbol, "tick": invalid.tick})
-            headers = {
-                CONTENT_TYPE: JSON,
-                MSG_ID: f"invalid:{invalid.symbol}:{invalid.tick.seq}:{invalid.tick.ts}",
-                DLQ_REASON: invalid.reason,
-                DLQ_SERVICE: self.name,
-            }
-            await ctx.publisher.publish(subjects.dlq(self.name), body, headers)
+            await self._dlq(body, f"invalid:{invalid.symbol}:{invalid.tick.seq}", invalid.reason)
         for late in emitted.late:
             LATE_TICKS.labels(late.symbol).inc()
             body = msgspec.json.encode(
                 {"symbol": late.symbol, "interval": late.interval, "tick": late.tick}
             )
-            headers = {
-                CONTENT_TYPE: JSON,
-                MSG_ID: f"late:{late.interval}:{late.symbol}:{late.tick.seq}:{late.tick.ts}",
-                DLQ_REASON: late.reason,
-                DLQ_SERVICE: self.name,
-            }
-            await ctx.publisher.publish(subjects.dlq(self.name), body, headers)
+            msg_id = f"late:{late.interval}:{late.symbol}:{late.tick.seq}:{late.tick.ts}"
+            await self._dlq(body, msg_id, late.reason)
 
-    async def _send_batches(self, batches: list[BarBatch]) -> None:
-        if self.sync_subject is None:
+    async def _dlq(self, body: bytes, msg_id: str, reason: str) -> None:
+        headers = {CONTENT_TYPE: JSON, MSG_ID: msg_id, DLQ_REASON: reason, DLQ_SERVICE: self.name}
+        await self.ctx.publisher.publish(subjects.dlq(self.name), body, headers)
+
+    async def _send(self, batches: list[BarBatch]) -> None:
+        subject = SYNC_SUBJECTS.get(self.policy.store_sync.mode)
+        if subject is None:
             return
         ctx = self.ctx
         for batch in batches:
             body = encode(batch, ctx.settings.content_type)
             headers = {CONTENT_TYPE: ctx.settings.content_type, MSG_ID: f"batch:{batch.batch_id}"}
-            await ctx.publisher.publish(self.sync_subject, body, headers)
-            BATCHES_SENT.labels(self.settings.aggregator.store_sync_mode).inc()
+            await ctx.publisher.publish(subject, body, headers)
+            BATCHES_SENT.labels(self.policy.store_sync.mode).inc()
+
+    async def _send_suppressed(self, due: bool) -> None:
+        now = time.monotonic_ns()
+        for reason, batcher in self.suppressed.items():
+            self._count_suppressed(reason, batcher.due(now) if due else batcher.flush())
+
+    def _count_suppressed(self, reason: str, batches: list[BarBatch]) -> None:
+        for batch in batches:
+            SUPPRESSED.labels(reason).inc()
+            # Announced after the next flush; control counts them in ingest_writes_suppressed_total.
+            self._pending_notices.append(
+                msgspec.json.encode({"reason": reason, "bars": len(batch.bars)})
+            )
+
+    async def _notify_suppressed(self) -> None:
+        notices, self._pending_notices = self._pending_notices, []
+        for body in notices:
+            await self.ctx.publisher.publish(
+                subjects.event("suppressed"), body, {CONTENT_TYPE: JSON}
+            )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    async def _checkpoint(self, force: bool = False) -> None:
+        """Write the state with compare-and-swap; a failed swap means we were fenced off."""
+        await self._notify_suppressed()
+        if not (self.dirty or force):
+            return
+        if self.batcher.pending_rows > CHECKPOINT_MAX_PENDING:
+            await self._send(self.batcher.flush())
+            await self.ctx.publisher.flush()
+        checkpoint = Checkpoint(
+            last_seq=self.last_seq,
+            engine=self.engine.snapshot(),
+            pending=self.batcher.pending,
+            suppressed={reason: b.pending for reason, b in self.suppressed.items() if b.pending},
+            sources=self.sources,
+            dry_run=sorted(self.dry_run),
+        )
+        data = msgspec.msgpack.encode(checkpoint)
+        try:
+            if self.revision:
+                self.revision = await self.kv.update(self.checkpoint_key, data, last=self.revision)
+            else:
+                self.revision = await self.kv.create(self.checkpoint_key, data)
+        except (KeyWrongLastSequenceError, msgspec.ValidationError) as exc:
+            self.ctx.log.error("fenced_off", key=self.checkpoint_key, error=repr(exc))
+            self.ctx.stopping.set()
+            raise Fenced(str(exc)) from exc
+        except Exception as exc:
+            if "wrong last sequence" in str(exc).lower() or "key exists" in str(exc).lower():
+                self.ctx.log.error("fenced_off", key=self.checkpoint_key, error=repr(exc))
+                self.ctx.stopping.set()
+                raise Fenced(str(exc)) from exc
+            raise
+        self.dirty = False
+
+    async def _restore(self) -> None:
+        try:
+            entry = await self.kv.get(self.checkpoint_key)
+        except KeyNotFoundError:
+            return
+        if not entry.value:
+            return
+        checkpoint = msgspec.msgpack.decode(entry.value, type=Checkpoint)
+        cfg = self.settings.aggregator
+        self.engine = BarEngine.restore(
+            checkpoint.engine,
+            intervals=cfg.intervals,
+            grace_ns=cfg.grace_ms * 1_000_000,
+            revise_window_ns=int(cfg.revise_window_s * 1e9),
+            price_type=cfg.price_type,
+        )
+        now = time.monotonic_ns()
+        for bar in checkpoint.pending:
+            await self._send(self.batcher.add(bar, len(encode(bar)), now))
+        for reason, bars in checkpoint.suppressed.items():
+            batcher = self.suppressed.setdefault(reason, self._new_batcher())
+            for bar in bars:
+                self._count_suppressed(reason, batcher.add(bar, len(encode(bar)), now))
+        self.sources = {k: (v[0], v[1]) for k, v in checkpoint.sources.items()}
+        self.dry_run = set(checkpoint.dry_run)
+        self.last_seq = checkpoint.last_seq
+        self.revision = entry.revision or 0
+        self.ctx.log.info(
+            "checkpoint_restored", last_seq=self.last_seq, pending=len(checkpoint.pending)
+        )
+
+    # -- background ----------------------------------------------------------------------------
+
+    async def _keep_lease(self) -> None:
+        try:
+            await self.lease.keep()
+        except LeaseLost:
+            self.ctx.log.error("lease_lost", key=self.lease.key)
+            self.ctx.stopping.set()
+
+    async def _watch_policy(self) -> None:
+        """Follow the policy control publishes in `ingest_state`."""
+        watcher = await self.state_kv.watch(POLICY_KEY)
+        async for entry in watcher:
+            if entry is None or not entry.value:
+                continue
+            try:
+                policy = msgspec.json.decode(entry.value, type=Policy)
+            except msgspec.DecodeError as exc:
+                self.ctx.log.error("bad_policy", error=str(exc))
+                continue
+            async with self.lock:
+                self.policy = policy
+            self.ctx.log.info("policy", policy=msgspec.to_builtins(policy))
 
     async def _timer(self) -> None:
         """Close idle symbols' bars by the wall clock and send batches that waited long enough."""
         while True:
             await asyncio.sleep(0.05)
             async with self.lock:
-                await self._emit(self.engine.advance(time.time_ns()), None)
-                await self._send_batches(self.batcher.due(time.monotonic_ns()))
+                emitted = self.engine.advance(time.time_ns())
+                due = self.batcher.due(time.monotonic_ns())
+                if not (emitted or due or self._due_suppressed()):
+                    continue
+                await self._emit(emitted)
+                await self._send(due)
+                await self._send_suppressed(due=True)
+                await self.ctx.publisher.flush()
+                self.dirty = True
+                await self._checkpoint()
+
+    def _due_suppressed(self) -> bool:
+        now = time.monotonic_ns()
+        return any(
+            (deadline := b.next_deadline_ns) is not None and deadline <= now
+            for b in self.suppressed.values()
+        )

@@ -19,10 +19,12 @@ from shared.bus import (
     CLOCK_RATE,
     DLQ_REASON,
     DLQ_SERVICE,
+    DRY_RUN,
     END_OF_STREAM,
     KV_JOBS,
     KV_STATE,
     MSG_ID,
+    RUN,
 )
 from shared.codec import CONTENT_TYPE, JSON, encode
 from shared.runtime import Context
@@ -68,7 +70,10 @@ class JobSink:
             CONTENT_TYPE: ctx.settings.content_type,
             MSG_ID: f"raw:{self.spec.run}:{subjects.escape_symbol(symbol)}:{ticks[0].seq}",
             CLOCK_RATE: repr(self.clock_rate),
+            RUN: self.spec.run,
         }
+        if self.spec.dry_run:
+            headers[DRY_RUN] = "1"
         await ctx.publisher.publish(subjects.raw(self.spec.provider, symbol), body, headers)
         self.ticks += len(ticks)
         self.published_seq[symbol] = ticks[-1].seq
@@ -90,7 +95,10 @@ class JobSink:
                 MSG_ID: f"eos:{self.spec.run}:{subjects.escape_symbol(symbol)}",
                 END_OF_STREAM: msgspec.json.encode(marker).decode(),
                 CLOCK_RATE: repr(self.clock_rate),
+                RUN: self.spec.run,
             }
+            if self.spec.dry_run:
+                headers[DRY_RUN] = "1"
             body = encode(TickBatch(symbol, self.spec.provider, []))
             await self.ctx.publisher.publish(
                 subjects.raw(self.spec.provider, symbol), body, headers
@@ -158,8 +166,9 @@ class ProviderService:
         adapter_cls = self.adapters.get(spec.provider)
         if adapter_cls is None:
             return  # another provider process hosts it
-        if await self._already_finished(spec):
-            return
+        previous = await self._previous_state(spec)
+        if previous.get("state") == "completed":
+            return  # finished before this process (re)started
         log = self.ctx.log.bind(job=spec.job, run=spec.run, provider=spec.provider)
         try:
             adapter = adapter_cls(spec)
@@ -173,15 +182,27 @@ class ProviderService:
             self.settings.provider.batch_max_delay_ms * 1_000_000,
         )
         sink = JobSink(self.ctx, spec, adapter.clock_rate, batcher)
-        task = asyncio.create_task(self._run(spec, adapter, sink, log), name=f"job-{spec.job}")
+        resume = {str(k): int(v) for k, v in previous.get("resume", {}).items()}
+        sink.published_seq.update(resume)
+        sink.ticks = int(previous.get("ticks", 0))
+        task = asyncio.create_task(
+            self._run(spec, adapter, sink, log, resume or None), name=f"job-{spec.job}"
+        )
         self.jobs[spec.job] = RunningJob(spec, adapter, sink, task)
         JOBS_RUNNING.labels(spec.provider).inc()
         await self._record(spec, "running")
-        log.info("job_started", symbols=spec.symbols, params=spec.params)
+        log.info("job_started", symbols=spec.symbols, params=spec.params, resumed=bool(resume))
 
-    async def _run(self, spec: JobSpec, adapter: Adapter, sink: JobSink, log: Any) -> None:
+    async def _run(
+        self,
+        spec: JobSpec,
+        adapter: Adapter,
+        sink: JobSink,
+        log: Any,
+        resume: dict[str, int] | None,
+    ) -> None:
         try:
-            await adapter.run(sink)
+            await adapter.run(sink, resume)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -210,15 +231,33 @@ class ProviderService:
             await job.sink.publish(sym, batch)
         await self.ctx.publisher.flush()
         self._forget(job.spec)
-        await self._record(job.spec, state, ticks=job.sink.ticks)
+        await self._record(
+            job.spec, state, ticks=job.sink.ticks, resume=dict(job.sink.published_seq)
+        )
         self.ctx.log.info("job_stopped", job=job.spec.job, state=state, ticks=job.sink.ticks)
 
     async def _flush_loop(self) -> None:
         period = self.settings.provider.batch_max_delay_ms / 2000
+        last_progress = time.monotonic()
         while True:
             await asyncio.sleep(period)
             for job in list(self.jobs.values()):
                 await job.sink.flush_due()
+            if time.monotonic() - last_progress >= 1.0:
+                last_progress = time.monotonic()
+                await self._record_progress()
+
+    async def _record_progress(self) -> None:
+        """Record, per running job, the last tick of each symbol the stream has stored."""
+        snapshots = [
+            (job, dict(job.sink.published_seq), job.sink.ticks) for job in self.jobs.values()
+        ]
+        if not snapshots:
+            return
+        await self.ctx.publisher.flush()  # everything in the snapshots is now stored
+        for job, resume, ticks in snapshots:
+            if self.jobs.get(job.spec.job) is job:
+                await self._record(job.spec, "running", ticks=ticks, resume=resume)
 
     async def _report_bad_rows(self, spec: JobSpec, adapter: Adapter) -> None:
         bad_rows = getattr(adapter, "bad_rows", None) or []
@@ -236,13 +275,14 @@ class ProviderService:
             }
             await self.ctx.publisher.publish(subjects.dlq(self.name), body, headers)
 
-    async def _already_finished(self, spec: JobSpec) -> bool:
+    async def _previous_state(self, spec: JobSpec) -> dict[str, Any]:
+        """What an earlier process recorded for this very run (empty for a new run)."""
         try:
             entry = await self.state_kv.get(f"provider.{spec.job}")
         except Exception:
-            return False
-        state = msgspec.json.decode(entry.value or b"{}")
-        return bool(state.get("run") == spec.run and state.get("state") == "completed")
+            return {}
+        state: dict[str, Any] = msgspec.json.decode(entry.value or b"{}")
+        return state if state.get("run") == spec.run else {}
 
     async def _record(self, spec: JobSpec, state: str, **extra: Any) -> None:
         body: dict[str, Any] = {"job": spec.job, "run": spec.run, "provider": spec.provider}

@@ -12,7 +12,16 @@ from prometheus_client import Counter
 
 from services.router.routing import SourceSelector
 from shared import subjects
-from shared.bus import CLOCK_RATE, END_OF_STREAM, MSG_ID, PullConsumer, dead_letter, stream_sequence
+from shared.bus import (
+    CLOCK_RATE,
+    DRY_RUN,
+    END_OF_STREAM,
+    MSG_ID,
+    RUN,
+    PullConsumer,
+    dead_letter,
+    stream_sequence,
+)
 from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError
 from shared.runtime import Context
 from shared.schemas import TickBatch
@@ -119,7 +128,7 @@ class RouterService:
                 CONTENT_TYPE: headers.get(CONTENT_TYPE, JSON),
                 MSG_ID: "q:" + headers.get(MSG_ID, f"MD_RAW:{stream_sequence(msg)}"),
             }
-            for key in (CLOCK_RATE, END_OF_STREAM):
+            for key in (CLOCK_RATE, END_OF_STREAM, RUN, DRY_RUN):
                 if key in headers:
                     out_headers[key] = headers[key]
             # The payload is forwarded as received: validated above, never re-encoded.
