@@ -303,10 +303,15 @@ class PullConsumer:
         )
         await self.js.add_consumer(self.stream, config)
 
-    async def rewind(self, seq: int) -> None:
-        """Redeliver from stream sequence `seq` on (server >= 2.14), e.g. after a checkpoint."""
+    async def rewind(self, seq: int | None = None) -> None:
+        """Redeliver from stream sequence `seq` (default: after the ack floor) at once.
+
+        Without it a restarted instance would wait `ack_wait` for what its predecessor had in
+        hand, and meanwhile receive (and, with AckAll, acknowledge past) newer messages.
+        """
         await self.js.reset_consumer(self.stream, self.durable, seq=seq)
-        self._last_seq = seq - 1
+        if seq is not None:
+            self._last_seq = seq - 1
 
     async def start(self) -> None:
         """Start pulling."""

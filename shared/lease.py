@@ -78,10 +78,24 @@ class Lease:
             raise LeaseLost(f"lease {self.key} was taken over") from exc
 
     async def keep(self) -> None:
-        """Renew every third of the TTL until cancelled; raise LeaseLost when it is gone."""
+        """Renew every third of the TTL until cancelled; raise LeaseLost when it is gone.
+
+        A renewal that fails for a passing reason (a NATS outage) is retried; once the lease
+        could have expired unrenewed, another holder may have taken it, so it counts as lost.
+        """
+        renewed = time.monotonic()
         while True:
             await asyncio.sleep(self.ttl_s / 3)
-            await self.renew()
+            try:
+                await self.renew()
+                renewed = time.monotonic()
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                if time.monotonic() - renewed >= self.ttl_s:
+                    raise LeaseLost(f"lease {self.key} not renewed for {self.ttl_s} s") from exc
+                if self.log is not None:
+                    self.log.warning("lease_renew_failed", key=self.key, error=repr(exc))
 
     async def release(self) -> None:
         """Give the lease up so a standby can take it at once."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-import msgspec
 from msgspec import Meta, Struct
 
 NonNegative = Annotated[float, Meta(ge=0)]

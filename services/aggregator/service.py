@@ -142,8 +142,7 @@ class AggregatorService:
             ctx.nc, ctx.js, "MD_QUOTES", self.durable, [subjects.QUOTES_ALL], self.handle, ctx.log
         )
         await self.consumer.ensure()
-        if self.last_seq:
-            await self.consumer.rewind(self.last_seq + 1)
+        await self.consumer.rewind(self.last_seq + 1 if self.last_seq else None)
         await self.consumer.start()
         ctx.spawn(self._keep_lease(), "lease")
         ctx.spawn(self._watch_policy(), "policy")

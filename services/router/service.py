@@ -95,6 +95,7 @@ class RouterService:
             ctx.nc, ctx.js, "MD_RAW", "router", [subjects.RAW_ALL], self.handle, ctx.log
         )
         await self.consumer.ensure()
+        await self.consumer.rewind()
         await self.consumer.start()
 
     async def stop(self) -> None:

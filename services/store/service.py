@@ -48,6 +48,7 @@ class StoreService:
             ack_policy=AckPolicy.EXPLICIT,
         )
         await self.consumer.ensure()
+        await self.consumer.rewind()
         await self.consumer.start()
 
     async def stop(self) -> None:
