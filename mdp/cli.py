@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy
 
 from mdp.supervisor import Supervisor, scrape
 from services.registry import SERVICES
@@ -283,7 +284,15 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
             outcome.set_result({"symbols": len(completed), "ticks": sum(completed.values())})
 
     absolute = os.path.abspath(path)  # noqa: ASYNC240 (no I/O; the provider has its own cwd)
-    sub = await nc.subscribe("ingest.events.*", cb=on_event)
+    # An ordered JetStream consumer, not a core subscription: an event published while this
+    # client is reconnecting is still delivered.
+    sub = await nc.jetstream().subscribe(
+        "ingest.events.*",
+        cb=on_event,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.NEW,
+        idle_heartbeat=2.0,
+    )
     job = f"replay-{uuid.uuid4().hex[:12]}"
     try:
         started = time.perf_counter()
