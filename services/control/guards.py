@@ -1,17 +1,35 @@
-"""Validation of control requests into job specs (pure): every refusal has a stable code."""
+"""Validation of control requests into job specs (pure): every refusal has a stable code.
+
+The guards of a start request run in this order, the first failure answering:
+`invalid_request` (malformed JSON, wrong types, bad job name) -> `unknown_provider` (not in
+data_providers.yaml) -> `provider_disabled` -> `symbols_empty` -> `symbol_invalid` (fails the
+pattern, or would not survive as text) -> `invalid_request` (too many symbols, bad params) ->
+`already_running` (the same job is live, or the job limit is reached).
+"""
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Collection
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
+from pydantic import BaseModel, ValidationError
 
+from shared.config import (
+    DEFAULT_SYMBOL_PATTERN,
+    Config,
+    IbkrParams,
+    ProviderConfig,
+    ReplayParams,
+    SyntheticParams,
+)
 from shared.schemas import JobSpec, StartRequest, StopRequest
 from shared.subjects import escape_symbol
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-DEFAULT_SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]{1,64}$"
+REASON = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 # HTTP status per error code, for the HTTP facade and the micro error code header.
 HTTP_STATUS = {
@@ -23,6 +41,13 @@ HTTP_STATUS = {
     "provider_disabled": 409,
     "already_running": 409,
     "internal": 500,
+}
+
+# The typed parameters of the built-in adapters; other providers' params pass through.
+PARAM_MODELS: dict[str, type[BaseModel]] = {
+    "synthetic": SyntheticParams,
+    "replay": ReplayParams,
+    "ibkr": IbkrParams,
 }
 
 
@@ -40,12 +65,27 @@ class ControlError(Exception):
         return HTTP_STATUS.get(self.code, 500)
 
 
+def _decode(body: bytes, typ: type[Any], what: str) -> Any:
+    try:
+        return msgspec.json.decode(body, type=typ)
+    except msgspec.ValidationError as exc:
+        raise ControlError("invalid_request", f"{what}: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec refuses `"\ud800"` (a lone surrogate): valid JSON that is no text. Decode it
+        # leniently so that such a symbol is refused as `symbol_invalid`, like any other bad one.
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ControlError("invalid_request", f"{what}: malformed JSON: {exc}") from None
+        try:
+            return msgspec.convert(data, type=typ)
+        except msgspec.ValidationError as err:
+            raise ControlError("invalid_request", f"{what}: {err}") from None
+
+
 def parse_start(body: bytes) -> StartRequest:
     """Decode a start request; malformed JSON or wrong types are `invalid_request`."""
-    try:
-        request = msgspec.json.decode(body or b"{}", type=StartRequest)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ControlError("invalid_request", f"start request: {exc}") from None
+    request: StartRequest = _decode(body.strip() or b"{}", StartRequest, "start request")
     if not JOB_NAME.match(request.job):
         raise ControlError(
             "invalid_request",
@@ -56,12 +96,14 @@ def parse_start(body: bytes) -> StartRequest:
 
 def parse_stop(body: bytes) -> StopRequest:
     """Decode a stop request (the body is optional)."""
-    try:
-        request = msgspec.json.decode(body.strip() or b"{}", type=StopRequest)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ControlError("invalid_request", f"stop request: {exc}") from None
+    request: StopRequest = _decode(body.strip() or b"{}", StopRequest, "stop request")
     if not JOB_NAME.match(request.job):
         raise ControlError("invalid_request", f"job name {request.job!r} is not valid")
+    if not REASON.match(request.reason):
+        raise ControlError(
+            "invalid_request",
+            f"reason {request.reason!r} must be 1-64 characters of A-Z a-z 0-9 _ . : -",
+        )
     return request
 
 
@@ -84,33 +126,113 @@ def check_symbols(symbols: list[str], pattern: str = DEFAULT_SYMBOL_PATTERN) -> 
     return list(seen)
 
 
-def build_job(
-    request: StartRequest,
-    providers: Collection[str],
-    symbols_optional: Collection[str],
-    default_dry_run: bool,
-    now_ns: int,
-    max_runtime_s: float = 0.0,
-) -> JobSpec:
-    """Apply the guards in order and return the job to write into `ingest_jobs`."""
-    if request.provider not in providers:
+def job_params(name: str, provider: ProviderConfig, requested: Mapping[str, Any]) -> dict[str, Any]:
+    """The provider's configured params overridden by the request's, checked when typed."""
+    model = PARAM_MODELS.get(name)
+    configured: dict[str, Any] = (
+        provider.params.model_dump(exclude_none=True)
+        if isinstance(provider.params, BaseModel)
+        else dict(provider.params)
+    )
+    merged = {**configured, **requested}
+    if model is None:
+        return merged
+    try:
+        checked = model.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"params.{'.'.join(str(p) for p in e['loc'] if p not in ('float', 'int'))}: "
+            + ("unknown parameter" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors(include_url=False)
+        )
+        raise ControlError("invalid_request", f"{name}: {problems}") from None
+    if name == "replay" and not merged.get("path"):
+        raise ControlError(
+            "invalid_request", "replay: params.path is required (the .csv or .csv.gz to replay)"
+        )
+    params: dict[str, Any] = checked.model_dump(exclude_none=True)
+    return params
+
+
+def build_job(request: StartRequest, config: Config, now_ns: int) -> JobSpec:
+    """Apply the configuration's guards in order and return the job for `ingest_jobs`."""
+    providers = config.providers.providers
+    guards = config.policy.guards
+    provider = providers.get(request.provider)
+    if provider is None:
         known = ", ".join(sorted(providers)) or "none"
         raise ControlError(
-            "unknown_provider", f"provider {request.provider!r} is not configured (known: {known})"
+            "unknown_provider",
+            f"provider {request.provider!r} is not configured (configured: {known})",
         )
-    symbols = check_symbols(request.symbols or [])
-    if not symbols and request.provider not in symbols_optional:
+    if guards.require_provider_enabled and not provider.enabled:
+        raise ControlError(
+            "provider_disabled",
+            f"provider {request.provider!r} is disabled (enabled: false in data_providers.yaml)",
+        )
+    symbols = list(provider.symbols) if request.symbols is None else request.symbols
+    if not symbols and guards.require_symbols_nonempty and not provider.symbols_from_source:
         raise ControlError(
             "symbols_empty",
-            f'no symbols to ingest for provider {request.provider!r}: pass "symbols"',
+            f'no symbols to ingest for provider {request.provider!r}: pass "symbols" or '
+            "configure them in data_providers.yaml",
         )
+    symbols = check_symbols(symbols, guards.symbol_pattern)
+    if len(symbols) > guards.max_symbols:
+        raise ControlError(
+            "invalid_request",
+            f"{len(symbols)} symbols, more than guards.max_symbols = {guards.max_symbols}",
+        )
+    params = job_params(request.provider, provider, request.params)
+    max_runtime_s = config.policy.write_path.max_runtime_seconds
     return JobSpec(
         job=request.job,
         provider=request.provider,
         symbols=symbols,
-        params=dict(request.params),
-        dry_run=default_dry_run if request.dry_run is None else request.dry_run,
+        params=params,
+        dry_run=config.policy.write_path.dry_run if request.dry_run is None else request.dry_run,
         started_ns=now_ns,
         deadline_ns=now_ns + int(max_runtime_s * 1e9) if max_runtime_s > 0 else 0,
         run=f"{request.job}-{now_ns:x}",
     )
+
+
+def check_capacity(spec: JobSpec, live: Mapping[str, JobSpec], max_jobs: int) -> None:
+    """Refuse (`already_running`) a job that runs already, or one beyond the job limit."""
+    current = live.get(spec.job)
+    if current is not None:
+        raise ControlError(
+            "already_running",
+            f"job {spec.job!r} is already running provider {current.provider!r}; "
+            "stop it first or start another job name",
+        )
+    if len(live) >= max_jobs:
+        raise ControlError(
+            "already_running",
+            f"{len(live)} jobs are running ({', '.join(sorted(live))}), the limit of "
+            f"guards.max_concurrent_jobs = {max_jobs}; stop one first",
+        )
+
+
+def expired(jobs: Mapping[str, JobSpec], now_ns: int) -> list[JobSpec]:
+    """The jobs whose deadline has passed, earliest first."""
+    due = [spec for spec in jobs.values() if 0 < spec.deadline_ns <= now_ns]
+    return sorted(due, key=lambda spec: spec.deadline_ns)
+
+
+def next_deadline(jobs: Mapping[str, JobSpec]) -> int:
+    """The earliest deadline of `jobs` in ns, 0 when none has one."""
+    deadlines = [spec.deadline_ns for spec in jobs.values() if spec.deadline_ns > 0]
+    return min(deadlines, default=0)
+
+
+def job_state(spec: JobSpec, provider_state: Mapping[str, Any] | None) -> str:
+    """`pending` until a provider reports on this very run, then what it reports."""
+    if not provider_state or provider_state.get("run") != spec.run:
+        return "pending"
+    return str(provider_state.get("state", "pending"))
+
+
+def is_live(state: str) -> bool:
+    """Whether a job in `state` counts as running (for `already_running` and the job limit)."""
+    return state not in ("completed", "failed")

@@ -1,178 +1,498 @@
-"""The control service: `ingest.control.*` requests in, desired state in `ingest_jobs` out."""
+"""The control service: `ingest.control.*` in, desired state in `ingest_jobs`, policy out.
+
+State that matters lives in JetStream KV, never only in this process: the desired jobs (with
+their deadlines) in `ingest_jobs`, the effective policy, the last stop of each job and the HTTP
+facade's address in `ingest_state`. A control service restarted mid-job therefore answers
+`status` exactly as before and still stops the job at its deadline; several replicas can run.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import msgspec
-from nats.js.errors import KeyNotFoundError
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.micro.request import Request
 from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
 
-from services.control.guards import ControlError, build_job, parse_start, parse_stop
+from services.control.guards import (
+    ControlError,
+    build_job,
+    check_capacity,
+    expired,
+    is_live,
+    job_state,
+    next_deadline,
+    parse_start,
+    parse_stop,
+)
+from services.control.http import ControlHttp
 from shared import subjects
-from shared.bus import KV_JOBS, KV_STATE
+from shared.bus import KV_JOBS, KV_STATE, POLICY_KEY, PullConsumer
 from shared.codec import CONTENT_TYPE, JSON
+from shared.config import Config, ConfigError, ControlHttpSettings, load_from_environment
 from shared.runtime import Context
-from shared.schemas import JobSpec
+from shared.schemas import JobSpec, Policy
 from shared.settings import Settings
 
 INGEST_ACTIVE = Gauge("ingest_active", "Jobs running per provider", ["provider"])
 INGEST_STARTS = Counter("ingest_starts_total", "Jobs started", ["provider"])
 INGEST_STOPS = Counter("ingest_stops_total", "Jobs stopped", ["provider", "reason"])
-INGEST_ERRORS = Counter("ingest_errors_total", "Control errors", ["provider", "stage"])
+INGEST_ERRORS = Counter(
+    "ingest_errors_total", "Refused requests and failed jobs", ["provider", "stage"]
+)
+INGEST_SUPPRESSED = Counter(
+    "ingest_writes_suppressed_total",
+    "Bar batches kept from the store by the dry run or the disabled write path",
+    ["reason"],
+)
+BARS_SUPPRESSED = Counter(
+    "ingest_bars_suppressed_total", "Bars in the suppressed batches", ["reason"]
+)
+SUPPRESSION_REASONS = ("dry_run", "write_path_disabled")
+for _reason in SUPPRESSION_REASONS:
+    INGEST_SUPPRESSED.labels(_reason)
+    BARS_SUPPRESSED.labels(_reason)
 
-# Providers whose symbols come from their source when the request names none.
-SYMBOLS_FROM_SOURCE = frozenset({"replay"})
-
-
-def provider_names() -> set[str]:
-    """Adapters installed in this environment (entry-point group `mdp.adapters`)."""
-    names = {ep.name for ep in entry_points(group="mdp.adapters")}
-    return names or {"synthetic", "replay"}
-
+AUTO_STOP_REASON = "auto_duration_reached"
+HTTP_KEY = "http.control"
+STOPPED_PREFIX = "stopped."
+VERBS = ("start", "stop", "status", "reload")
 
 Handler = Callable[[bytes], Awaitable[dict[str, Any]]]
 
 
+def load_or_exit(loader: Callable[[], Any]) -> Any:
+    """Run a configuration loader; on an invalid configuration print why and exit 2."""
+    try:
+        return loader()
+    except ConfigError as exc:
+        print(f"mdp control: {exc.message}", file=sys.stderr)
+    except ValidationError as exc:  # the MDP_CONTROL__* environment settings
+        print(f"mdp control: invalid settings: {exc}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 class ControlService:
-    """Answers start, stop, status and reload; the providers act on what it writes."""
+    """Answers start, stop, status and reload over NATS and HTTP; stops jobs at their deadline."""
 
     name: ClassVar[str] = "control"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.providers = provider_names()
+        # Validated before connecting: a bad file is a clean exit with its message, no traceback.
+        self.config: Config = load_or_exit(load_from_environment)
+        self.http_settings: ControlHttpSettings = load_or_exit(ControlHttpSettings)
+        self.policy_revision = 0
+        self.lock = asyncio.Lock()
+        self.jobs: dict[str, JobSpec] = {}  # as last seen in `ingest_jobs` (for the timer)
+        self.provider_states: dict[str, dict[str, Any]] = {}
+        self.failed_runs: set[str] = set()
+        self.changed = asyncio.Event()
+        self.http: ControlHttp | None = None
+        self.consumer: PullConsumer | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self, ctx: Context) -> None:
-        """Open the buckets and register the endpoints."""
+        """Publish the policy, follow the buckets, register the endpoints, open the facade."""
         self.ctx = ctx
         self.jobs_kv = await ctx.js.key_value(KV_JOBS)
         self.state_kv = await ctx.js.key_value(KV_STATE)
+        for source in self.config.sources.items():
+            ctx.log.info("config", file=source[0], source=source[1])
+        for provider in self.config.providers.providers:
+            INGEST_ACTIVE.labels(provider).set(0)
+        await self._publish_policy()
+        ctx.spawn(self._watch_jobs(), "watch-jobs")
+        ctx.spawn(self._watch_provider_states(), "watch-provider-states")
+        ctx.spawn(self._auto_stop(), "auto-stop")
+        self.consumer = PullConsumer(
+            ctx.nc,
+            ctx.js,
+            "MD_EVENTS",
+            "control-suppressed",
+            [subjects.event("suppressed")],
+            self._on_suppressed,
+            ctx.log,
+            batch=64,
+            ack_policy=AckPolicy.EXPLICIT,
+        )
+        await self.consumer.ensure()
+        await self.consumer.rewind()
+        await self.consumer.start()
         handlers: dict[str, Handler] = {
             "start": self.start_job,
             "stop": self.stop_job,
             "status": self.status,
             "reload": self.reload,
         }
-        for verb, handler in handlers.items():
+        self.handlers = handlers
+        for verb in VERBS:
             await ctx.micro.add_endpoint(
-                name=verb, subject=subjects.control(verb), handler=self._endpoint(verb, handler)
+                name=verb, subject=subjects.control(verb), handler=self._endpoint(verb)
             )
+        self.http = ControlHttp(self.dispatch, self.http_settings, ctx.log)
+        url = await self.http.start()
+        await self.state_kv.put(HTTP_KEY, msgspec.json.encode({"url": url}))
+        ctx.log.info("http_listening", url=url)
 
     async def stop(self) -> None:
-        """Nothing is held: the desired state lives in the bucket."""
+        """Close the facade and stop counting; the desired state stays in the bucket."""
+        if self.http is not None:
+            await self.http.stop()
+        if self.consumer is not None:
+            await self.consumer.stop()
 
-    def _endpoint(self, verb: str, handler: Handler) -> Callable[[Request], Awaitable[None]]:
+    # -- request handling ----------------------------------------------------------------------
+
+    async def dispatch(self, verb: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """Run one request; return its HTTP status and the JSON reply (shared by NATS and HTTP)."""
+        try:
+            reply = await self.handlers[verb](body)
+        except ControlError as exc:
+            error = exc
+        except Exception as exc:
+            self.ctx.log.error("control_failed", verb=verb, error=repr(exc), exc_info=True)
+            error = ControlError("internal", f"{verb} failed: {exc!r}")
+            await self._event("failed", stage=verb, error=error.message)
+        else:
+            return 200, {"ok": True, **reply}
+        INGEST_ERRORS.labels(self._provider_label(body), verb).inc()
+        self.ctx.log.info("refused", verb=verb, code=error.code, message=error.message)
+        return error.http_status, {
+            "ok": False,
+            "error": {"code": error.code, "message": error.message},
+        }
+
+    def _endpoint(self, verb: str) -> Callable[[Request], Awaitable[None]]:
         async def endpoint(request: Request) -> None:
-            try:
-                reply = await handler(request.data)
-            except ControlError as exc:
-                await self._refuse(request, verb, exc)
-                return
-            except Exception as exc:
-                self.ctx.log.error("control_failed", verb=verb, error=repr(exc))
-                await self._refuse(request, verb, ControlError("internal", repr(exc)))
-                return
-            await request.respond(msgspec.json.encode({"ok": True, **reply}))
+            status, reply = await self.dispatch(verb, request.data)
+            body = msgspec.json.encode(reply)
+            if reply["ok"]:
+                await request.respond(body)
+            else:
+                error = reply["error"]
+                await request.respond_error(
+                    str(status), f"{error['code']}: {error['message']}"[:1000], body
+                )
 
         return endpoint
 
-    async def _refuse(self, request: Request, verb: str, exc: ControlError) -> None:
-        INGEST_ERRORS.labels(_provider_of(request.data), verb).inc()
-        body = msgspec.json.encode(
-            {"ok": False, "error": {"code": exc.code, "message": exc.message}}
-        )
-        await request.respond_error(str(exc.http_status), f"{exc.code}: {exc.message}", body)
+    def _provider_label(self, body: bytes) -> str:
+        # Only configured names become label values: a client must not mint time series.
+        try:
+            value = msgspec.json.decode(body or b"{}")
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return "none"
+        name = value.get("provider") if isinstance(value, dict) else None
+        if name is None:
+            return "none"
+        return name if name in self.config.providers.providers else "unknown"
 
     async def start_job(self, body: bytes) -> dict[str, Any]:
         """Validate, apply the guards, write the job, announce it."""
         request = parse_start(body)
-        spec = build_job(request, self.providers, SYMBOLS_FROM_SOURCE, False, time.time_ns())
-        current = await self._job(spec.job)
-        if current is not None and await self._is_live(current):
-            raise ControlError(
-                "already_running",
-                f"job {spec.job!r} is already running provider {current.provider!r}; "
-                "stop it first or start another job name",
-            )
-        await self.jobs_kv.put(spec.job, msgspec.json.encode(spec))
+        async with self.lock:
+            spec = build_job(request, self.config, time.time_ns())
+            live = await self._live_jobs()
+            check_capacity(spec, live, self.config.policy.guards.max_concurrent_jobs)
+            try:
+                await self.jobs_kv.create(spec.job, msgspec.json.encode(spec))
+            except KeyWrongLastSequenceError:
+                # A finished run of the same name is replaced; a live one raced us (a replica).
+                entry = await self._entry(spec.job)
+                if entry is not None and spec.job in await self._live_jobs():
+                    raise ControlError(
+                        "already_running", f"job {spec.job!r} was started concurrently"
+                    ) from None
+                await self.jobs_kv.update(
+                    spec.job, msgspec.json.encode(spec), last=entry[1] if entry else 0
+                )
+            self.jobs[spec.job] = spec
+            self._wake()
         INGEST_STARTS.labels(spec.provider).inc()
-        INGEST_ACTIVE.labels(spec.provider).inc()
-        await self._event("started", spec)
+        await self._event(
+            "started",
+            spec,
+            symbols=spec.symbols,
+            dry_run=spec.dry_run,
+            deadline_ns=spec.deadline_ns,
+        )
+        self.ctx.log.info("job_started", job=spec.job, run=spec.run, provider=spec.provider)
         return {"status": "running", "job": _job_view(spec)}
 
     async def stop_job(self, body: bytes) -> dict[str, Any]:
         """Remove the job from the desired state; stopping an idle job is not an error."""
         request = parse_stop(body)
-        current = await self._job(request.job)
-        if current is None:
+        async with self.lock:
+            stopped = await self._stop(request.job, request.reason)
+        if stopped is None:
             return {"status": "idle", "job": request.job}
-        await self.jobs_kv.delete(request.job)
-        INGEST_STOPS.labels(current.provider, request.reason).inc()
-        INGEST_ACTIVE.labels(current.provider).dec()
-        await self._event("stopped", current, reason=request.reason)
-        return {"status": "stopped", "job": request.job, "reason": request.reason}
+        return {
+            "status": "stopped",
+            "job": request.job,
+            "run": stopped.run,
+            "reason": request.reason,
+        }
+
+    async def _stop(self, job: str, reason: str, run: str | None = None) -> JobSpec | None:
+        """Delete `job` (only run `run` when given); record and announce it. Lock held."""
+        entry = await self._entry(job)
+        if entry is None:
+            return None
+        spec, revision = entry
+        if run is not None and spec.run != run:
+            return None  # restarted since: its new deadline applies
+        try:
+            await self.jobs_kv.delete(job, last=revision)
+        except KeyWrongLastSequenceError:
+            return None  # another replica changed it first
+        self.jobs.pop(job, None)
+        self._wake()
+        now = time.time_ns()
+        record = {
+            "job": job,
+            "run": spec.run,
+            "provider": spec.provider,
+            "reason": reason,
+            "started_ns": spec.started_ns,
+            "stopped_ns": now,
+        }
+        await self.state_kv.put(STOPPED_PREFIX + job, msgspec.json.encode(record))
+        INGEST_STOPS.labels(spec.provider, reason).inc()
+        await self._event("stopped", spec, reason=reason)
+        self.ctx.log.info("job_stopped", job=job, run=spec.run, reason=reason)
+        return spec
 
     async def status(self, body: bytes) -> dict[str, Any]:
-        """Jobs with their provider-side state, and the providers known here."""
+        """Jobs with their state and counters, the providers, the policy, recent stops."""
         del body
         jobs = []
-        for key in await self._keys():
-            spec = await self._job(key)
-            if spec is None:
+        now = time.time_ns()
+        for key in sorted(await self._keys(self.jobs_kv)):
+            entry = await self._entry(key)
+            if entry is None:
                 continue
+            spec = entry[0]
+            provider_state = await self._provider_state(spec.job)
             view = _job_view(spec)
-            view["provider_state"] = await self._provider_state(spec)
+            view["state"] = job_state(spec, provider_state)
+            view["provider_state"] = _slim(provider_state) if view["state"] != "pending" else {}
+            if spec.deadline_ns:
+                view["remaining_s"] = round(max(0, spec.deadline_ns - now) / 1e9, 3)
             jobs.append(view)
+        stopped = []
+        for key in await self._keys(self.state_kv, STOPPED_PREFIX):
+            with contextlib.suppress(KeyNotFoundError):
+                entry_value = (await self.state_kv.get(key)).value
+                if entry_value:
+                    stopped.append(msgspec.json.decode(entry_value))
+        stopped.sort(key=lambda s: -int(s.get("stopped_ns", 0)))
+        running = sum(1 for j in jobs if is_live(j["state"]))
+        providers = {
+            name: {
+                "enabled": p.enabled,
+                "symbols": list(p.symbols),
+                "symbols_from_source": p.symbols_from_source,
+                "circuit": "closed",
+            }
+            for name, p in sorted(self.config.providers.providers.items())
+        }
         return {
             "jobs": jobs,
-            "providers": {name: {"enabled": True} for name in sorted(self.providers)},
+            "providers": providers,
+            "policy": self.config.policy.model_dump(),
+            "policy_revision": self.policy_revision,
+            "limits": {
+                "running": running,
+                "max_concurrent_jobs": self.config.policy.guards.max_concurrent_jobs,
+            },
+            "stopped": stopped[:20],
+            "config": dict(self.config.sources),
+            "http": self.http.url if self.http is not None else None,
         }
 
     async def reload(self, body: bytes) -> dict[str, Any]:
-        """Re-read the provider registry."""
+        """Re-read both files; an invalid one is refused and the running config kept."""
         del body
-        self.providers = provider_names()
-        await self.ctx.publisher.publish(
-            subjects.event("reloaded"),
-            msgspec.json.encode({"ts": time.time_ns(), "providers": sorted(self.providers)}),
-            {CONTENT_TYPE: JSON},
-        )
-        return {"status": "reloaded", "providers": sorted(self.providers)}
-
-    async def _keys(self) -> list[str]:
         try:
-            return list(await self.jobs_kv.keys())
+            config = await asyncio.to_thread(load_from_environment)
+        except ConfigError as exc:
+            self.ctx.log.error("reload_refused", problems=exc.problems)
+            await self._event("failed", stage="reload", error=exc.message)
+            raise ControlError("config_invalid", exc.message) from None
+        async with self.lock:
+            self.config = config
+            await self._publish_policy()
+        for provider in config.providers.providers:
+            INGEST_ACTIVE.labels(provider).inc(0)
+        self._update_active()
+        enabled = sorted(n for n, p in config.providers.providers.items() if p.enabled)
+        await self._event(
+            "reloaded", revision=self.policy_revision, providers=enabled, config=config.sources
+        )
+        self.ctx.log.info("reloaded", revision=self.policy_revision)
+        return {
+            "status": "reloaded",
+            "policy_revision": self.policy_revision,
+            "policy": config.policy.model_dump(),
+            "providers": enabled,
+            "config": dict(config.sources),
+        }
+
+    # -- background ------------------------------------------------------------------------------
+
+    async def _publish_policy(self) -> None:
+        """Write the effective policy to `ingest_state` under `policy` with the next revision."""
+        previous = 0
+        with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError):
+            entry = await self.state_kv.get(POLICY_KEY)
+            if entry.value:
+                previous = msgspec.json.decode(entry.value, type=Policy).revision
+        self.policy_revision = max(previous, self.policy_revision) + 1
+        policy = _explicit(self.config.to_policy(self.policy_revision))
+        await self.state_kv.put(POLICY_KEY, msgspec.json.encode(policy))
+        self.ctx.log.info("policy_published", policy=policy)
+
+    async def _watch_jobs(self) -> None:
+        """Mirror `ingest_jobs` (written by any replica) for the deadline timer and the gauge."""
+        watcher = await self.jobs_kv.watchall()
+        async for entry in watcher:
+            if entry is None:
+                continue  # the initial values are in
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self.jobs.pop(entry.key, None)
+            else:
+                try:
+                    self.jobs[entry.key] = msgspec.json.decode(entry.value, type=JobSpec)
+                except msgspec.DecodeError as exc:
+                    self.ctx.log.error("bad_job_spec", key=entry.key, error=str(exc))
+                    continue
+            self._update_active()
+            self._wake()
+
+    async def _watch_provider_states(self) -> None:
+        """Follow what providers report, for `ingest_active` and failed-job errors."""
+        watcher = await self.state_kv.watch("provider.>")
+        async for entry in watcher:
+            if entry is None:
+                continue
+            job = entry.key.removeprefix("provider.")
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self.provider_states.pop(job, None)
+            else:
+                try:
+                    state = msgspec.json.decode(entry.value)
+                except msgspec.DecodeError:
+                    continue
+                if not isinstance(state, dict):
+                    continue
+                self.provider_states[job] = state
+                run = str(state.get("run", ""))
+                if state.get("state") == "failed" and run and run not in self.failed_runs:
+                    self.failed_runs.add(run)
+                    INGEST_ERRORS.labels(self._known(state.get("provider")), "provider").inc()
+            self._update_active()
+
+    def _known(self, provider: Any) -> str:
+        return provider if provider in self.config.providers.providers else "unknown"
+
+    def _update_active(self) -> None:
+        counts = dict.fromkeys(self.config.providers.providers, 0)
+        for spec in self.jobs.values():
+            if is_live(job_state(spec, self.provider_states.get(spec.job))):
+                key = self._known(spec.provider)
+                counts[key] = counts.get(key, 0) + 1
+        for provider, count in counts.items():
+            INGEST_ACTIVE.labels(provider).set(count)
+
+    def _wake(self) -> None:
+        self.changed.set()
+
+    async def _auto_stop(self) -> None:
+        """Stop every job whose deadline passed (reason `auto_duration_reached`)."""
+        while True:
+            for spec in expired(self.jobs, time.time_ns()):
+                try:
+                    async with self.lock:
+                        await self._stop(spec.job, AUTO_STOP_REASON, run=spec.run)
+                except Exception as exc:  # retried on the next turn; never kill the timer
+                    self.ctx.log.error("auto_stop_failed", job=spec.job, error=repr(exc))
+                    INGEST_ERRORS.labels(self._known(spec.provider), "auto_stop").inc()
+                    await asyncio.sleep(1.0)
+            deadline = next_deadline(self.jobs)
+            timeout = 60.0
+            if deadline:
+                timeout = min(timeout, max(0.0, (deadline - time.time_ns()) / 1e9) + 0.001)
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout=timeout)
+
+    async def _on_suppressed(self, msgs: list[Msg]) -> None:
+        """Count each batch the aggregator kept from the store (`ingest.events.suppressed`)."""
+        for msg in msgs:
+            try:
+                body = msgspec.json.decode(msg.data)
+                reason = str(body.get("reason", ""))
+                bars = int(body.get("bars", 0))
+            except (msgspec.DecodeError, AttributeError, TypeError, ValueError):
+                self.ctx.log.warning("bad_suppressed_event", data=msg.data[:200])
+                continue
+            if reason not in SUPPRESSION_REASONS:
+                reason = "other"
+            INGEST_SUPPRESSED.labels(reason).inc()
+            BARS_SUPPRESSED.labels(reason).inc(max(bars, 0))
+
+    # -- KV helpers ------------------------------------------------------------------------------
+
+    async def _keys(self, kv: Any, prefix: str = "") -> list[str]:
+        try:
+            keys = await kv.keys()
         except Exception:  # nats-py raises NoKeysError on an empty bucket
             return []
+        return [key for key in keys if key.startswith(prefix)]
 
-    async def _job(self, name: str) -> JobSpec | None:
+    async def _entry(self, name: str) -> tuple[JobSpec, int] | None:
         try:
             entry = await self.jobs_kv.get(name)
         except KeyNotFoundError:
             return None
         if not entry.value:
             return None
-        return msgspec.json.decode(entry.value, type=JobSpec)
+        return msgspec.json.decode(entry.value, type=JobSpec), int(entry.revision or 0)
 
-    async def _provider_state(self, spec: JobSpec) -> dict[str, Any]:
+    async def _provider_state(self, job: str) -> dict[str, Any]:
         try:
-            entry = await self.state_kv.get(f"provider.{spec.job}")
+            entry = await self.state_kv.get(f"provider.{job}")
         except KeyNotFoundError:
-            return {"state": "pending"}
-        state: dict[str, Any] = msgspec.json.decode(entry.value or b"{}")
-        return state if state.get("run") == spec.run else {"state": "pending"}
+            return {}
+        state = msgspec.json.decode(entry.value or b"{}")
+        return state if isinstance(state, dict) else {}
 
-    async def _is_live(self, spec: JobSpec) -> bool:
-        state = await self._provider_state(spec)
-        return state.get("state") not in ("completed", "failed")
+    async def _live_jobs(self) -> dict[str, JobSpec]:
+        live = {}
+        for key in await self._keys(self.jobs_kv):
+            entry = await self._entry(key)
+            if entry is None:
+                continue
+            spec = entry[0]
+            if is_live(job_state(spec, await self._provider_state(spec.job))):
+                live[spec.job] = spec
+        return live
 
-    async def _event(self, name: str, spec: JobSpec, **extra: Any) -> None:
-        body = {"ts": time.time_ns(), "job": spec.job, "run": spec.run, "provider": spec.provider}
+    async def _event(self, name: str, spec: JobSpec | None = None, **extra: Any) -> None:
+        body: dict[str, Any] = {"ts": time.time_ns()}
+        if spec is not None:
+            body.update(job=spec.job, run=spec.run, provider=spec.provider)
         body.update(extra)
         await self.ctx.publisher.publish(
             subjects.event(name), msgspec.json.encode(body), {CONTENT_TYPE: JSON}
@@ -183,12 +503,22 @@ class ControlService:
 def _job_view(spec: JobSpec) -> dict[str, Any]:
     view: dict[str, Any] = msgspec.to_builtins(spec)
     view.setdefault("dry_run", False)
+    view.setdefault("deadline_ns", 0)
+    view.setdefault("params", {})
     return view
 
 
-def _provider_of(body: bytes) -> str:
-    try:
-        value = msgspec.json.decode(body or b"{}")
-    except msgspec.DecodeError:
-        return "unknown"
-    return str(value.get("provider", "unknown")) if isinstance(value, dict) else "unknown"
+def _explicit(value: Any) -> Any:
+    """A struct as plain data with every field, defaults too, so the KV value reads whole."""
+    if isinstance(value, msgspec.Struct):
+        return {f: _explicit(getattr(value, f)) for f in value.__struct_fields__}
+    if isinstance(value, dict):
+        return {k: _explicit(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_explicit(v) for v in value]
+    return value
+
+
+def _slim(state: dict[str, Any]) -> dict[str, Any]:
+    """The provider's report without its resume positions (one entry per symbol)."""
+    return {k: v for k, v in state.items() if k not in ("resume", "job", "run", "provider")}

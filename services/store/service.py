@@ -1,21 +1,47 @@
-"""The store: `store.sync.bus` in, idempotent rows out; acks only after the commit."""
+"""The store: bar batches in, idempotent rows out; acks only after the commit.
+
+Two inputs, both from the work-queue stream `STORE_SYNC`:
+- `store.sync.bus` (policy `store_sync.mode: bus`): written here, one transaction per pulled
+  group;
+- `store.sync.http` (mode `http`): each batch POSTed to the policy's `store_sync.http_url`, by
+  default this process's own ingest API (`POST /v1/bars`, see `services/store/http.py`), and
+  acknowledged only after a 2xx; anything else is retried with backoff (a batch the target
+  refuses for good, a 400, is dead-lettered instead).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
 import time
 from typing import ClassVar
 
+import aiohttp
+import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
 
+from services.store.http import (
+    INGEST_PATH,
+    Forwarder,
+    IngestApi,
+    Rejected,
+    RetryableForwardError,
+)
 from services.store.writers import BarWriter, InvalidBarError, open_writer
 from shared import subjects
-from shared.bus import END_OF_STREAM, MSG_ID, PullConsumer, dead_letter
-from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError
+from shared.bus import END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY, PullConsumer, dead_letter
+from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError, encode
+from shared.config import StoreHttpSettings
 from shared.runtime import Context
-from shared.schemas import Bar, BarBatch
+from shared.schemas import Bar, BarBatch, Policy
 from shared.settings import Settings
+
+HTTP_KEY = "http.store"
+FORWARD_CONCURRENCY = 8
 
 ROWS_STORED = Counter("store_rows_written_total", "Bar rows upserted (revisions included)")
 BATCHES_STORED = Counter("store_batches_total", "Bar batches committed")
@@ -31,11 +57,35 @@ class StoreService:
         self.settings = settings
         self.codec = Codec(BarBatch)
         self.writer: BarWriter = open_writer(settings.store_url)
+        try:
+            self.http_settings = StoreHttpSettings()
+        except ValidationError as exc:
+            print(f"mdp store: invalid settings: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        # One writer for both inputs: commits are serialised so they never interleave.
+        self.write_lock = asyncio.Lock()
+        self.policy = Policy()
+        self.api: IngestApi | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.forward_consumer: PullConsumer | None = None
 
     async def start(self, ctx: Context) -> None:
-        """Open the database, then start consuming."""
+        """Open the database and the ingest API, then start consuming both subjects."""
         self.ctx = ctx
         await self.writer.open()
+        self.state_kv = await ctx.js.key_value(KV_STATE)
+        with contextlib.suppress(Exception):  # no policy yet: the defaults until control writes
+            entry = await self.state_kv.get(POLICY_KEY)
+            if entry.value:
+                self.policy = msgspec.json.decode(entry.value, type=Policy)
+        ctx.spawn(self._watch_policy(), "policy")
+        self.api = IngestApi(self._write, self.http_settings, ctx.log)
+        base_url = await self.api.start()
+        with contextlib.suppress(Exception):  # discovery aid only
+            await self.state_kv.put(HTTP_KEY, msgspec.json.encode({"url": base_url + INGEST_PATH}))
+        ctx.log.info("http_listening", url=base_url + INGEST_PATH)
+        self.session = aiohttp.ClientSession()
+        self.forwarder = Forwarder(self.session)
         self.consumer = PullConsumer(
             ctx.nc,
             ctx.js,
@@ -50,10 +100,30 @@ class StoreService:
         await self.consumer.ensure()
         await self.consumer.rewind()
         await self.consumer.start()
+        self.forward_consumer = PullConsumer(
+            ctx.nc,
+            ctx.js,
+            "STORE_SYNC",
+            "store-http-forwarder",
+            [subjects.STORE_SYNC_HTTP],
+            self.forward,
+            ctx.log,
+            batch=32,
+            ack_policy=AckPolicy.EXPLICIT,
+        )
+        await self.forward_consumer.ensure()
+        await self.forward_consumer.rewind()
+        await self.forward_consumer.start()
 
     async def stop(self) -> None:
-        """Finish the group in hand and close the database."""
+        """Finish the groups in hand (the forwarder may still post to our API), then close."""
+        if self.forward_consumer is not None:
+            await self.forward_consumer.stop()
         await self.consumer.stop()
+        if self.api is not None:
+            await self.api.stop()
+        if self.session is not None:
+            await self.session.close()
         await self.writer.close()
 
     async def handle(self, msgs: list[Msg]) -> None:
@@ -79,6 +149,9 @@ class StoreService:
                 except InvalidBarError as exc:
                     await dead_letter(self.ctx.publisher, self.name, msg, str(exc), "value")
         BATCHES_STORED.inc(len(msgs))
+        await self._completed(markers)
+
+    async def _completed(self, markers: list[str]) -> None:
         for marker in markers:
             # Everything before the marker is committed: say so, for `mdp replay` and others.
             await self.ctx.publisher.publish(
@@ -88,10 +161,69 @@ class StoreService:
             )
         await self.ctx.publisher.flush()
 
+    async def forward(self, msgs: list[Msg]) -> None:
+        """POST every batch of the group; raise (so the group is retried) unless all got 2xx."""
+        store_sync = self.policy.store_sync
+        own = not store_sync.http_url
+        url = store_sync.http_url or (self.api.base_url + INGEST_PATH if self.api else "")
+        token = self.http_settings.forward_token
+        if token is None:
+            # Our own token goes only to our own API, never to a third-party URL.
+            token = self.http_settings.http_token if own else ""
+        markers: list[str] = []
+        sends: list[tuple[Msg, str, bytes]] = []
+        for msg in msgs:
+            headers = msg.headers or {}
+            try:
+                batch = self.codec.decode(msg.data, headers)
+            except DecodeError as exc:
+                await dead_letter(self.ctx.publisher, self.name, msg, str(exc), "decode")
+                continue
+            if END_OF_STREAM in headers:
+                markers.append(headers[END_OF_STREAM])
+            if not batch.bars:
+                continue  # an end-of-stream carrier: nothing to post
+            is_json = headers.get(CONTENT_TYPE, JSON).startswith(JSON)
+            sends.append((msg, batch.batch_id, msg.data if is_json else encode(batch, JSON)))
+        limit = asyncio.Semaphore(FORWARD_CONCURRENCY)
+
+        async def send(item: tuple[Msg, str, bytes]) -> Rejected | None:
+            async with limit:
+                return await self.forwarder.post(
+                    url, item[1], item[2], token, store_sync.http_timeout_s
+                )
+
+        results = await asyncio.gather(*(send(item) for item in sends), return_exceptions=True)
+        retry = [r for r in results if isinstance(r, BaseException)]
+        for (msg, _batch_id, _body), result in zip(sends, results, strict=True):
+            if isinstance(result, Rejected):
+                await dead_letter(self.ctx.publisher, self.name, msg, result.reason, "http")
+        if retry:
+            # The 2xx ones are done; the upsert makes posting them again harmless.
+            first = retry[0]
+            if not isinstance(first, RetryableForwardError):
+                raise first
+            raise RetryableForwardError(f"{len(retry)} of {len(sends)} batches: {first}")
+        await self._completed(markers)
+
+    async def _watch_policy(self) -> None:
+        """Follow the policy control publishes (the forwarding URL and timeout)."""
+        watcher = await self.state_kv.watch(POLICY_KEY)
+        async for entry in watcher:
+            if entry is None or not entry.value:
+                continue
+            try:
+                self.policy = msgspec.json.decode(entry.value, type=Policy)
+            except msgspec.DecodeError as exc:
+                self.ctx.log.error("bad_policy", error=str(exc))
+                continue
+            self.ctx.log.info("policy", store_sync=msgspec.to_builtins(self.policy.store_sync))
+
     async def _write(self, bars: list[Bar]) -> None:
         if not bars:
             return
-        started = time.perf_counter()
-        await self.writer.write(bars)
-        WRITE_SECONDS.observe(time.perf_counter() - started)
+        async with self.write_lock:
+            started = time.perf_counter()
+            await self.writer.write(bars)
+            WRITE_SECONDS.observe(time.perf_counter() - started)
         ROWS_STORED.inc(len(bars))

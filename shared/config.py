@@ -1,0 +1,621 @@
+"""The operator's config files, `data_providers.yaml` and `ingestion_policy.yaml`, as typed models.
+
+Loading is: find the config directory, read each YAML file (a missing file means the built-in
+defaults, which equal the shipped files), apply `MDP_*` environment overrides, validate. Every
+problem is reported as `<source>: <key path>: <problem>`, where the source is the file or the
+environment variable that supplied the bad value, so an operator knows exactly what to fix.
+
+Environment overrides follow the YAML path, `__` between keys, upper case, values parsed as YAML:
+
+    MDP_CONFIG_DIR=/etc/mdp                          the directory holding both files
+    MDP_POLICY__WRITE_PATH__ENABLED=false            ingestion_policy.yaml: write_path.enabled
+    MDP_POLICY__STORE_SYNC__MODE=http                ingestion_policy.yaml: store_sync.mode
+    MDP_PROVIDERS__SYNTHETIC__SYMBOLS='[AAPL, MSFT]' data_providers.yaml: synthetic.symbols
+    MDP_PROVIDERS__SYNTHETIC__PARAMS__RATE=500       data_providers.yaml: synthetic.params.rate
+
+Service-level settings that do not belong in a shared file (ports, bearer tokens) are plain
+environment settings: `ControlHttpSettings` (`MDP_CONTROL__*`), `StoreHttpSettings`
+(`MDP_STORE__*`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.schemas import (
+    BarsPolicy,
+    Batching,
+    Fallback,
+    Policy,
+    StoreSync,
+    WritePath,
+    interval_ns,
+)
+from shared.subjects import escape_symbol
+
+PROVIDERS_FILE = "data_providers.yaml"
+POLICY_FILE = "ingestion_policy.yaml"
+ENV_PREFIXES = {POLICY_FILE: "MDP_POLICY__", PROVIDERS_FILE: "MDP_PROVIDERS__"}
+CONFIG_DIR_ENV = "MDP_CONFIG_DIR"
+
+# Printable, 1-64 characters, no leading or trailing blank: what survives as a subject token,
+# a database key and a CSV field without surprises.
+DEFAULT_SYMBOL_PATTERN = r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]{0,62}[^\s\x00-\x1f\x7f])?$"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; `problems` are `<source>: <key path>: <problem>` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        """One line for one problem, else a header and one indented line per problem."""
+        if len(self.problems) == 1:
+            return f"invalid configuration: {self.problems[0]}"
+        return "invalid configuration:\n  " + "\n  ".join(self.problems)
+
+
+class _Model(BaseModel):
+    # Strict: a YAML `"5"` where a number belongs is a mistake to report, not to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data_providers.yaml
+
+
+class SyntheticParams(_Model):
+    """Parameters of the synthetic random-walk generator (unset: the adapter's default)."""
+
+    rate: float | None = Field(100.0, gt=0, le=1_000_000, description="ticks/s per symbol")
+    seed: int | None = 1
+    start_price: float | None = Field(None, gt=0)
+    max_ticks: int | None = Field(None, ge=1)
+
+
+class ReplayParams(_Model):
+    """Parameters of the recorded-file replay."""
+
+    path: str | None = None
+    speed: Literal["max"] | float = "max"
+
+    @field_validator("speed")
+    @classmethod
+    def _speed_positive(cls, value: str | float) -> str | float:
+        if not isinstance(value, str) and value <= 0:
+            raise ValueError('must be "max" or a number > 0 (1 = recorded pace)')
+        return value
+
+
+class IbkrPacing(_Model):
+    """Interactive Brokers pacing limits the adapter must stay under."""
+
+    max_messages_per_second: int = Field(50, ge=1)
+    max_historical_requests: int = Field(60, ge=1)
+    historical_window_seconds: float = Field(600, gt=0)
+
+
+class IbkrParams(_Model):
+    """Interactive Brokers TWS / Gateway connection."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(7497, ge=1, le=65535)
+    client_id: int = Field(17, ge=0)
+    market_data_type: Literal[1, 2, 3, 4] = Field(
+        1, description="1 live, 2 frozen, 3 delayed, 4 delayed frozen"
+    )
+    pacing: IbkrPacing = IbkrPacing()
+
+
+class _ProviderBase(_Model):
+    enabled: bool = True
+    symbols: list[str] = []
+    symbols_from_source: bool = False
+
+
+class SyntheticProvider(_ProviderBase):
+    """`synthetic:` in data_providers.yaml."""
+
+    params: SyntheticParams = SyntheticParams()
+
+
+class ReplayProvider(_ProviderBase):
+    """`replay:` in data_providers.yaml; its symbols default to every symbol of the file."""
+
+    symbols_from_source: bool = True
+    params: ReplayParams = ReplayParams()
+
+
+class IbkrProvider(_ProviderBase):
+    """`ibkr:` in data_providers.yaml."""
+
+    enabled: bool = False
+    params: IbkrParams = IbkrParams()
+
+
+class PluginProvider(_ProviderBase):
+    """A provider of a third-party adapter: its params are passed through unchecked."""
+
+    params: dict[str, Any] = {}
+
+
+ProviderConfig = SyntheticProvider | ReplayProvider | IbkrProvider | PluginProvider
+
+DEFAULT_SYMBOLS = ["AAPL", "MSFT", "BRK.B", "BTC/USD"]
+
+
+class FallbackConfig(_Model):
+    """`fallback:`: which source feeds a symbol, by default and per symbol."""
+
+    default: list[str] = ["ibkr", "replay", "synthetic"]
+    symbols: dict[str, list[str]] = {}
+
+
+class DataProviders(_Model):
+    """data_providers.yaml: one section per configured provider, and the fallback order."""
+
+    # Any other top-level key is a plugin provider of that name.
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    __pydantic_extra__: dict[str, PluginProvider]
+
+    synthetic: SyntheticProvider | None = SyntheticProvider(symbols=DEFAULT_SYMBOLS)
+    replay: ReplayProvider | None = ReplayProvider()
+    ibkr: IbkrProvider | None = IbkrProvider()
+    fallback: FallbackConfig = FallbackConfig()
+
+    @property
+    def providers(self) -> dict[str, ProviderConfig]:
+        """Every configured provider by name (a section set to null is not configured)."""
+        found: dict[str, ProviderConfig] = {}
+        for name in ("synthetic", "replay", "ibkr"):
+            value = getattr(self, name)
+            if value is not None:
+                found[name] = value
+        found.update(self.model_extra or {})
+        return found
+
+    def source_order(self, symbol: str) -> list[str]:
+        """The providers to try for `symbol`, first available wins."""
+        return list(self.fallback.symbols.get(symbol, self.fallback.default))
+
+
+# ---------------------------------------------------------------------------------------------
+# ingestion_policy.yaml
+
+
+class WritePathConfig(_Model):
+    """`write_path:`: whether bars reach the store, and how long a job may run."""
+
+    enabled: bool = True
+    dry_run: bool = False
+    max_runtime_seconds: float = Field(0, ge=0, description="auto-stop after this; 0 = never")
+
+
+class StoreSyncConfig(_Model):
+    """`store_sync:`: how bar batches travel to the store."""
+
+    mode: Literal["bus", "http", "none"] = "bus"
+    http_url: str = ""
+    http_timeout_seconds: float = Field(10, gt=0)
+
+    @field_validator("http_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError("must be empty (the store's own API) or an http(s):// URL")
+        return value
+
+
+class GuardsConfig(_Model):
+    """`guards:`: what a start request must satisfy."""
+
+    require_provider_enabled: bool = True
+    require_symbols_nonempty: bool = True
+    symbol_pattern: str = DEFAULT_SYMBOL_PATTERN
+    max_symbols: int = Field(1000, ge=1)
+    max_concurrent_jobs: int = Field(8, ge=1)
+
+    @field_validator("symbol_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class BatchingConfig(_Model):
+    """`batching:`: the aggregator's hybrid batcher towards the store."""
+
+    max_rows: int = Field(5000, ge=1)
+    max_bytes: int = Field(1_000_000, ge=1024)
+    max_delay_ms: int = Field(200, ge=1)
+
+
+class BarsConfig(_Model):
+    """`bars:`: intervals and closing rules."""
+
+    intervals: list[str] = ["1s", "1m"]
+    grace_ms: int = Field(500, ge=0)
+    revise_window_seconds: float = Field(60, ge=0)
+    price_type: Literal["LAST", "MID"] = "LAST"
+
+    @field_validator("intervals")
+    @classmethod
+    def _parse(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one interval is needed")
+        for interval in value:
+            interval_ns(interval)
+        return value
+
+
+class IngestionPolicy(_Model):
+    """ingestion_policy.yaml."""
+
+    write_path: WritePathConfig = WritePathConfig()
+    store_sync: StoreSyncConfig = StoreSyncConfig()
+    guards: GuardsConfig = GuardsConfig()
+    batching: BatchingConfig = BatchingConfig()
+    bars: BarsConfig = BarsConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Service-level settings (environment only)
+
+
+class ControlHttpSettings(BaseSettings):
+    """The control service's HTTP facade: `MDP_CONTROL__HTTP_HOST`, `_PORT`, `_TOKEN`."""
+
+    model_config = SettingsConfigDict(env_prefix="MDP_CONTROL__", extra="ignore")
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    http_token: str = Field("", description="bearer token required when set")
+
+
+class StoreHttpSettings(BaseSettings):
+    """The store's ingest API and its http-mode forwarder: `MDP_STORE__*`."""
+
+    model_config = SettingsConfigDict(env_prefix="MDP_STORE__", extra="ignore")
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    http_token: str = Field("", description="bearer token the ingest API requires when set")
+    forward_token: str | None = Field(
+        None, description="token the forwarder sends (default: http_token)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class Config:
+    """Both files, validated, and where each came from."""
+
+    providers: DataProviders = field(default_factory=DataProviders)
+    policy: IngestionPolicy = field(default_factory=IngestionPolicy)
+    sources: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, dict[tuple[str, ...], str]] = field(default_factory=dict)
+
+    def blame(self, filename: str, path: tuple[str | int, ...]) -> str:
+        """The environment variable that set `path` (or a parent of it), else the file."""
+        keys = tuple(str(p) for p in path)
+        for prefix, name in self.overrides.get(filename, {}).items():
+            if keys[: len(prefix)] == prefix:
+                return f"{name} (environment)"
+        return self.sources.get(filename, filename)
+
+    def to_policy(self, revision: int) -> Policy:
+        """The effective policy every service reads from KV `ingest_state` key `policy`."""
+        p = self.policy
+        return Policy(
+            write_path=WritePath(
+                enabled=p.write_path.enabled,
+                dry_run=p.write_path.dry_run,
+                max_runtime_seconds=float(p.write_path.max_runtime_seconds),
+            ),
+            store_sync=StoreSync(
+                mode=p.store_sync.mode,
+                http_url=p.store_sync.http_url,
+                http_timeout_s=float(p.store_sync.http_timeout_seconds),
+            ),
+            revision=revision,
+            batching=Batching(
+                max_rows=p.batching.max_rows,
+                max_bytes=p.batching.max_bytes,
+                max_delay_ms=p.batching.max_delay_ms,
+            ),
+            bars=BarsPolicy(
+                intervals=list(p.bars.intervals),
+                grace_ms=p.bars.grace_ms,
+                revise_window_s=float(p.bars.revise_window_seconds),
+                price_type=p.bars.price_type,
+            ),
+            fallback=Fallback(
+                default=list(self.providers.fallback.default),
+                symbols={k: list(v) for k, v in self.providers.fallback.symbols.items()},
+            ),
+        )
+
+
+def find_config_dir(env: Mapping[str, str], cwd: Path) -> Path | None:
+    """`MDP_CONFIG_DIR`, else `./configs`, else the source checkout's `configs/`, else None."""
+    explicit = env.get(CONFIG_DIR_ENV)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_absolute():
+            path = cwd / path
+        if not path.is_dir():
+            raise ConfigError([f"{CONFIG_DIR_ENV}={explicit}: not a directory"])
+        return path
+    for candidate in (cwd / "configs", Path(__file__).resolve().parents[1] / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def load_config(config_dir: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override and validate both files; raise `ConfigError` listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    sources: dict[str, str] = {}
+    origins: dict[str, dict[tuple[str, ...], str]] = {}
+    models: dict[str, BaseModel] = {}
+    for filename, model in ((PROVIDERS_FILE, DataProviders), (POLICY_FILE, IngestionPolicy)):
+        path = config_dir / filename if config_dir is not None else None
+        source = str(path) if path is not None and path.is_file() else "built-in defaults"
+        sources[filename] = source
+        raw, file_problems = _read_yaml(path) if source != "built-in defaults" else ({}, [])
+        if file_problems:
+            problems.extend(file_problems)
+            continue
+        overrides = _env_overrides(env, ENV_PREFIXES[filename])
+        origins[filename] = {keys: name for keys, (name, _value) in overrides.items()}
+        data, override_problems = _apply_overrides(raw, overrides, source)
+        if override_problems:
+            problems.extend(override_problems)
+            continue
+        try:
+            models[filename] = model.model_validate(data)
+        except ValidationError as exc:
+            problems.extend(_explain(exc, source, overrides, model))
+    if problems:
+        raise ConfigError(problems)
+    config = Config(
+        providers=models[PROVIDERS_FILE],  # type: ignore[arg-type]
+        policy=models[POLICY_FILE],  # type: ignore[arg-type]
+        sources=sources,
+        overrides=origins,
+    )
+    problems = cross_check(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_from_environment(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Config:
+    """Find the config directory and load it, as a service does at start and on reload."""
+    env = os.environ if env is None else env
+    return load_config(find_config_dir(env, cwd or Path.cwd()), env)
+
+
+def cross_check(config: Config) -> list[str]:
+    """Rules spanning keys or files: fallback names are providers, symbols fit the pattern."""
+    problems: list[str] = []
+    providers = config.providers.providers
+    fallback = config.providers.fallback
+    lists: list[tuple[tuple[str, ...], list[str]]] = [(("fallback", "default"), fallback.default)]
+    lists += [(("fallback", "symbols", sym), order) for sym, order in fallback.symbols.items()]
+    for where, names in lists:
+        for i, name in enumerate(names):
+            if name not in providers:
+                known = ", ".join(sorted(providers)) or "none"
+                problems.append(
+                    f"{config.blame(PROVIDERS_FILE, where)}: {'.'.join(where)}[{i}]: "
+                    f"{name!r} is not a configured provider (configured: {known})"
+                )
+    pattern_text = config.policy.guards.symbol_pattern
+    pattern = re.compile(pattern_text)
+    for name, provider in providers.items():
+        for i, symbol in enumerate(provider.symbols):
+            if not pattern.match(symbol) or not _is_text(symbol):
+                problems.append(
+                    f"{config.blame(PROVIDERS_FILE, (name, 'symbols'))}: {name}.symbols[{i}]: "
+                    f"{symbol!r} does not match guards.symbol_pattern {pattern_text!r}"
+                )
+    return problems
+
+
+def _is_text(symbol: str) -> bool:
+    try:
+        escape_symbol(symbol)
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
+def _read_yaml(path: Path | None) -> tuple[dict[str, Any], list[str]]:
+    assert path is not None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, [f"{path}: cannot be read: {exc}"]
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        problem = getattr(exc, "problem", None) or str(exc)
+        return {}, [f"{path}: {where}: YAML syntax error: {problem}"]
+    if data is None:
+        return {}, []  # an empty file means every default
+    if not isinstance(data, dict):
+        return {}, [f"{path}: (top level): must be a mapping of keys, got {_kind(data)}"]
+    return data, []
+
+
+def _env_overrides(env: Mapping[str, str], prefix: str) -> dict[tuple[str, ...], tuple[str, Any]]:
+    """`{key path: (variable name, parsed value)}` for every variable under `prefix`."""
+    found: dict[tuple[str, ...], tuple[str, Any]] = {}
+    for name in sorted(env):
+        if not name.upper().startswith(prefix):
+            continue
+        keys = tuple(part.lower() for part in name[len(prefix) :].split("__"))
+        raw = env[name]
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # not YAML: take the text as is, validation says if that is wrong
+        found[keys] = (name, value)
+    return found
+
+
+def _apply_overrides(
+    data: dict[str, Any], overrides: Mapping[tuple[str, ...], tuple[str, Any]], source: str
+) -> tuple[dict[str, Any], list[str]]:
+    merged = _deep_copy(data)
+    problems: list[str] = []
+    for keys, (name, value) in overrides.items():
+        if not all(keys):
+            problems.append(f"{name}: (environment): empty key in the variable name")
+            continue
+        node = merged
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                problems.append(
+                    f"{name} (environment): {where}: cannot set a key below {where}, "
+                    f"which is {_kind(child)} ({_show(child)}), not a mapping"
+                )
+                break
+            node = child
+        else:
+            node[keys[-1]] = value
+    return merged, problems
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _explain(
+    exc: ValidationError,
+    source: str,
+    overrides: Mapping[tuple[str, ...], tuple[str, Any]],
+    model: type[BaseModel],
+) -> list[str]:
+    """Turn pydantic errors into `<source>: <key path>: <problem>` lines."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = _clean_loc(error["loc"])
+        blamed = source
+        for keys, (name, _value) in overrides.items():
+            if tuple(str(p) for p in loc[: len(keys)]) == keys:
+                blamed = f"{name} (environment)"
+                break
+        path = _dotted(loc) or "(top level)"
+        problem = _problem(error)
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            if allowed:
+                problem += f" (allowed: {', '.join(allowed)})"
+        lines.append(f"{blamed}: {path}: {problem}")
+    return lines
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the section at `loc` accepts (empty when it cannot be told)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        info = current.model_fields.get(str(part))
+        if info is None:
+            return []
+        current = _model_of(info.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+def _model_of(annotation: Any) -> Any:
+    """The BaseModel inside `X`, `X | None`, else the annotation itself."""
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def _clean_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    # Unions add the member's type name to the location (`speed.float`, `synthetic.function-...`):
+    # keep only the keys an operator wrote.
+    return tuple(
+        p
+        for p in loc
+        if not (
+            isinstance(p, str)
+            and (p in ("float", "int", "str", "bool", "none") or p.startswith(("literal[", "func")))
+        )
+    )
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _problem(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    got = error.get("input")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind in ("missing",):
+        return "required key is missing"
+    return f"{message} (got {_show(got)})"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _kind(value: Any) -> str:
+    kinds: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def known_keys(model: type[BaseModel]) -> list[str]:
+    """The keys a section accepts, for error messages and docs."""
+    return sorted(model.model_fields)
