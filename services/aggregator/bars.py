@@ -15,14 +15,29 @@ this engine is 1e-9) and are below ~9e6 (where `size * 1e9` stops being an exact
 Time is event time. Each symbol has a watermark: the largest event time seen for it, advanced by
 the wall-clock time elapsed since the tick that set it arrived, scaled by `clock_rate`
 (`wm(now) = max_ts + clock_rate * (now - arrival)`; 0 = event time alone, for replays at full
-speed; 1 = live). The watermark never goes backwards: a tick older than the current watermark
-does not pull it back. A bar closes (is emitted with `rev=0`) when `wm >= end + grace`; closing
-is checked at the start and at the end of every `on_ticks` call for that symbol, and for every
-symbol on `advance()`. A tick whose bar has already closed is late: within `revise_window` of the
-watermark it revises the bar (re-emitted with `rev + 1`; a bar created for an interval that was
-empty when it closed is emitted with `rev=0`); beyond the window it is reported in
-`Emitted.late` and touches nothing. Lateness is judged per interval. Closed bars are kept only
-while `end + revise_window >= wm`, so memory stays bounded.
+speed; 1 = live; N = a replay paced at N times the recorded speed). The watermark never goes
+backwards: a tick older than the current watermark does not pull it back. A bar closes (is
+emitted with `rev=0`) when the watermark passes `end + grace`; closing is checked at the start and
+at the end of every `on_ticks` call for that symbol, and for every symbol on `advance()`.
+
+Two sources of lateness are kept apart, because only one of them is in event time:
+- Disorder in the data (a tick older than one that arrived before it) is event time: a bar waits
+  `grace` of event time past its end for its symbol's own ticks, at any clock rate.
+- Transport delay (ticks in flight between the source and this engine) is wall-clock time; the
+  transport keeps a symbol's ticks in order, so only the wall-clock part of the watermark can
+  overtake them. That part is held back by `grace` of wall-clock time, which is
+  `grace * clock_rate` of event time: a paced replay at 1000x waits as long in wall-clock terms
+  for its in-flight ticks as live does, instead of closing bars 1000 times too early. At rates
+  up to 1 this is the plain `grace`, so live behaviour is exactly "wm >= end + grace".
+
+A tick whose bar has already closed is late. Lateness is measured against the largest event time
+seen for the symbol (its event-time watermark, never the wall-clock extrapolation): within
+`revise_window` of it, the tick revises the bar (re-emitted with `rev + 1`; a bar created for an
+interval that was empty when it closed is emitted with `rev=0`); beyond the window it is reported
+in `Emitted.late` and touches nothing. A tick delayed in transport, but in order in its symbol's
+data, therefore always revises and is never dropped, whatever the clock rate. Lateness is judged
+per interval. Closed bars are kept only while `end + revise_window >= max_ts`, so memory stays
+bounded (about `revise_window / width` closed bars per symbol and interval).
 
 Ticks with a non-finite price or size are left out and reported in `Emitted.invalid`.
 
@@ -360,7 +375,8 @@ class BarEngine:
             state.anchor_now = now_ns
             state.rate = clock_rate
         # Bars whose deadline passed before these ticks arrived close first: their ticks are late.
-        self._close_due(state, wm0, bars)
+        self._close_due(state, self._line(state, wm0), bars)
+        max_ts0 = state.max_ts  # lateness is judged against the event time seen before the batch
 
         invalid: list[InvalidTick] = []
         rows = self._rows(ticks)
@@ -370,7 +386,7 @@ class BarEngine:
         if rows:
             dirty: dict[tuple[str, int], tuple[_Series, _Acc]] = {}
             for series in state.series:
-                self._fold(state, series, rows, wm0, provider, dirty, late)
+                self._fold(state, series, rows, max_ts0, provider, dirty, late)
             batch_max = max([row[0] for row in rows])
             if batch_max > state.max_ts:
                 state.max_ts = batch_max
@@ -380,7 +396,7 @@ class BarEngine:
             for series, acc in dirty.values():
                 acc.rev += 1  # -1 (created for an interval empty at close) becomes 0
                 bars.append(self._bar(symbol, series.interval, acc))
-            self._close_due(state, state.wm, bars)
+            self._close_due(state, self._line(state, state.wm), bars)
 
         if len(bars) > 1:
             widths = self._widths
@@ -392,7 +408,7 @@ class BarEngine:
         bars: list[Bar] = []
         for state in self._symbols.values():
             if state.rate:  # at rate 0 the watermark only moves with ticks
-                self._close_due(state, state.watermark(now_ns), bars)
+                self._close_due(state, self._line(state, state.watermark(now_ns)), bars)
         if len(bars) > 1:
             widths = self._widths
             bars.sort(key=lambda b: (widths[b.interval], b.interval, b.symbol, b.start, b.rev))
@@ -466,7 +482,7 @@ class BarEngine:
         state: _Symbol,
         series: _Series,
         rows: list[_Row],
-        wm0: int,
+        max_ts0: int,
         provider: str,
         dirty: dict[tuple[str, int], tuple[_Series, _Acc]],
         late: list[LateTick],
@@ -507,7 +523,7 @@ class BarEngine:
                 cur.open_ts, cur.close_ts, cur.units, cur.pv, cur.count = ots, cts, units, pvs, n
             start = ts - ts % width
             if start + width <= closed_end:
-                self._late(state, series, start, ts, p, u, pv, tick, wm0, provider, dirty, late)
+                self._late(state, series, start, ts, p, u, pv, tick, max_ts0, provider, dirty, late)
                 continue
             acc = opened.get(start)
             if acc is None:
@@ -534,21 +550,22 @@ class BarEngine:
         units: int,
         pv: float,
         tick: Tick,
-        wm0: int,
+        max_ts0: int,
         provider: str,
         dirty: dict[tuple[str, int], tuple[_Series, _Acc]],
         late: list[LateTick],
     ) -> None:
         """A tick whose bar already closed: revise the bar, or report it beyond the window."""
-        lag = wm0 - ts
+        lag = max_ts0 - ts
         if lag > self._window:
             reason = (
-                f"beyond revise window: {lag / 1e9:.1f} s behind watermark "
+                f"beyond revise window: {lag / 1e9:.1f} s behind the symbol's latest event time "
                 f"(window {self._window / 1e9:g} s)"
             )
             late.append(LateTick(state.symbol, series.interval, tick, reason, provider, lag))
             return
-        # Within the window the bar cannot have been pruned: end > ts >= wm - window.
+        # Within the window the bar cannot have been pruned: pruning keeps every bar with
+        # start >= max_ts - window - width, and here start > ts - width >= max_ts0 - window - width.
         acc = series.closed.get(start)
         if acc is None:  # the interval was empty when it closed
             acc = series.closed[start] = _Acc(start, start + series.width, ts, price, units, pv,
@@ -558,9 +575,21 @@ class BarEngine:
             acc.add(ts, price, units, pv)
         dirty[(series.interval, start)] = (series, acc)
 
-    def _close_due(self, state: _Symbol, wm: int, bars: list[Bar]) -> None:
-        """Emit the open bars with `end + grace <= wm` and prune closed bars out of the window."""
-        limit = wm - self._grace
+    def _line(self, state: _Symbol, wm: int) -> int:
+        """The closing line for watermark `wm`: every bar with `end <= line` is due.
+
+        The event-time part closes `grace` after the symbol's own ticks pass the end; the
+        wall-clock part waits `grace` of wall-clock time, i.e. `grace * rate` of event time when
+        the clock runs faster than real time (a paced replay), since in-flight ticks are late by
+        wall-clock time. At rates up to 1 both reduce to `wm - grace`, as `wm >= max_ts`.
+        """
+        rate = state.rate
+        if rate <= 1.0:
+            return wm - self._grace
+        return max(state.max_ts - self._grace, wm - int(self._grace * rate))
+
+    def _close_due(self, state: _Symbol, limit: int, bars: list[Bar]) -> None:
+        """Emit the open bars with `end <= limit` and prune closed bars out of the window."""
         for series in state.series:
             width = series.width
             close_end = limit - limit % width  # the last bar end that is due
@@ -573,8 +602,9 @@ class BarEngine:
                     self._emit_closed(state, series, opened.pop(start), bars)
                 if series.cur is not None and series.cur.end <= close_end:
                     series.cur = None
-            # Keep closed bars while end + window >= wm, i.e. prune start < wm - window - width.
-            horizon = wm - self._window - width
+            # Keep closed bars while end + window >= max_ts, i.e. prune start < max_ts - window -
+            # width: exactly the bars a late tick within the window can still revise.
+            horizon = state.max_ts - self._window - width
             order = series.order
             closed = series.closed
             while order and order[0] < horizon:

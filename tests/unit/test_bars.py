@@ -248,6 +248,56 @@ def test_wall_clock_deadline_closes_before_the_next_batch_is_folded() -> None:
     assert [(b.close, b.trade_count, b.rev) for b in out.bars] == [(10.0, 1, 0), (11.0, 2, 1)]
 
 
+def test_paced_replay_waits_grace_in_wall_clock_time() -> None:
+    """At 1000x a wall-clock ms is a second of event time: grace holds in wall-clock terms."""
+    eng = engine(grace=500 * MS)
+    feed(eng, [tk(T0 + 100 * MS, 10.0)], now=NOW, rate=1000.0)
+    # wm = 100.1 s of event time after 100 ms of wall clock, far past end + grace (1.5 s), but
+    # ticks in flight for 100 ms are normal: the bar waits 500 ms of wall clock (500 s at 1000x)
+    assert eng.watermark("AAPL", NOW + 100 * MS) == T0 + 100_100 * MS
+    assert eng.advance(NOW + 100 * MS).bars == []
+    assert eng.advance(NOW + 500 * MS).bars == []  # wm - 500 s = 0.1 s < end
+    (bar,) = eng.advance(NOW + 501 * MS).bars  # wm - 500 s = 1.1 s >= end
+    assert (bar.start, bar.rev) == (T0, 0)
+
+
+def test_paced_replay_still_closes_by_its_own_ticks_with_event_time_grace() -> None:
+    eng = engine(grace=500 * MS)
+    feed(eng, [tk(T0 + 100 * MS, 10.0)], now=NOW, rate=1000.0)
+    assert feed(eng, [tk(T0 + 1_499 * MS, 11.0)], now=NOW + 1 * MS, rate=1000.0).bars == []
+    out = feed(eng, [tk(T0 + 1_500 * MS, 12.0)], now=NOW + 1 * MS, rate=1000.0)
+    assert [(b.start, b.close, b.rev) for b in out.bars] == [(T0, 10.0, 0)]
+
+
+def test_a_tick_delayed_in_transport_revises_instead_of_being_dropped() -> None:
+    """Lateness is judged in event time: an in-order tick held up in transport is never lost."""
+    eng = engine(("1s", "1m"), grace=200 * MS, window=10 * S)
+    feed(eng, [tk(T0 + 100 * MS, 10.0)], now=NOW, rate=1.0)
+    # the symbol goes quiet: the wall clock closes its 1 s bar, later its minute
+    assert [b.interval for b in eng.advance(NOW + 2 * S).bars] == ["1s"]
+    assert [b.interval for b in eng.advance(NOW + 90 * S).bars] == ["1m"]
+    # 90 s of wall clock later the next tick of the same second arrives: the watermark is
+    # 90 s past it, but it is newer than every tick seen, so it is not late data
+    out = feed(eng, [tk(T0 + 900 * MS, 11.0)], now=NOW + 90 * S, rate=1.0)
+    assert out.late == []
+    assert [(b.interval, b.start, b.close, b.trade_count, b.rev) for b in out.bars] == [
+        ("1s", T0, 11.0, 2, 1),
+        ("1m", T0, 11.0, 2, 1),
+    ]
+    # newer again, into seconds the clock closed empty: created at rev 0, the minute revised
+    out = feed(eng, [tk(T0 + 20 * S, 12.0)], now=NOW + 91 * S, rate=1.0)
+    assert out.late == []
+    assert [(b.interval, b.start - T0, b.rev) for b in out.bars] == [
+        ("1s", 20 * S, 0),
+        ("1m", 0, 2),
+    ]
+    # a tick more than the window behind the latest event time is late data: dropped
+    out = feed(eng, [tk(T0 + 9 * S, 13.0)], now=NOW + 91 * S, rate=1.0)
+    assert out.bars == []
+    assert [(lt.interval, lt.lag_ns) for lt in out.late] == [("1s", 11 * S), ("1m", 11 * S)]
+    assert eng.end_of_stream("AAPL").bars == []
+
+
 def test_watermark_never_goes_backwards() -> None:
     eng = engine()
     feed(eng, [tk(T0 + 100 * MS, 10.0)], now=NOW, rate=1.0)
@@ -362,7 +412,9 @@ def test_late_tick_beyond_window_is_reported_and_changes_nothing() -> None:
             symbol="AAPL",
             interval=interval,
             tick=lost,
-            reason="beyond revise window: 90.2 s behind watermark (window 60 s)",
+            reason=(
+                "beyond revise window: 90.2 s behind the symbol's latest event time (window 60 s)"
+            ),
             provider="test",
             lag_ns=90_200 * MS,
         )
