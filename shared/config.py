@@ -165,7 +165,9 @@ DEFAULT_SYMBOLS = ["AAPL", "MSFT", "BRK.B", "BTC/USD"]
 class FallbackConfig(_Model):
     """`fallback:`: which source feeds a symbol, by default and per symbol."""
 
-    default: list[str] = ["ibkr", "replay", "synthetic"]
+    default: list[str] | None = Field(
+        None, description="unset: the configured providers, ibkr before replay before synthetic"
+    )
     symbols: dict[str, list[str]] = {}
 
 
@@ -176,9 +178,11 @@ class DataProviders(_Model):
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
     __pydantic_extra__: dict[str, PluginProvider]
 
-    synthetic: SyntheticProvider | None = SyntheticProvider(symbols=DEFAULT_SYMBOLS)
-    replay: ReplayProvider | None = ReplayProvider()
-    ibkr: IbkrProvider | None = IbkrProvider()
+    # A provider whose section is absent (or null) is not configured: starting it answers
+    # `unknown_provider`. Without any file, `BUILTIN_PROVIDERS` applies.
+    synthetic: SyntheticProvider | None = None
+    replay: ReplayProvider | None = None
+    ibkr: IbkrProvider | None = None
     fallback: FallbackConfig = FallbackConfig()
 
     @property
@@ -192,9 +196,27 @@ class DataProviders(_Model):
         found.update(self.model_extra or {})
         return found
 
+    @property
+    def default_order(self) -> list[str]:
+        """`fallback.default`, or the configured providers in the order of preference."""
+        if self.fallback.default is not None:
+            return list(self.fallback.default)
+        preferred = [n for n in PREFERENCE if n in self.providers]
+        return preferred + sorted(n for n in self.providers if n not in PREFERENCE)
+
     def source_order(self, symbol: str) -> list[str]:
         """The providers to try for `symbol`, first available wins."""
-        return list(self.fallback.symbols.get(symbol, self.fallback.default))
+        return list(self.fallback.symbols.get(symbol, self.default_order))
+
+
+# The providers of a deployment without data_providers.yaml (equal to the shipped file).
+BUILTIN_PROVIDERS: dict[str, Any] = {
+    "synthetic": {"symbols": list(DEFAULT_SYMBOLS)},
+    "replay": {},
+    "ibkr": {},
+    "fallback": {"default": ["ibkr", "replay", "synthetic"]},
+}
+PREFERENCE = ("ibkr", "replay", "synthetic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,10 +376,13 @@ class Config:
                 price_type=p.bars.price_type,
             ),
             fallback=Fallback(
-                default=list(self.providers.fallback.default),
+                default=self.providers.default_order,
                 symbols={k: list(v) for k, v in self.providers.fallback.symbols.items()},
             ),
         )
+
+
+BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {PROVIDERS_FILE: BUILTIN_PROVIDERS, POLICY_FILE: {}}
 
 
 def find_config_dir(env: Mapping[str, str], cwd: Path) -> Path | None:
@@ -387,7 +412,10 @@ def load_config(config_dir: Path | None, env: Mapping[str, str] | None = None) -
         path = config_dir / filename if config_dir is not None else None
         source = str(path) if path is not None and path.is_file() else "built-in defaults"
         sources[filename] = source
-        raw, file_problems = _read_yaml(path) if source != "built-in defaults" else ({}, [])
+        if source != "built-in defaults":
+            raw, file_problems = _read_yaml(path)
+        else:
+            raw, file_problems = _deep_copy(BUILTIN_DEFAULTS[filename]), []
         if file_problems:
             problems.extend(file_problems)
             continue
@@ -426,7 +454,9 @@ def cross_check(config: Config) -> list[str]:
     problems: list[str] = []
     providers = config.providers.providers
     fallback = config.providers.fallback
-    lists: list[tuple[tuple[str, ...], list[str]]] = [(("fallback", "default"), fallback.default)]
+    lists: list[tuple[tuple[str, ...], list[str]]] = [
+        (("fallback", "default"), fallback.default or [])
+    ]
     lists += [(("fallback", "symbols", sym), order) for sym, order in fallback.symbols.items()]
     for where, names in lists:
         for i, name in enumerate(names):

@@ -1,0 +1,251 @@
+"""The config files: shipped defaults, validation messages, environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from shared.config import (
+    POLICY_FILE,
+    PROVIDERS_FILE,
+    ConfigError,
+    ControlHttpSettings,
+    StoreHttpSettings,
+    find_config_dir,
+    load_config,
+)
+from shared.schemas import Policy
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def problems(config_dir: Path | None, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(config_dir, env or {})
+    return info.value.problems
+
+
+def test_shipped_files_are_valid_and_equal_the_built_in_defaults() -> None:
+    shipped = load_config(REPO_CONFIGS, {})
+    defaults = load_config(None, {})
+    assert shipped.providers == defaults.providers
+    assert shipped.policy == defaults.policy
+    assert shipped.sources[POLICY_FILE] == str(REPO_CONFIGS / POLICY_FILE)
+    assert defaults.sources[POLICY_FILE] == "built-in defaults"
+
+
+def test_shipped_defaults_are_a_safe_production_start() -> None:
+    config = load_config(REPO_CONFIGS, {})
+    assert config.policy.write_path.enabled and not config.policy.write_path.dry_run
+    assert config.policy.store_sync.mode == "bus"
+    assert config.policy.write_path.max_runtime_seconds == 0
+    providers = config.providers.providers
+    assert set(providers) == {"synthetic", "replay", "ibkr"}
+    assert providers["synthetic"].enabled and providers["synthetic"].symbols
+    assert providers["replay"].symbols_from_source
+    assert not providers["ibkr"].enabled
+
+
+def test_policy_struct_carries_the_effective_policy_through_json() -> None:
+    config = load_config(
+        None,
+        {
+            "MDP_POLICY__WRITE_PATH__DRY_RUN": "true",
+            "MDP_POLICY__STORE_SYNC__MODE": "http",
+            "MDP_POLICY__STORE_SYNC__HTTP_URL": "http://store:8080/v1/bars",
+            "MDP_POLICY__BATCHING__MAX_ROWS": "100",
+        },
+    )
+    policy = msgspec.json.decode(msgspec.json.encode(config.to_policy(7)), type=Policy)
+    assert policy.revision == 7
+    assert policy.write_path.dry_run and policy.write_path.enabled
+    assert policy.store_sync.mode == "http"
+    assert policy.store_sync.http_url == "http://store:8080/v1/bars"
+    assert policy.batching is not None and policy.batching.max_rows == 100
+    assert policy.fallback is not None and policy.fallback.default[-1] == "synthetic"
+
+
+def test_unknown_key_names_file_path_and_allowed_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, POLICY_FILE, "write_path:\n  enabeld: false\n")
+    [problem] = problems(tmp_path)
+    assert problem == (
+        f"{path}: write_path.enabeld: unknown key (allowed: dry_run, enabled, max_runtime_seconds)"
+    )
+
+
+def test_wrong_type_is_not_coerced(tmp_path: Path) -> None:
+    path = write(tmp_path, POLICY_FILE, 'write_path:\n  max_runtime_seconds: "ten"\n')
+    [problem] = problems(tmp_path)
+    assert problem.startswith(f"{path}: write_path.max_runtime_seconds: ")
+    assert "number" in problem and "'ten'" in problem
+    write(tmp_path, POLICY_FILE, 'write_path:\n  enabled: "yes"\n')
+    [problem] = problems(tmp_path)
+    assert "write_path.enabled" in problem and "boolean" in problem
+
+
+def test_bad_mode_lists_the_modes(tmp_path: Path) -> None:
+    path = write(tmp_path, POLICY_FILE, "store_sync:\n  mode: kafka\n")
+    [problem] = problems(tmp_path)
+    assert (
+        problem == f"{path}: store_sync.mode: Input should be 'bus', 'http' or 'none' (got 'kafka')"
+    )
+
+
+def test_every_problem_of_both_files_is_reported(tmp_path: Path) -> None:
+    write(tmp_path, POLICY_FILE, "store_sync:\n  mode: kafka\nguards:\n  max_symbols: 0\n")
+    write(tmp_path, PROVIDERS_FILE, "synthetic:\n  params:\n    rate: -1\n")
+    found = problems(tmp_path)
+    assert len(found) == 3
+    assert any("synthetic.params.rate" in p and "greater than 0" in p for p in found)
+    assert any("guards.max_symbols" in p for p in found)
+    message = ConfigError(found).message
+    assert message.startswith("invalid configuration:\n  ")
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, POLICY_FILE, "write_path:\n  enabled: [true\n")
+    [problem] = problems(tmp_path)
+    assert problem.startswith(f"{path}: line ")
+    assert "YAML syntax error" in problem
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, PROVIDERS_FILE, "- synthetic\n")
+    assert problems(tmp_path) == [f"{path}: (top level): must be a mapping of keys, got a list"]
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    write(tmp_path, POLICY_FILE, "# nothing set\n")
+    assert load_config(tmp_path, {}).policy == load_config(None, {}).policy
+
+
+def test_bad_symbol_pattern_and_intervals_and_url(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        POLICY_FILE,
+        "guards:\n  symbol_pattern: '(['\nbars:\n  intervals: [1x]\n"
+        "store_sync:\n  http_url: ftp://x\n",
+    )
+    found = problems(tmp_path)
+    assert any(p.endswith("(got '([')") and "guards.symbol_pattern" in p for p in found)
+    assert any("bars.intervals" in p and "1x" in p for p in found)
+    assert any("store_sync.http_url" in p and "http(s)" in p for p in found)
+
+
+def test_fallback_names_must_be_configured_providers(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        PROVIDERS_FILE,
+        "synthetic: {symbols: [AAPL]}\nfallback:\n  default: [synthetic, polygon]\n"
+        "  symbols: {AAPL: [replay]}\n",
+    )
+    found = problems(tmp_path)
+    assert f"{path}: fallback.default[1]: 'polygon' is not a configured provider" in found[0]
+    assert "fallback.symbols.AAPL[0]: 'replay'" in found[1]
+
+
+def test_configured_symbols_must_fit_the_pattern(tmp_path: Path) -> None:
+    write(tmp_path, PROVIDERS_FILE, "synthetic:\n  symbols: [AAPL, ' MSFT']\n")
+    [problem] = problems(tmp_path)
+    assert "synthetic.symbols[1]: ' MSFT' does not match guards.symbol_pattern" in problem
+
+
+def test_a_missing_section_means_the_provider_is_not_configured(tmp_path: Path) -> None:
+    write(tmp_path, PROVIDERS_FILE, "synthetic: {symbols: [AAPL]}\npolygon: {}\n")
+    config = load_config(tmp_path, {})
+    assert list(config.providers.providers) == ["synthetic", "polygon"]
+    # Without an explicit fallback order: the configured ones, built-ins first.
+    assert config.providers.source_order("AAPL") == ["synthetic", "polygon"]
+
+
+def test_null_section_unconfigures_a_provider_and_plugins_pass_params_through(
+    tmp_path: Path,
+) -> None:
+    write(
+        tmp_path,
+        PROVIDERS_FILE,
+        "synthetic: {}\nibkr: null\npolygon:\n  symbols: [AAPL]\n"
+        "  params: {api_key_env: POLYGON_KEY}\nfallback: {default: [polygon, synthetic]}\n",
+    )
+    providers = load_config(tmp_path, {}).providers.providers
+    assert "ibkr" not in providers
+    assert providers["polygon"].params == {"api_key_env": "POLYGON_KEY"}
+    assert providers["polygon"].enabled
+
+
+def test_environment_overrides_nested_keys_with_yaml_values(tmp_path: Path) -> None:
+    write(tmp_path, POLICY_FILE, "write_path:\n  enabled: true\n")
+    config = load_config(
+        tmp_path,
+        {
+            "MDP_POLICY__WRITE_PATH__ENABLED": "false",
+            "MDP_POLICY__WRITE_PATH__MAX_RUNTIME_SECONDS": "90",
+            "MDP_PROVIDERS__SYNTHETIC__SYMBOLS": "[IBM, BRK.B]",
+            "MDP_PROVIDERS__SYNTHETIC__PARAMS__RATE": "500",
+            "MDP_PROVIDERS__FALLBACK__SYMBOLS": '{"BTC/USD": [synthetic]}',
+            "MDP_UNRELATED": "x",
+        },
+    )
+    assert config.policy.write_path.enabled is False
+    assert config.policy.write_path.max_runtime_seconds == 90
+    synthetic = config.providers.providers["synthetic"]
+    assert synthetic.symbols == ["IBM", "BRK.B"]
+    assert synthetic.params.rate == 500  # type: ignore[union-attr]
+    assert config.providers.source_order("BTC/USD") == ["synthetic"]
+    assert config.providers.source_order("AAPL") == ["ibkr", "replay", "synthetic"]
+
+
+def test_a_bad_environment_override_is_blamed_on_the_variable(tmp_path: Path) -> None:
+    write(tmp_path, POLICY_FILE, "store_sync:\n  mode: bus\n")
+    found = problems(
+        tmp_path,
+        {"MDP_POLICY__STORE_SYNC__MODE": "kafka", "MDP_POLICY__WRITE_PATH__ENABLD": "1"},
+    )
+    assert "MDP_POLICY__STORE_SYNC__MODE (environment): store_sync.mode: " in found[1]
+    assert found[0].startswith("MDP_POLICY__WRITE_PATH__ENABLD (environment): write_path.enabld")
+    found = problems(None, {"MDP_PROVIDERS__FALLBACK__DEFAULT": "[nope]"})
+    assert found[0].startswith("MDP_PROVIDERS__FALLBACK__DEFAULT (environment): fallback.default")
+
+
+def test_an_override_below_a_scalar_is_refused() -> None:
+    [problem] = problems(
+        None, {"MDP_POLICY__WRITE_PATH": "5", "MDP_POLICY__WRITE_PATH__ENABLED": "true"}
+    )
+    assert problem.startswith("MDP_POLICY__WRITE_PATH__ENABLED (environment): write_path: ")
+    assert "not a mapping" in problem
+
+
+def test_config_dir_lookup(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    assert find_config_dir({}, tmp_path) == tmp_path / "configs"
+    assert find_config_dir({"MDP_CONFIG_DIR": "configs"}, tmp_path) == tmp_path / "configs"
+    with pytest.raises(ConfigError) as info:
+        find_config_dir({"MDP_CONFIG_DIR": str(tmp_path / "nope")}, tmp_path)
+    assert info.value.message == (
+        f"invalid configuration: MDP_CONFIG_DIR={tmp_path / 'nope'}: not a directory"
+    )
+    # Without ./configs the source checkout's own files are found.
+    assert find_config_dir({}, tmp_path / "configs") == REPO_CONFIGS
+
+
+def test_service_http_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MDP_CONTROL__HTTP_PORT", "8091")
+    monkeypatch.setenv("MDP_CONTROL__HTTP_TOKEN", "s3cret")
+    monkeypatch.setenv("MDP_STORE__HTTP_TOKEN", "other")
+    control = ControlHttpSettings()
+    assert (control.http_port, control.http_token, control.http_host) == (
+        8091,
+        "s3cret",
+        "127.0.0.1",
+    )
+    store = StoreHttpSettings()
+    assert (store.http_port, store.http_token, store.forward_token) == (0, "other", None)

@@ -1,0 +1,228 @@
+"""The guards of control requests: order, stable codes, defaults from the config."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.control.guards import (
+    ControlError,
+    build_job,
+    check_capacity,
+    expired,
+    is_live,
+    job_state,
+    next_deadline,
+    parse_start,
+    parse_stop,
+)
+from shared.config import Config, load_config
+from shared.schemas import JobSpec, StartRequest
+
+NOW = 1_800_000_000_000_000_000
+
+
+def config(**env: str) -> Config:
+    return load_config(None, env)
+
+
+def code_of(fn: object, *args: object) -> str:
+    with pytest.raises(ControlError) as info:
+        fn(*args)  # type: ignore[operator]
+    return info.value.code
+
+
+def start(body: bytes, cfg: Config | None = None) -> JobSpec:
+    return build_job(parse_start(body), cfg or config(), NOW)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"provider": 5}',
+        b'{"symbols": ["AAPL"]}',
+        b'{"provider": "synthetic", "symbols": "AAPL"}',
+        b'{"provider": "synthetic", "dry_run": "yes"}',
+        b'{"provider": "synthetic", "surprise": 1}',
+        b'{"provider": "synthetic", "job": "no spaces"}',
+        b'["synthetic"]',
+        b"\xff\xfe",
+    ],
+)
+def test_malformed_or_mistyped_requests_are_invalid_request(body: bytes) -> None:
+    assert code_of(parse_start, body) == "invalid_request"
+
+
+def test_codes_in_guard_order() -> None:
+    cfg = config(MDP_PROVIDERS__SYNTHETIC__SYMBOLS="[]")
+    # Each request fails several guards; the first in order answers.
+    assert code_of(start, b'{"provider": "nope", "symbols": [" bad"]}', cfg) == "unknown_provider"
+    assert code_of(start, b'{"provider": "ibkr", "symbols": []}', cfg) == "provider_disabled"
+    assert code_of(start, b'{"provider": "synthetic"}', cfg) == "symbols_empty"
+    assert code_of(start, b'{"provider": "synthetic", "symbols": []}', cfg) == "symbols_empty"
+    body = b'{"provider": "synthetic", "symbols": ["OK", "\\u0000"], "params": {"x": 1}}'
+    assert code_of(start, body, cfg) == "symbol_invalid"
+    body = b'{"provider": "synthetic", "symbols": ["OK"], "params": {"rate": "fast"}}'
+    assert code_of(start, body, cfg) == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    "symbol",
+    ["", " AAPL", "AAPL ", "A\tB", "A\nB", "\x7f", "X" * 65, "\\ud800"],
+)
+def test_symbols_that_fail_the_pattern_or_are_no_text(symbol: str) -> None:
+    body = '{"provider": "synthetic", "symbols": ["' + symbol.replace("\n", "\\n") + '"]}'
+    body = body.replace("\t", "\\t").replace("\x7f", "\\u007f")
+    assert code_of(start, body.encode()) == "symbol_invalid"
+
+
+def test_real_symbols_pass_and_are_deduplicated() -> None:
+    symbols = ["BRK.B", "BTC/USD", "ES 202412", "BTCUSD_PERP.BINANCE", "^GSPC", "6E=F", "Ä"]
+    body = msgspec_body({"provider": "synthetic", "symbols": [*symbols, "BRK.B"]})
+    assert start(body).symbols == symbols
+
+
+def msgspec_body(obj: object) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(obj)
+
+
+def test_a_custom_pattern_applies() -> None:
+    cfg = config(
+        MDP_POLICY__GUARDS__SYMBOL_PATTERN="'^[A-Z]{1,5}$'",
+        MDP_PROVIDERS__SYNTHETIC__SYMBOLS="[AAPL]",
+    )
+    assert start(b'{"provider": "synthetic", "symbols": ["AAPL"]}', cfg).symbols == ["AAPL"]
+    body = b'{"provider": "synthetic", "symbols": ["BRK.B"]}'
+    assert code_of(start, body, cfg) == "symbol_invalid"
+
+
+def test_symbols_default_from_the_provider_config() -> None:
+    assert start(b'{"provider": "synthetic"}').symbols == ["AAPL", "MSFT", "BRK.B", "BTC/USD"]
+
+
+def test_a_source_provides_the_symbols_of_a_replay() -> None:
+    spec = start(b'{"provider": "replay", "params": {"path": "/data/x.csv"}}')
+    assert spec.symbols == []
+    assert spec.params == {"path": "/data/x.csv", "speed": "max"}
+    assert code_of(start, b'{"provider": "replay"}') == "invalid_request"  # no path
+
+
+def test_guards_can_be_relaxed() -> None:
+    cfg = config(
+        MDP_POLICY__GUARDS__REQUIRE_PROVIDER_ENABLED="false",
+        MDP_POLICY__GUARDS__REQUIRE_SYMBOLS_NONEMPTY="false",
+    )
+    assert start(b'{"provider": "ibkr", "symbols": ["AAPL"]}', cfg).provider == "ibkr"
+    assert start(b'{"provider": "synthetic", "symbols": []}', cfg).symbols == []
+
+
+def test_too_many_symbols() -> None:
+    cfg = config(MDP_POLICY__GUARDS__MAX_SYMBOLS="2")
+    body = b'{"provider": "synthetic", "symbols": ["A", "B", "C"]}'
+    with pytest.raises(ControlError) as info:
+        start(body, cfg)
+    assert info.value.code == "invalid_request"
+    assert "guards.max_symbols = 2" in info.value.message
+
+
+def test_params_merge_config_and_request_and_are_checked() -> None:
+    spec = start(b'{"provider": "synthetic", "params": {"rate": 500, "max_ticks": 10}}')
+    assert spec.params == {"rate": 500, "seed": 1, "max_ticks": 10}
+    body = b'{"provider": "synthetic", "params": {"rte": 5}}'
+    with pytest.raises(ControlError) as info:
+        start(body)
+    assert info.value.code == "invalid_request"
+    assert "params.rte: unknown parameter" in info.value.message
+    ibkr = start(
+        b'{"provider": "ibkr", "symbols": ["AAPL"], "params": {"port": 4002}}',
+        config(MDP_PROVIDERS__IBKR__ENABLED="true"),
+    )
+    assert ibkr.params["port"] == 4002 and ibkr.params["pacing"]["max_messages_per_second"] == 50
+
+
+def test_dry_run_from_request_else_policy() -> None:
+    assert start(b'{"provider": "synthetic"}').dry_run is False
+    assert start(b'{"provider": "synthetic", "dry_run": true}').dry_run is True
+    cfg = config(MDP_POLICY__WRITE_PATH__DRY_RUN="true")
+    assert start(b'{"provider": "synthetic"}', cfg).dry_run is True
+    assert start(b'{"provider": "synthetic", "dry_run": false}', cfg).dry_run is False
+
+
+def test_deadline_from_max_runtime() -> None:
+    assert start(b'{"provider": "synthetic"}').deadline_ns == 0
+    cfg = config(MDP_POLICY__WRITE_PATH__MAX_RUNTIME_SECONDS="2.5")
+    spec = start(b'{"provider": "synthetic", "job": "j-1"}', cfg)
+    assert spec.deadline_ns == NOW + 2_500_000_000
+    assert spec.started_ns == NOW and spec.run == f"j-1-{NOW:x}" and spec.job == "j-1"
+
+
+def job(name: str, deadline_ns: int = 0) -> JobSpec:
+    return JobSpec(job=name, provider="synthetic", symbols=["A"], deadline_ns=deadline_ns)
+
+
+def test_capacity_same_job_and_limit() -> None:
+    live = {"a": job("a"), "b": job("b")}
+    with pytest.raises(ControlError) as info:
+        check_capacity(job("a"), live, 8)
+    assert info.value.code == "already_running" and "'a' is already running" in info.value.message
+    with pytest.raises(ControlError) as info:
+        check_capacity(job("c"), live, 2)
+    assert info.value.code == "already_running"
+    assert "guards.max_concurrent_jobs = 2" in info.value.message
+    check_capacity(job("c"), live, 3)
+
+
+def test_deadlines() -> None:
+    jobs = {"a": job("a", 30), "b": job("b", 10), "c": job("c", 0), "d": job("d", 50)}
+    assert [spec.job for spec in expired(jobs, 30)] == ["b", "a"]
+    assert next_deadline(jobs) == 10
+    assert next_deadline({"c": job("c")}) == 0
+
+
+def test_job_state_follows_the_provider_report_of_this_run() -> None:
+    spec = JobSpec(job="a", provider="synthetic", symbols=["A"], run="a-1")
+    assert job_state(spec, None) == "pending"
+    assert job_state(spec, {"run": "a-0", "state": "completed"}) == "pending"
+    assert job_state(spec, {"run": "a-1", "state": "running"}) == "running"
+    assert is_live("pending") and is_live("running") and not is_live("completed")
+    assert not is_live("failed")
+
+
+def test_stop_request() -> None:
+    assert parse_stop(b"").job == "default"
+    request = parse_stop(b'{"job": "j1", "reason": "maintenance"}')
+    assert (request.job, request.reason) == ("j1", "maintenance")
+    assert code_of(parse_stop, b'{"job": 1}') == "invalid_request"
+    assert code_of(parse_stop, b'{"reason": "has spaces"}') == "invalid_request"
+
+
+def test_http_status_per_code() -> None:
+    statuses = {
+        code: ControlError(code, "x").http_status
+        for code in (
+            "invalid_request",
+            "unknown_provider",
+            "provider_disabled",
+            "symbols_empty",
+            "symbol_invalid",
+            "already_running",
+            "config_invalid",
+            "internal",
+        )
+    }
+    assert statuses == {
+        "invalid_request": 400,
+        "unknown_provider": 404,
+        "provider_disabled": 409,
+        "symbols_empty": 400,
+        "symbol_invalid": 400,
+        "already_running": 409,
+        "config_invalid": 400,
+        "internal": 500,
+    }
+
+
+def test_start_request_type_is_the_contract() -> None:
+    assert StartRequest(provider="synthetic").job == "default"
