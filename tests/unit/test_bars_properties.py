@@ -2,10 +2,13 @@
 
 Ticks of a few symbols, with timestamps clustered on second and minute boundaries, duplicates
 and equal timestamps, are delivered keeping each symbol's arrival order but interleaving symbols
-arbitrarily, in random chunks, at random wall-clock times and clock rates, with some ticks
-displaced later (late, but within a large revise window), `advance()` calls and checkpoint
-round trips in between. The latest revision of every bar must equal a direct, batch
-implementation of `shared/data/README.md` applied to the same ticks in arrival order.
+arbitrarily, in random chunks, at random wall-clock times and clock rates (full speed, live,
+slower and faster than real time), with some ticks displaced later (late, within a large revise
+window), `advance()` calls and checkpoint round trips in between. The latest revision of every
+bar must equal a direct, batch implementation of `shared/data/README.md` applied to the same
+ticks in arrival order. With a small revise window some late ticks are dropped: then every tick
+is accounted for exactly once per interval, either in the final bars or reported late, and the
+final bars are the batch definition of the ticks that were not reported.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def deliveries(draw: st.DrawFn, streams: dict[str, list[Raw]]) -> list[Step]:
         symbol = draw(st.sampled_from(sorted(s for s, t in left.items() if t)))
         size = draw(st.integers(1, 12))
         chunk, left[symbol] = left[symbol][:size], left[symbol][size:]
-        rate = draw(st.sampled_from([0.0, 0.0, 1.0, 0.5]))
+        rate = draw(st.sampled_from([0.0, 0.0, 1.0, 0.5, 10.0, 1000.0]))
         steps.append(Feed(symbol, chunk, draw(st.integers(0, 3 * S)), rate))
         action = draw(st.sampled_from(["none", "none", "none", "advance", "checkpoint"]))
         if action == "advance":
@@ -109,11 +112,18 @@ def deliveries(draw: st.DrawFn, streams: dict[str, list[Raw]]) -> list[Step]:
     return steps
 
 
-def reference_bars(ticks_in_arrival_order: list[Raw]) -> dict[tuple[str, str, int], dict]:
-    """The README definition, computed directly from all ticks with exact decimals."""
+def reference_bars(
+    ticks_in_arrival_order: list[Raw], skip: frozenset[tuple[str, int]] = frozenset()
+) -> dict[tuple[str, str, int], dict]:
+    """The README definition, computed directly from all ticks with exact decimals.
+
+    `skip` holds (interval, arrival index) of ticks to leave out of that interval's bars.
+    """
     groups: dict[tuple[str, str, int], list[tuple[int, int, str, str]]] = defaultdict(list)
     for arrival, (symbol, ts, price, size) in enumerate(ticks_in_arrival_order):
         for interval in INTERVALS:
+            if (interval, arrival) in skip:
+                continue
             width = interval_ns(interval)
             groups[(symbol, interval, ts // width * width)].append((ts, arrival, price, size))
     out = {}
@@ -180,8 +190,12 @@ def test_final_bars_equal_the_batch_definition(data: st.DataObject, grace: int) 
         assert seen == list(range(len(seen))), (key, seen)
 
     event(f"revised bars: {any(b.rev for b in emitted)}")
+    assert_final_bars(emitted, reference_bars(arrival))
+
+
+def assert_final_bars(emitted: list[Bar], expected: dict[tuple[str, str, int], dict]) -> None:
+    """The latest revision of every emitted bar equals the expected bar, and no bar is extra."""
     latest = {(b.symbol, b.interval, b.start): b for b in emitted}  # revs come in order
-    expected = reference_bars(arrival)
     assert latest.keys() == expected.keys()
     for key, want in expected.items():
         bar = latest[key]
@@ -217,3 +231,59 @@ def test_chunking_does_not_change_the_final_bars_at_event_time(data: st.DataObje
         results.append({k: (b.open, b.high, b.low, b.close, b.volume, b.trade_count, b.vwap)
                         for k, b in latest.items()})  # fmt: skip
     assert results[0] == results[1]
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    data=st.data(),
+    grace=st.sampled_from([0, S // 3, 2 * S]),
+    window=st.sampled_from([0, 1, S, 5 * S, 30 * S]),
+)
+def test_every_tick_is_in_the_bars_or_reported_late(
+    data: st.DataObject, grace: int, window: int
+) -> None:
+    """A small window drops some late ticks: never silently, never leaving a wrong bar."""
+    streams = data.draw(tick_streams())
+    steps = data.draw(deliveries(streams))
+    engine = BarEngine(INTERVALS, grace_ns=grace, revise_window_ns=window)
+    emitted: list[Bar] = []
+    arrival: list[Raw] = []
+    dropped: set[tuple[str, int]] = set()
+    max_seen: dict[str, int] = {}
+    now = 10**15
+    seq = 0
+    for step in steps:
+        if isinstance(step, Feed):
+            now += step.dt
+            ticks = []
+            index: dict[int, int] = {}  # seq -> arrival index
+            for raw in step.chunk:
+                seq += 1
+                index[seq] = len(arrival)
+                arrival.append(raw)
+                ticks.append(to_tick(raw, seq))
+            out = engine.on_ticks(step.symbol, "prop", ticks, now, clock_rate=step.rate)
+            emitted.extend(out.bars)
+            before = max_seen.get(step.symbol)
+            for late in out.late:
+                # judged against the latest event time of the symbol before this batch
+                assert before is not None
+                assert late.lag_ns == before - late.tick.ts > window
+                assert late.symbol == step.symbol and late.reason.startswith("beyond")
+                key = (late.interval, index[late.tick.seq])
+                assert key not in dropped  # each tick reported at most once per interval
+                dropped.add(key)
+            max_seen[step.symbol] = max(before or 0, *(raw[1] for raw in step.chunk))
+        elif isinstance(step, Advance):
+            now += step.dt
+            emitted.extend(engine.advance(now).bars)
+        else:
+            engine = BarEngine.restore(engine.snapshot())
+    for symbol in streams:
+        emitted.extend(engine.end_of_stream(symbol).bars)
+    event(f"dropped ticks: {min(len(dropped), 3)}")
+    assert_final_bars(emitted, reference_bars(arrival, frozenset(dropped)))
