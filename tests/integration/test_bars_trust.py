@@ -244,7 +244,7 @@ def assert_bars(bars: list[Bar], expected: dict[Any, Any], what: str) -> None:
 async def test_late_ticks_within_the_window_revise_to_the_reference(
     pipeline: PipelineFactory, nc: NATS, tmp_path: Path, stem: str
 ) -> None:
-    """Ticks 2-20 s behind their symbol (default 500 ms grace, 60 s window): all revisions."""
+    """Ticks 2-20 s behind their symbol (default 500 ms grace, 60 s window) revise, never drop."""
     shuffled = displace(
         DATA / f"{stem}.ticks.csv.gz",
         tmp_path / f"{stem}.late.csv.gz",
