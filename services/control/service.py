@@ -278,7 +278,7 @@ class ControlService:
         del body
         jobs = []
         now = time.time_ns()
-        for key in sorted(await self._keys(self.jobs_kv)):
+        for key in sorted(await self._keys(KV_JOBS)):
             entry = await self._entry(key)
             if entry is None:
                 continue
@@ -291,7 +291,7 @@ class ControlService:
                 view["remaining_s"] = round(max(0, spec.deadline_ns - now) / 1e9, 3)
             jobs.append(view)
         stopped = []
-        for key in await self._keys(self.state_kv, STOPPED_PREFIX):
+        for key in await self._keys(KV_STATE, STOPPED_PREFIX):
             with contextlib.suppress(KeyNotFoundError):
                 entry_value = (await self.state_kv.get(key)).value
                 if entry_value:
@@ -454,12 +454,18 @@ class ControlService:
 
     # -- KV helpers ------------------------------------------------------------------------------
 
-    async def _keys(self, kv: Any, prefix: str = "") -> list[str]:
-        try:
-            keys = await kv.keys()
-        except Exception:  # nats-py raises NoKeysError on an empty bucket
-            return []
-        return [key for key in keys if key.startswith(prefix)]
+    async def _keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Keys of a bucket that start with `prefix` (deleted ones included; `get` skips them).
+
+        Read from the stream's subject list, not `KeyValue.keys()`: the latter's end-of-initial-
+        values marker races with delivery under load and then reports an empty bucket.
+        """
+        stream_prefix = f"$KV.{bucket}."
+        info = await self.ctx.js.stream_info(
+            f"KV_{bucket}", subjects_filter=f"{stream_prefix}{prefix}>"
+        )
+        subjects = info.state.subjects or {}
+        return sorted(subject[len(stream_prefix) :] for subject in subjects)
 
     async def _entry(self, name: str) -> tuple[JobSpec, int] | None:
         try:
@@ -480,7 +486,7 @@ class ControlService:
 
     async def _live_jobs(self) -> dict[str, JobSpec]:
         live = {}
-        for key in await self._keys(self.jobs_kv):
+        for key in await self._keys(KV_JOBS):
             entry = await self._entry(key)
             if entry is None:
                 continue

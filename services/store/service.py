@@ -217,7 +217,11 @@ class StoreService:
             except msgspec.DecodeError as exc:
                 self.ctx.log.error("bad_policy", error=str(exc))
                 continue
-            self.ctx.log.info("policy", store_sync=msgspec.to_builtins(self.policy.store_sync))
+            self.ctx.log.info(
+                "policy",
+                revision=self.policy.revision,
+                store_sync=msgspec.to_builtins(self.policy.store_sync),
+            )
 
     async def _write(self, bars: list[Bar]) -> None:
         if not bars:
