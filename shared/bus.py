@@ -50,14 +50,19 @@ KV_CHECKPOINTS = "mdp_checkpoints"
 # Connection
 
 
-async def connect(settings: Settings, name: str, log: Any) -> NATS:
+async def connect(
+    settings: Settings, name: str, log: Any, on_disconnect: Callable[[], None] | None = None
+) -> NATS:
     """Connect with unlimited reconnects, logging callbacks and a per-service inbox prefix."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=repr(exc))
 
     async def on_disconnected() -> None:
-        log.warning("nats_disconnected")
+        if on_disconnect is not None:
+            on_disconnect()
+        if not nc.is_draining and not nc.is_closed:
+            log.warning("nats_disconnected")
 
     async def on_reconnected() -> None:
         log.info("nats_reconnected", url=str(nc.connected_url.netloc if nc.connected_url else ""))
@@ -167,7 +172,9 @@ class JsPublisher:
         self._log = log
         self._ids = itertools.count(1)
         self._pending: dict[int, _InFlight] = {}
-        self._retry: set[int] = set()
+        self._resync = False
+        self._resync_pause = 0.0
+        self._order = asyncio.Lock()
         self._changed = asyncio.Event()
         self._prefix = ""
         self._sub: Any = None
@@ -182,13 +189,60 @@ class JsPublisher:
         """Publishes sent and not yet acknowledged."""
         return len(self._pending)
 
+    def disconnected(self) -> None:
+        """Called on a disconnect: in-flight messages must go again, in order, before new ones.
+
+        nats-py keeps unsent commands across a reconnect and sends them first; ours among them
+        would then overtake older in-flight messages lost with the socket. So ours are taken
+        out of its buffer here (they are all still tracked in `_pending`) and resent in order.
+        """
+        self._resync = True
+        buffer = getattr(self._nc, "_pending", None)
+        if not isinstance(buffer, list) or not self._prefix:
+            return
+        marker = f" {self._prefix}.".encode()
+        kept = [cmd for cmd in buffer if not (cmd[:5] == b"HPUB " and marker in cmd[:512])]
+        if len(kept) != len(buffer):
+            removed = sum(len(cmd) for cmd in buffer) - sum(len(cmd) for cmd in kept)
+            buffer[:] = kept
+            self._nc._pending_data_size = max(0, self._nc._pending_data_size - removed)
+
+    async def _resync_in_order(self) -> None:
+        """After a reconnect, resend every unacknowledged message in its original order.
+
+        New messages wait until then: otherwise they could be stored before older ones lost
+        in the outage, and a symbol's ticks would reach the stream out of order.
+        """
+        if self._resync_pause:
+            await asyncio.sleep(self._resync_pause)
+            self._resync_pause = 0.0
+        while not self._nc.is_connected:  # noqa: ASYNC110 (nats-py offers no event for it)
+            await asyncio.sleep(0.05)
+        self._resync = False
+        now = time.monotonic()
+        for token in sorted(self._pending):
+            item = self._pending[token]
+            item.sent = now
+            PUBLISH_RETRIES.inc()
+            await self._nc.publish(
+                item.subject, item.data, reply=f"{self._prefix}.{token}", headers=item.headers
+            )
+
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        """Send one message; waits only while the window is full."""
-        while len(self._pending) >= self._max:
-            await self._wait_progress()
-        token = next(self._ids)
-        self._pending[token] = _InFlight(subject, data, headers, time.monotonic())
-        await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+        """Send one message; waits only while the window is full or the connection is down.
+
+        Concurrent callers are served first come, first served (the lock is FIFO), so the
+        order of calls is the order in the stream, outages included.
+        """
+        async with self._order:
+            if self._resync or not self._nc.is_connected:
+                self._resync = True
+                await self._resync_in_order()
+            while len(self._pending) >= self._max:
+                await self._wait_progress()
+            token = next(self._ids)
+            self._pending[token] = _InFlight(subject, data, headers, time.monotonic())
+            await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
 
     async def flush(self) -> None:
         """Return once every message published so far is stored by its stream."""
@@ -202,12 +256,16 @@ class JsPublisher:
         await self._resend_due()
 
     async def _resend_due(self) -> None:
+        if self._resync:
+            await self._resync_in_order()
+            return
         now = time.monotonic()
-        for token, item in list(self._pending.items()):
-            if token in self._retry or now - item.sent > self._ack_timeout:
-                self._retry.discard(token)
-                if not self._nc.is_connected:
-                    continue
+        overdue = [t for t, item in self._pending.items() if now - item.sent > self._ack_timeout]
+        if overdue and self._nc.is_connected:
+            # Resend from the oldest overdue message on, keeping the original order.
+            first = min(overdue)
+            for token in sorted(t for t in self._pending if t >= first):
+                item = self._pending[token]
                 item.sent = now
                 PUBLISH_RETRIES.inc()
                 await self._nc.publish(
@@ -222,12 +280,14 @@ class JsPublisher:
             b'"error"' in msg.data
         )
         if failed:
-            # Stream unavailable (leader election, restart): retry after a short pause.
-            if self._log is not None:
+            # Stream unavailable (restart, leader election): pause new publishes and resend
+            # everything unacknowledged in order, so later messages cannot overtake this one.
+            if self._log is not None and not self._resync:
                 self._log.warning(
                     "publish_rejected", subject=self._pending[token].subject, ack=msg.data[:200]
                 )
-            self._pending[token].sent = time.monotonic() - self._ack_timeout + 0.25
+            self._resync = True
+            self._resync_pause = 0.25
         else:
             del self._pending[token]
         self._changed.set()

@@ -75,8 +75,14 @@ async def serve(service: Service, settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_signal.set)
 
+    publisher: JsPublisher | None = None
+
+    def on_disconnect() -> None:
+        if publisher is not None:
+            publisher.disconnected()
+
     try:
-        nc = await connect(settings, service.name, log)
+        nc = await connect(settings, service.name, log, on_disconnect)
     except Exception as exc:
         log.error("nats_connect_failed", url=settings.nats_url, error=repr(exc))
         return 2

@@ -27,6 +27,7 @@ from prometheus_client import Counter
 
 from services.aggregator.bars import BarEngine, Emitted
 from services.aggregator.batcher import BarBatcher
+from services.aggregator.dedup import SeenSeqs
 from shared import subjects
 from shared.bus import (
     CLOCK_RATE,
@@ -77,8 +78,9 @@ class Checkpoint(msgspec.Struct):
     engine: bytes
     pending: list[Bar]
     suppressed: dict[str, list[Bar]]
-    sources: dict[str, tuple[str, int]]
+    sources: dict[str, SeenSeqs]
     dry_run: list[str]
+    waiting_eos: dict[str, str] = {}
 
 
 class Fenced(StopConsuming):
@@ -100,14 +102,16 @@ class AggregatorService:
         self.lock = asyncio.Lock()
         self.policy = Policy(store_sync=StoreSync(mode=cfg.store_sync_mode))
         self.dry_run: set[str] = set()
-        # Per symbol, the (run, seq) of the newest tick folded: a provider that resumes after a
-        # crash may send some ticks again in differently cut batches.
-        self.sources: dict[str, tuple[str, int]] = {}
+        # Per symbol, which ticks of the current provider run were folded: a provider that
+        # resumes after a crash may send some again, in differently cut batches.
+        self.sources: dict[str, SeenSeqs] = {}
+        self.waiting_eos: dict[str, str] = {}  # end-of-stream markers waiting for late ticks
         self.last_seq = 0
         self.durable = "aggregator"
         self.checkpoint_key = f"aggregator.{self.durable}"
         self.revision = 0
         self.dirty = False
+        self.attempted = b""  # the last checkpoint we tried to write
         self._pending_notices: list[bytes] = []
         host = socket.gethostname()
         self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -197,32 +201,45 @@ class AggregatorService:
             await self._emit(emitted)
         eos_header = headers.get(END_OF_STREAM)
         if eos_header is not None:
-            await self._end_of_stream(batch.symbol, eos_header, msg)
+            self.waiting_eos[batch.symbol] = eos_header
+        if batch.symbol in self.waiting_eos:
+            await self._end_of_stream_if_complete(batch.symbol, msg)
+
+    async def _end_of_stream_if_complete(self, symbol: str, msg: Msg) -> None:
+        """Finish a symbol's bounded stream once every one of its ticks was folded.
+
+        A tick batch retried after an outage can reach the stream after the marker; closing
+        the bars before it arrived would store them without it.
+        """
+        header = self.waiting_eos[symbol]
+        try:
+            marker = msgspec.json.decode(header, type=EndOfStream)
+        except msgspec.DecodeError as exc:
+            del self.waiting_eos[symbol]
+            await dead_letter(self.ctx.publisher, self.name, msg, f"bad marker: {exc}", "decode")
+            return
+        seen = self.sources.get(symbol)
+        if seen is not None and seen.run == marker.run and seen.floor < marker.ticks:
+            return  # some ticks are still on their way
+        del self.waiting_eos[symbol]
+        await self._end_of_stream(symbol, marker, header)
 
     def _fresh_ticks(self, batch: TickBatch, run: str) -> list[Tick]:
         """Drop ticks of this symbol's run already folded (a resumed provider may resend)."""
         if not run:
             return batch.ticks
-        seen_run, seen_seq = self.sources.get(batch.symbol, ("", 0))
-        ticks = batch.ticks
-        if seen_run == run and ticks and ticks[0].seq <= seen_seq:
-            fresh = [t for t in ticks if t.seq > seen_seq]
-            DUPLICATE_TICKS.inc(len(ticks) - len(fresh))
-            ticks = fresh
-        if ticks:
-            self.sources[batch.symbol] = (run, ticks[-1].seq)
+        seen = self.sources.get(batch.symbol)
+        if seen is None or seen.run != run:
+            seen = self.sources[batch.symbol] = SeenSeqs(run)
+        ticks, duplicates = seen.fresh(batch.ticks)
+        if duplicates:
+            DUPLICATE_TICKS.inc(duplicates)
         return ticks
 
-    async def _end_of_stream(self, symbol: str, header: str, msg: Msg) -> None:
-        try:
-            marker = msgspec.json.decode(header, type=EndOfStream)
-        except msgspec.DecodeError as exc:
-            await dead_letter(self.ctx.publisher, self.name, msg, f"bad marker: {exc}", "decode")
-            return
+    async def _end_of_stream(self, symbol: str, marker: EndOfStream, header: str) -> None:
         await self._emit(self.engine.end_of_stream(symbol))
         # The bounded stream is over: a later run of the same symbol starts afresh.
         self.engine.forget(symbol)
-        self.sources.pop(symbol, None)
         await self._send(self.batcher.flush())
         await self._send_suppressed(due=False)
         subject = SYNC_SUBJECTS.get(self.policy.store_sync.mode)
@@ -333,24 +350,34 @@ class AggregatorService:
             suppressed={reason: b.pending for reason, b in self.suppressed.items() if b.pending},
             sources=self.sources,
             dry_run=sorted(self.dry_run),
+            waiting_eos=self.waiting_eos,
         )
         data = msgspec.msgpack.encode(checkpoint)
-        try:
-            if self.revision:
-                self.revision = await self.kv.update(self.checkpoint_key, data, last=self.revision)
-            else:
-                self.revision = await self.kv.create(self.checkpoint_key, data)
-        except (KeyWrongLastSequenceError, msgspec.ValidationError) as exc:
-            self.ctx.log.error("fenced_off", key=self.checkpoint_key, error=repr(exc))
-            self.ctx.stopping.set()
-            raise Fenced(str(exc)) from exc
-        except Exception as exc:
-            if "wrong last sequence" in str(exc).lower() or "key exists" in str(exc).lower():
-                self.ctx.log.error("fenced_off", key=self.checkpoint_key, error=repr(exc))
-                self.ctx.stopping.set()
-                raise Fenced(str(exc)) from exc
-            raise
+        previous, self.attempted = self.attempted, data
+        for _ in range(2):
+            try:
+                if self.revision:
+                    self.revision = await self.kv.update(
+                        self.checkpoint_key, data, last=self.revision
+                    )
+                else:
+                    self.revision = await self.kv.create(self.checkpoint_key, data)
+                break
+            except KeyWrongLastSequenceError as exc:
+                await self._fenced_unless_ours(exc, previous)
         self.dirty = False
+
+    async def _fenced_unless_ours(self, exc: Exception, previous: bytes) -> None:
+        """A failed swap is fine when the stored value is our own last write (its reply was
+        lost in an outage): adopt its revision. Anything else means another instance wrote."""
+        with contextlib.suppress(Exception):
+            entry = await self.kv.get(self.checkpoint_key)
+            if entry.value == previous and entry.revision:
+                self.revision = entry.revision
+                return
+        self.ctx.log.error("fenced_off", key=self.checkpoint_key, error=repr(exc))
+        self.ctx.stopping.set()
+        raise Fenced(str(exc)) from exc
 
     async def _restore(self) -> None:
         try:
@@ -375,8 +402,9 @@ class AggregatorService:
             batcher = self.suppressed.setdefault(reason, self._new_batcher())
             for bar in bars:
                 self._count_suppressed(reason, batcher.add(bar, len(encode(bar)), now))
-        self.sources = {k: (v[0], v[1]) for k, v in checkpoint.sources.items()}
+        self.sources = checkpoint.sources
         self.dry_run = set(checkpoint.dry_run)
+        self.waiting_eos = dict(checkpoint.waiting_eos)
         self.last_seq = checkpoint.last_seq
         self.revision = entry.revision or 0
         self.ctx.log.info(

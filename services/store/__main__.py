@@ -1,6 +1,12 @@
 """`python -m services.store`."""
 
-from services.store.service import StoreService
-from shared.runtime import main
+import signal
+import sys
+
+# A stop request that arrives while the process is still importing: nothing to flush yet.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+from services.store.service import StoreService  # noqa: E402
+from shared.runtime import main  # noqa: E402
 
 main(StoreService)
