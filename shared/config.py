@@ -323,8 +323,8 @@ class StoreHttpSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     http_token: str = Field("", description="bearer token the ingest API requires when set")
-    forward_token: str | None = Field(
-        None, description="token the forwarder sends (default: http_token)"
+    forward_token: str = Field(
+        "", description="bearer token sent to an external store_sync.http_url"
     )
 
 

@@ -166,10 +166,8 @@ class StoreService:
         store_sync = self.policy.store_sync
         own = not store_sync.http_url
         url = store_sync.http_url or (self.api.base_url + INGEST_PATH if self.api else "")
-        token = self.http_settings.forward_token
-        if token is None:
-            # Our own token goes only to our own API, never to a third-party URL.
-            token = self.http_settings.http_token if own else ""
+        # Our own token goes only to our own API; a third-party URL gets the forward token.
+        token = self.http_settings.http_token if own else self.http_settings.forward_token
         markers: list[str] = []
         sends: list[tuple[Msg, str, bytes]] = []
         for msg in msgs:

@@ -248,4 +248,4 @@ def test_service_http_settings_from_the_environment(monkeypatch: pytest.MonkeyPa
         "127.0.0.1",
     )
     store = StoreHttpSettings()
-    assert (store.http_port, store.http_token, store.forward_token) == (0, "other", None)
+    assert (store.http_port, store.http_token, store.forward_token) == (0, "other", "")
