@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--reason", default="operator_request")
     for verb in ("status", "reload"):
         _common(ingest_sub.add_parser(verb, help=f"{verb} request"))
+
+    config = sub.add_parser("config", help="check the configuration files")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser(
+        "check",
+        help="validate data_providers.yaml and ingestion_policy.yaml with their MDP_* overrides",
+    )
+    check.add_argument("--config-dir", type=Path, help="default: $MDP_CONFIG_DIR, else ./configs")
     return parser
 
 
@@ -150,11 +158,64 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
         reply = await control_request(nc, args.verb, body)
     finally:
         await nc.close()
+    # The reply as JSON on stdout (for scripts), a one-glance summary on stderr (for people).
     print(json.dumps(reply, indent=2, sort_keys=True))
     if not reply.get("ok"):
         error = reply.get("error", {})
         print(f"error {error.get('code')}: {error.get('message')}", file=sys.stderr)
         return 1
+    for line in summarize(args.verb, reply):
+        print(line, file=sys.stderr)
+    return 0
+
+
+def summarize(verb: str, reply: dict[str, Any]) -> list[str]:
+    """Human-readable lines for a successful control reply."""
+    if verb == "start":
+        job = reply.get("job", {})
+        lines = [
+            f"started job {job.get('job')} (run {job.get('run')}): {job.get('provider')} "
+            f"{', '.join(job.get('symbols') or []) or '(symbols from the source)'}"
+            f"{', dry run' if job.get('dry_run') else ''}"
+        ]
+        if job.get("deadline_ns"):
+            seconds = (job["deadline_ns"] - job.get("started_ns", 0)) / 1e9
+            lines.append(f"auto-stop after {seconds:g} s")
+        return lines
+    if verb == "stop":
+        if reply.get("status") == "idle":
+            return [f"job {reply.get('job')} was not running"]
+        return [f"stopped job {reply.get('job')} ({reply.get('reason')})"]
+    if verb == "reload":
+        return [f"reloaded: policy revision {reply.get('policy_revision')}"]
+    if verb == "status":
+        jobs = reply.get("jobs", [])
+        lines = [f"{len(jobs)} job(s); policy revision {reply.get('policy_revision')}"]
+        for job in jobs:
+            ticks = (job.get("provider_state") or {}).get("ticks", 0)
+            flags = " dry run" if job.get("dry_run") else ""
+            lines.append(
+                f"  {job.get('job')}: {job.get('state')} {job.get('provider')} "
+                f"{','.join(job.get('symbols') or [])} ticks={ticks}{flags}"
+            )
+        return lines
+    return []
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """`mdp config check`: validate both files; print where they came from, or every problem."""
+    from shared.config import ConfigError, find_config_dir, load_config
+
+    env = dict(os.environ)
+    if args.config_dir is not None:
+        env["MDP_CONFIG_DIR"] = str(args.config_dir)
+    try:
+        config = load_config(find_config_dir(env, Path.cwd()), env)
+    except ConfigError as exc:
+        print(f"mdp: {exc.message}", file=sys.stderr)
+        return 1
+    for name, source in config.sources.items():
+        print(f"{name}: ok ({source})")
     return 0
 
 
@@ -364,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     args = build_parser().parse_args(argv)
     _apply_overrides(args)
+    if args.command == "config":
+        sys.exit(cmd_config_check(args))
     if args.command == "service":
         from services.registry import service_factory
         from shared.runtime import main as run_service

@@ -419,6 +419,7 @@ async def test_cli_ingest_commands(control_system: System, tmp_path: Path) -> No
     assert started.returncode == 0, started.stderr
     reply = msgspec.json.decode(started.stdout)
     assert reply["job"]["dry_run"] is True and reply["job"]["symbols"] == ["AAPL", "MSFT"]
+    assert "started job cli" in started.stderr and "dry run" in started.stderr
     refused = await asyncio.to_thread(mdp, "start", "--provider", "ibkr", "--symbols", "AAPL")
     assert refused.returncode == 1
     assert "provider_disabled" in refused.stderr
@@ -428,6 +429,24 @@ async def test_cli_ingest_commands(control_system: System, tmp_path: Path) -> No
     assert stopped.returncode == 0 and msgspec.json.decode(stopped.stdout)["status"] == "stopped"
     reloaded = await asyncio.to_thread(mdp, "reload")
     assert reloaded.returncode == 0
+
+
+def test_config_check_command(tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MDP_")}
+
+    def check(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mdp.cli", "config", "check", *args],
+            cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    good = check("--config-dir", str(REPO / "configs"))
+    assert good.returncode == 0, good.stderr
+    assert f"ingestion_policy.yaml: ok ({REPO / 'configs' / POLICY})" in good.stdout
+    (tmp_path / POLICY).write_text("guards:\n  max_concurrent_jobs: -1\n")
+    bad = check("--config-dir", str(tmp_path))
+    assert bad.returncode == 1
+    assert f"{tmp_path / POLICY}: guards.max_concurrent_jobs: " in bad.stderr
 
 
 @pytest.mark.parametrize(
