@@ -37,6 +37,17 @@ class AggregatorSettings(BaseModel):
     batch_max_bytes: int = Field(1_000_000, ge=1024)
     batch_max_delay_ms: int = Field(200, ge=1)
     store_sync_mode: Literal["bus", "http", "none"] = "bus"
+    gap_intervals: int = Field(
+        10, ge=0, description="silent intervals before a gap event for a subscribed symbol; 0: off"
+    )
+    gap_interval: str = Field("", description="the interval gaps are counted in; default: smallest")
+
+    @field_validator("gap_interval")
+    @classmethod
+    def _gap_interval_parses(cls, value: str) -> str:
+        if value:
+            interval_ns(value)
+        return value
 
     @field_validator("intervals")
     @classmethod

@@ -28,6 +28,7 @@ from prometheus_client import Counter
 from services.aggregator.bars import BarEngine, Emitted
 from services.aggregator.batcher import BarBatcher
 from services.aggregator.dedup import SeenSeqs
+from services.aggregator.gaps import GapDetector, GapEvent
 from shared import subjects
 from shared.bus import (
     CLOCK_RATE,
@@ -36,6 +37,7 @@ from shared.bus import (
     DRY_RUN,
     END_OF_STREAM,
     KV_CHECKPOINTS,
+    KV_JOBS,
     KV_STATE,
     MSG_ID,
     POLICY_KEY,
@@ -48,7 +50,16 @@ from shared.bus import (
 from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError, encode
 from shared.lease import Lease, LeaseLost
 from shared.runtime import Context
-from shared.schemas import Bar, BarBatch, EndOfStream, Policy, StoreSync, Tick, TickBatch
+from shared.schemas import (
+    Bar,
+    BarBatch,
+    EndOfStream,
+    JobSpec,
+    Policy,
+    StoreSync,
+    Tick,
+    TickBatch,
+)
 from shared.settings import Settings
 
 BARS_EMITTED = Counter(
@@ -81,6 +92,7 @@ class Checkpoint(msgspec.Struct):
     sources: dict[str, SeenSeqs]
     dry_run: list[str]
     waiting_eos: dict[str, str] = {}
+    gaps: bytes = b""
 
 
 class Fenced(StopConsuming):
@@ -106,6 +118,8 @@ class AggregatorService:
         # resumes after a crash may send some again, in differently cut batches.
         self.sources: dict[str, SeenSeqs] = {}
         self.waiting_eos: dict[str, str] = {}  # end-of-stream markers waiting for late ticks
+        self.gaps = self._new_gaps()
+        self.jobs: dict[str, JobSpec] = {}
         self.last_seq = 0
         self.durable = "aggregator"
         self.checkpoint_key = f"aggregator.{self.durable}"
@@ -124,6 +138,12 @@ class AggregatorService:
             revise_window_ns=int(cfg.revise_window_s * 1e9),
             price_type=cfg.price_type,
         )
+
+    def _new_gaps(self) -> GapDetector | None:
+        cfg = self.settings.aggregator
+        if not cfg.gap_intervals:
+            return None
+        return GapDetector(cfg.gap_interval or cfg.intervals[0], cfg.gap_intervals)
 
     def _new_batcher(self) -> BarBatcher:
         cfg = self.settings.aggregator
@@ -150,6 +170,8 @@ class AggregatorService:
         await self.consumer.start()
         ctx.spawn(self._keep_lease(), "lease")
         ctx.spawn(self._watch_policy(), "policy")
+        if self.gaps is not None:
+            ctx.spawn(self._watch_jobs(), "jobs")
         ctx.spawn(self._timer(), "close-timer")
 
     async def stop(self) -> None:
@@ -194,11 +216,12 @@ class AggregatorService:
             self.dry_run.discard(batch.symbol)
         ticks = self._fresh_ticks(batch, headers.get(RUN, ""))
         if ticks:
-            emitted = self.engine.on_ticks(
-                batch.symbol, batch.provider, ticks, time.time_ns(), clock_rate
-            )
+            now = time.time_ns()
+            emitted = self.engine.on_ticks(batch.symbol, batch.provider, ticks, now, clock_rate)
             TICKS_AGGREGATED.inc(len(ticks))
             await self._emit(emitted)
+            if self.gaps is not None:
+                await self._gap_events(self.gaps.on_ticks(batch.symbol, now))
         eos_header = headers.get(END_OF_STREAM)
         if eos_header is not None:
             self.waiting_eos[batch.symbol] = eos_header
@@ -238,6 +261,8 @@ class AggregatorService:
 
     async def _end_of_stream(self, symbol: str, marker: EndOfStream, header: str) -> None:
         await self._emit(self.engine.end_of_stream(symbol))
+        if self.gaps is not None:
+            await self._gap_events(self.gaps.unsubscribe(symbol, time.time_ns()))
         # The bounded stream is over: a later run of the same symbol starts afresh.
         self.engine.forget(symbol)
         await self._send(self.batcher.flush())
@@ -351,6 +376,7 @@ class AggregatorService:
             sources=self.sources,
             dry_run=sorted(self.dry_run),
             waiting_eos=self.waiting_eos,
+            gaps=self.gaps.snapshot() if self.gaps is not None else b"",
         )
         data = msgspec.msgpack.encode(checkpoint)
         previous, self.attempted = self.attempted, data
@@ -405,6 +431,12 @@ class AggregatorService:
         self.sources = checkpoint.sources
         self.dry_run = set(checkpoint.dry_run)
         self.waiting_eos = dict(checkpoint.waiting_eos)
+        if self.gaps is not None and checkpoint.gaps:
+            self.gaps = GapDetector.restore(
+                checkpoint.gaps,
+                interval=self.gaps.interval,
+                missing_intervals=cfg.gap_intervals,
+            )
         self.last_seq = checkpoint.last_seq
         self.revision = entry.revision or 0
         self.ctx.log.info(
@@ -435,15 +467,48 @@ class AggregatorService:
                 self.policy = policy
             self.ctx.log.info("policy", policy=msgspec.to_builtins(policy))
 
+    async def _gap_events(self, events: list[GapEvent]) -> None:
+        for event in events:
+            self.dirty = True
+            await self.ctx.publisher.publish(
+                subjects.event("gap"),
+                msgspec.json.encode(event),
+                {CONTENT_TYPE: JSON, MSG_ID: event.event_id},
+            )
+
+    async def _watch_jobs(self) -> None:
+        """Follow the live subscriptions: a replay is bounded, its end is not a gap."""
+        assert self.gaps is not None
+        jobs_kv = await self.ctx.js.key_value(KV_JOBS)
+        watcher = await jobs_kv.watchall()
+        async for entry in watcher:
+            if entry is not None:
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    self.jobs.pop(entry.key, None)
+                else:
+                    try:
+                        self.jobs[entry.key] = msgspec.json.decode(entry.value, type=JobSpec)
+                    except msgspec.DecodeError as exc:
+                        self.ctx.log.error("bad_job_spec", key=entry.key, error=str(exc))
+                        continue
+            live = {
+                s for job in self.jobs.values() if job.provider != "replay" for s in job.symbols
+            }
+            async with self.lock:
+                await self._gap_events(self.gaps.sync(live, time.time_ns()))
+
     async def _timer(self) -> None:
         """Close idle symbols' bars by the wall clock and send batches that waited long enough."""
         while True:
             await asyncio.sleep(0.05)
             async with self.lock:
-                emitted = self.engine.advance(time.time_ns())
+                now = time.time_ns()
+                emitted = self.engine.advance(now)
                 due = self.batcher.due(time.monotonic_ns())
-                if not (emitted or due or self._due_suppressed()):
+                gap_events = self.gaps.check(now) if self.gaps is not None else []
+                if not (emitted or due or gap_events or self._due_suppressed()):
                     continue
+                await self._gap_events(gap_events)
                 await self._emit(emitted)
                 await self._send(due)
                 await self._send_suppressed(due=True)
