@@ -24,6 +24,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -39,6 +40,7 @@ CLOCK_RATE = "Mdp-Clock-Rate"
 END_OF_STREAM = "Mdp-End-Of-Stream"
 DRY_RUN = "Mdp-Dry-Run"
 RUN = "Mdp-Run"
+PRODUCER = "Mdp-Producer"  # which process instance published a bar
 POLICY_KEY = "policy"
 
 KV_JOBS = "ingest_jobs"
@@ -102,7 +104,11 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     return [
         StreamConfig(name="MD_RAW", subjects=["md.raw.>"], max_age=s.raw_max_age_s, **common),
         StreamConfig(
-            name="MD_QUOTES", subjects=["md.quotes.>"], max_age=s.quotes_max_age_s, **common
+            name="MD_QUOTES",
+            subjects=["md.quotes.*"],
+            max_age=s.quotes_max_age_s,
+            subject_transform=quote_partitioning(s.quote_partitions),
+            **common,
         ),
         StreamConfig(name="MD_BARS", subjects=["md.bars.>"], max_age=s.bars_max_age_s, **common),
         StreamConfig(
@@ -116,6 +122,24 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         ),
         StreamConfig(name="MD_DLQ", subjects=["md.dlq.>"], max_age=s.bars_max_age_s, **common),
     ]
+
+
+def quote_partitioning(partitions: int) -> SubjectTransform | None:
+    """Store `md.quotes.<sym>` as `md.quotes.<p>.<sym>`, p = FNV-1a(token) mod N (server side).
+
+    One consumer per partition then sees every tick of its symbols, in order; subscribers of
+    the core subject `md.quotes.<sym>` are unaffected.
+    """
+    if partitions <= 1:
+        return None
+    return SubjectTransform(
+        src="md.quotes.*", dest=f"md.quotes.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"
+    )
+
+
+def quote_filter(partition: int | None) -> str:
+    """The MD_QUOTES filter subject of one partition (or of all)."""
+    return "md.quotes.>" if partition is None else f"md.quotes.{partition}.*"
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:

@@ -37,6 +37,9 @@ class AggregatorSettings(BaseModel):
     batch_max_bytes: int = Field(1_000_000, ge=1024)
     batch_max_delay_ms: int = Field(200, ge=1)
     store_sync_mode: Literal["bus", "http", "none"] = "bus"
+    partition: int | None = Field(
+        None, ge=0, description="consume only this quote partition (one replica per partition)"
+    )
     gap_intervals: int = Field(
         10, ge=0, description="silent intervals before a gap event for a subscribed symbol; 0: off"
     )
@@ -67,6 +70,9 @@ class StreamSettings(BaseModel):
     quotes_max_age_s: float = Field(24 * 3600, gt=0)
     bars_max_age_s: float = Field(7 * 24 * 3600, gt=0)
     duplicate_window_s: float = Field(300, gt=0)
+    quote_partitions: int = Field(
+        1, ge=1, le=64, description="MD_QUOTES stores md.quotes.<p>.<sym> when above 1"
+    )
 
 
 class Settings(BaseSettings):

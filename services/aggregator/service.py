@@ -41,10 +41,12 @@ from shared.bus import (
     KV_STATE,
     MSG_ID,
     POLICY_KEY,
+    PRODUCER,
     RUN,
     PullConsumer,
     StopConsuming,
     dead_letter,
+    quote_filter,
     stream_sequence,
 )
 from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError, encode
@@ -121,7 +123,8 @@ class AggregatorService:
         self.gaps = self._new_gaps()
         self.jobs: dict[str, JobSpec] = {}
         self.last_seq = 0
-        self.durable = "aggregator"
+        self.partition = cfg.partition
+        self.durable = "aggregator" if cfg.partition is None else f"aggregator-p{cfg.partition}"
         self.checkpoint_key = f"aggregator.{self.durable}"
         self.revision = 0
         self.dirty = False
@@ -163,7 +166,13 @@ class AggregatorService:
             return
         await self._restore()
         self.consumer = PullConsumer(
-            ctx.nc, ctx.js, "MD_QUOTES", self.durable, [subjects.QUOTES_ALL], self.handle, ctx.log
+            ctx.nc,
+            ctx.js,
+            "MD_QUOTES",
+            self.durable,
+            [quote_filter(self.partition)],
+            self.handle,
+            ctx.log,
         )
         await self.consumer.ensure()
         await self.consumer.rewind(self.last_seq + 1 if self.last_seq else None)
@@ -301,7 +310,7 @@ class AggregatorService:
         to_store = self.policy.store_sync.mode in SYNC_SUBJECTS
         for bar in emitted.bars:
             body = encode(bar, content_type)
-            headers = {CONTENT_TYPE: content_type, MSG_ID: bar.bar_id}
+            headers = {CONTENT_TYPE: content_type, MSG_ID: bar.bar_id, PRODUCER: self.instance}
             await ctx.publisher.publish(subjects.bars(bar.interval, bar.symbol), body, headers)
             BARS_EMITTED.labels(bar.interval).inc()
             if not to_store:
