@@ -421,6 +421,8 @@ class ControlService:
     async def _auto_stop(self) -> None:
         """Stop every job whose deadline passed (reason `auto_duration_reached`)."""
         while True:
+            # Cleared before looking, so a job written meanwhile wakes the wait below.
+            self.changed.clear()
             for spec in expired(self.jobs, time.time_ns()):
                 try:
                     async with self.lock:
@@ -432,8 +434,8 @@ class ControlService:
             deadline = next_deadline(self.jobs)
             timeout = 60.0
             if deadline:
-                timeout = min(timeout, max(0.0, (deadline - time.time_ns()) / 1e9) + 0.001)
-            self.changed.clear()
+                # At least 50 ms: a job whose stop lost a race stays due until the watch catches up.
+                timeout = min(timeout, max(0.05, (deadline - time.time_ns()) / 1e9 + 0.001))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), timeout=timeout)
 
