@@ -111,7 +111,7 @@ def _nats_url() -> str:
 
 async def _connect(url: str) -> NATS:
     try:
-        return await nats.connect(url, max_reconnect_attempts=2, connect_timeout=3)
+        return await nats.connect(url.split(","), max_reconnect_attempts=-1, connect_timeout=3)
     except Exception as exc:
         raise CliError(f"cannot connect to NATS at {url}: {exc}") from None
 

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.registry import SERVICES
 from shared.natsserver import EmbeddedNats
+from shared.runtime import ready_subject
 
 # Stop order: sources first, so every later stage can drain what is in flight.
 STOP_ORDER = ["provider", "control", "router", "aggregator", "store"]
@@ -101,32 +102,30 @@ class Supervisor:
             self.spawn(name)
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until every service answers its NATS micro PING."""
+        """Wait until every service has started (it answers `mdp.ready.<name>`)."""
         assert self.nats_url
-        nc = await nats.connect(self.nats_url, max_reconnect_attempts=3)
+        nc = await nats.connect(self.nats_url.split(","), max_reconnect_attempts=3)
         try:
             deadline = time.monotonic() + timeout
             waiting = set(self.services)
             while waiting:
                 if time.monotonic() > deadline:
+                    tails = "\n".join(
+                        f"--- {name}:\n{_tail(self.log_dir / f'{name}.log', 5)}"
+                        for name in sorted(waiting)
+                    )
                     raise TimeoutError(
                         f"services not ready after {timeout} s: {', '.join(sorted(waiting))} "
-                        f"(logs in {self.log_dir})"
+                        f"(logs in {self.log_dir})\n{tails}"
                     )
+                self.check()  # a service that died while starting is restarted (with backoff)
                 for name in list(waiting):
-                    self._raise_if_dead(name)
                     with contextlib.suppress(Exception):
-                        await nc.request(f"$SRV.PING.mdp-{name}", b"", timeout=0.5)
+                        await nc.request(ready_subject(name), b"", timeout=0.5)
                         waiting.discard(name)
                 await asyncio.sleep(0.05)
         finally:
             await nc.close()
-
-    def _raise_if_dead(self, name: str) -> None:
-        proc = self.children[name].proc
-        if proc is not None and proc.poll() is not None:
-            tail = _tail(self.log_dir / f"{name}.log")
-            raise RuntimeError(f"service {name} exited with code {proc.returncode}:\n{tail}")
 
     def check(self) -> None:
         """Restart any service that died, with exponential backoff, and say so."""

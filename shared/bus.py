@@ -168,6 +168,17 @@ async def ensure_buckets(js: JetStreamContext, settings: Settings) -> None:
                 )
 
 
+async def kv_keys(js: JetStreamContext, bucket: str, prefix: str = "") -> list[str]:
+    """Keys of a bucket starting with `prefix`, deleted ones included (`get` tells them apart).
+
+    Read from the stream's subject list, not `KeyValue.keys()`, whose end-of-initial-values
+    marker races with delivery under load and can report an empty bucket.
+    """
+    stream_prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{stream_prefix}{prefix}>")
+    return sorted(subject[len(stream_prefix) :] for subject in info.state.subjects or {})
+
+
 # ---------------------------------------------------------------------------------------------
 # Publishing: a window of in-flight acks on one inbox, retries with the same Nats-Msg-Id.
 

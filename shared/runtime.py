@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -15,6 +15,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.micro import add_service
+from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
 
 from shared.bus import JsPublisher, connect, ensure_buckets, ensure_streams
@@ -87,8 +88,7 @@ async def serve(service: Service, settings: Settings) -> int:
         log.error("nats_connect_failed", url=settings.nats_url, error=repr(exc))
         return 2
     js = nc.jetstream(timeout=10)
-    await ensure_streams(js, settings)
-    await ensure_buckets(js, settings)
+    await _with_retries(log, "declare_streams", lambda: _declare(js, settings))
     publisher = JsPublisher(nc, max_in_flight=4096, log=log)
     await publisher.start()
     try:
@@ -112,6 +112,10 @@ async def serve(service: Service, settings: Settings) -> int:
         log.error("start_failed", error=repr(exc), exc_info=True)
         await nc.close()
         return 1
+    # Readiness: answered only once start() is done (PING answers as soon as it registers).
+    await micro.add_endpoint(
+        name="ready", subject=ready_subject(service.name), handler=_answer_ready
+    )
     log.info("started", nats=settings.nats_url, metrics_port=metrics_port, pid=os.getpid())
 
     await stop_signal.wait()
@@ -135,6 +139,37 @@ async def serve(service: Service, settings: Settings) -> int:
         await nc.drain()
     log.info("stopped", code=code)
     return code
+
+
+async def _declare(js: JetStreamContext, settings: Settings) -> None:
+    await ensure_streams(js, settings)
+    await ensure_buckets(js, settings)
+
+
+async def _with_retries(
+    log: Any, what: str, action: Callable[[], Awaitable[None]], attempts: int = 8
+) -> None:
+    """Retry an idempotent start-up step through passing outages (e.g. a cluster settling)."""
+    delay = 0.5
+    for attempt in range(1, attempts + 1):
+        try:
+            await action()
+            return
+        except Exception as exc:
+            if attempt == attempts:
+                raise
+            log.warning(f"{what}_retry", error=repr(exc), attempt=attempt, retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+def ready_subject(service: str) -> str:
+    """The subject a started instance of `service` answers (for supervisors and tests)."""
+    return f"mdp.ready.{service}"
+
+
+async def _answer_ready(request: Request) -> None:
+    await request.respond(b"ok")
 
 
 def main(factory: Callable[[Settings], Service], argv: list[str] | None = None) -> None:

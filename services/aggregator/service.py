@@ -157,13 +157,32 @@ class AggregatorService:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, ctx: Context) -> None:
-        """Take the lease, restore the checkpoint, rewind, then consume `md.quotes.>`."""
+        """Become active in the background: a second instance waits there as a standby."""
         self.ctx = ctx
         self.kv = await ctx.js.key_value(KV_CHECKPOINTS)
         self.state_kv = await ctx.js.key_value(KV_STATE)
         self.lease = Lease(self.kv, f"lease.{self.durable}", self.instance, log=ctx.log)
+        self.active = asyncio.Event()
+        ctx.spawn(self._activate(), "activate")
+
+    async def _activate(self) -> None:
+        """Take the lease, restore the checkpoint, rewind, then consume (retrying outages)."""
+        backoff = 0.5
+        while not self.ctx.stopping.is_set():
+            try:
+                await self._become_active()
+                return
+            except Exception as exc:  # e.g. a timeout while the cluster elects a leader
+                self.ctx.log.warning("activation_retry", error=repr(exc), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _become_active(self) -> None:
+        ctx = self.ctx
         if not await self.lease.acquire(ctx.stopping):
             return
+        self.engine, self.batcher, self.suppressed = self._new_engine(), self._new_batcher(), {}
+        self.revision, self.last_seq = 0, 0
         await self._restore()
         self.consumer = PullConsumer(
             ctx.nc,
@@ -177,6 +196,8 @@ class AggregatorService:
         await self.consumer.ensure()
         await self.consumer.rewind(self.last_seq + 1 if self.last_seq else None)
         await self.consumer.start()
+        self.active.set()
+        ctx.log.info("active", durable=self.durable, resume_after_seq=self.last_seq)
         ctx.spawn(self._keep_lease(), "lease")
         ctx.spawn(self._watch_policy(), "policy")
         if self.gaps is not None:
@@ -185,8 +206,8 @@ class AggregatorService:
 
     async def stop(self) -> None:
         """Stop consuming, checkpoint what is held, give the lease up."""
-        if not hasattr(self, "consumer"):
-            return
+        if not self.active.is_set():
+            return  # a standby holds nothing
         await self.consumer.stop()
         async with self.lock:
             with contextlib.suppress(Fenced):

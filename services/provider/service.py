@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgspec
+from nats.js.errors import KeyNotFoundError
 from prometheus_client import Counter, Gauge
 
 from services.provider.adapters.base import Adapter, AdapterError, load_adapters
@@ -25,6 +26,7 @@ from shared.bus import (
     KV_STATE,
     MSG_ID,
     RUN,
+    kv_keys,
 )
 from shared.codec import CONTENT_TYPE, JSON, encode
 from shared.runtime import Context
@@ -39,6 +41,7 @@ BATCHES_PUBLISHED = Counter(
 )
 BAD_ROWS = Counter("provider_bad_rows_total", "Source rows rejected by an adapter", ["provider"])
 JOBS_RUNNING = Gauge("provider_jobs_running", "Jobs this process runs", ["provider"])
+RECONCILE_PERIOD_S = 2.0
 
 
 @dataclass
@@ -125,6 +128,7 @@ class ProviderService:
         self.settings = settings
         self.adapters = load_adapters()
         self.jobs: dict[str, RunningJob] = {}
+        self.jobs_lock = asyncio.Lock()
 
     async def start(self, ctx: Context) -> None:
         """Start watching the desired state."""
@@ -132,6 +136,7 @@ class ProviderService:
         self.jobs_kv = await ctx.js.key_value(KV_JOBS)
         self.state_kv = await ctx.js.key_value(KV_STATE)
         ctx.spawn(self._watch_jobs(), "watch-jobs")
+        ctx.spawn(self._reconcile_loop(), "reconcile-jobs")
         ctx.spawn(self._flush_loop(), "flush-due")
         ctx.log.info("adapters", names=sorted(self.adapters))
 
@@ -148,7 +153,8 @@ class ProviderService:
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 job = self.jobs.get(entry.key)
                 if job is not None:
-                    await self._stop_job(job, state="stopped")
+                    async with self.jobs_lock:
+                        await self._stop_job(job, state="stopped")
                 continue
             try:
                 spec = msgspec.json.decode(entry.value, type=JobSpec)
@@ -157,7 +163,36 @@ class ProviderService:
                 continue
             await self._ensure_job(spec)
 
+    async def _reconcile_loop(self) -> None:
+        """Compare the running jobs with the bucket every few seconds.
+
+        The watcher is the fast path; this catches whatever it missed (a watcher resumes only
+        seconds after a server restart, and can start before a new bucket is ready).
+        """
+        while True:
+            await asyncio.sleep(RECONCILE_PERIOD_S)
+            try:
+                wanted: dict[str, JobSpec] = {}
+                for key in await kv_keys(self.ctx.js, KV_JOBS):
+                    with contextlib.suppress(KeyNotFoundError):
+                        entry = await self.jobs_kv.get(key)
+                        if entry.value:
+                            wanted[key] = msgspec.json.decode(entry.value, type=JobSpec)
+            except Exception as exc:
+                self.ctx.log.warning("reconcile_failed", error=repr(exc))
+                continue
+            for name, job in list(self.jobs.items()):
+                if name not in wanted:
+                    async with self.jobs_lock:
+                        await self._stop_job(job, state="stopped")
+            for spec in wanted.values():
+                await self._ensure_job(spec)
+
     async def _ensure_job(self, spec: JobSpec) -> None:
+        async with self.jobs_lock:  # the watcher and the reconciler both call this
+            await self._ensure_job_locked(spec)
+
+    async def _ensure_job_locked(self, spec: JobSpec) -> None:
         current = self.jobs.get(spec.job)
         if current is not None:
             if current.spec.run == spec.run:
@@ -167,8 +202,8 @@ class ProviderService:
         if adapter_cls is None:
             return  # another provider process hosts it
         previous = await self._previous_state(spec)
-        if previous.get("state") == "completed":
-            return  # finished before this process (re)started
+        if previous.get("state") in ("completed", "failed"):
+            return  # this run ended already; a new start makes a new run
         log = self.ctx.log.bind(job=spec.job, run=spec.run, provider=spec.provider)
         try:
             adapter = adapter_cls(spec)
