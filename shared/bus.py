@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -27,6 +27,7 @@ from nats.js.api import (
     SubjectTransform,
 )
 from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
 
 from shared import subjects
 from shared.metrics import DEAD_LETTERS, PUBLISH_RETRIES
@@ -177,6 +178,30 @@ async def kv_keys(js: JetStreamContext, bucket: str, prefix: str = "") -> list[s
     stream_prefix = f"$KV.{bucket}."
     info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{stream_prefix}{prefix}>")
     return sorted(subject[len(stream_prefix) :] for subject in info.state.subjects or {})
+
+
+T = TypeVar("T")
+
+
+async def follow(
+    kv: KeyValue, typ: type[T], log: Any, key: str = ">"
+) -> AsyncIterator[tuple[str, T | None]]:
+    """Every value of `key` (a KV key or pattern) now and after each change, decoded.
+
+    Yields `(key, value)`, with `None` for a deleted key. A value that does not decode is
+    logged and skipped: one bad write must not stop a service following its bucket.
+    """
+    watcher = await kv.watch(key)
+    async for entry in watcher:
+        if entry is None:
+            continue  # the end of the initial values
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            yield entry.key, None
+            continue
+        try:
+            yield entry.key, msgspec.json.decode(entry.value, type=typ)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("bad_kv_value", key=entry.key, type=typ.__name__, error=str(exc))
 
 
 # ---------------------------------------------------------------------------------------------

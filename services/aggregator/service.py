@@ -46,6 +46,7 @@ from shared.bus import (
     PullConsumer,
     StopConsuming,
     dead_letter,
+    follow,
     quote_filter,
     stream_sequence,
 )
@@ -484,14 +485,8 @@ class AggregatorService:
 
     async def _watch_policy(self) -> None:
         """Follow the policy control publishes in `ingest_state`."""
-        watcher = await self.state_kv.watch(POLICY_KEY)
-        async for entry in watcher:
-            if entry is None or not entry.value:
-                continue
-            try:
-                policy = msgspec.json.decode(entry.value, type=Policy)
-            except msgspec.DecodeError as exc:
-                self.ctx.log.error("bad_policy", error=str(exc))
+        async for _, policy in follow(self.state_kv, Policy, self.ctx.log, POLICY_KEY):
+            if policy is None:
                 continue
             async with self.lock:
                 self.policy = policy
@@ -510,17 +505,11 @@ class AggregatorService:
         """Follow the live subscriptions: a replay is bounded, its end is not a gap."""
         assert self.gaps is not None
         jobs_kv = await self.ctx.js.key_value(KV_JOBS)
-        watcher = await jobs_kv.watchall()
-        async for entry in watcher:
-            if entry is not None:
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self.jobs.pop(entry.key, None)
-                else:
-                    try:
-                        self.jobs[entry.key] = msgspec.json.decode(entry.value, type=JobSpec)
-                    except msgspec.DecodeError as exc:
-                        self.ctx.log.error("bad_job_spec", key=entry.key, error=str(exc))
-                        continue
+        async for name, spec in follow(jobs_kv, JobSpec, self.ctx.log):
+            if spec is None:
+                self.jobs.pop(name, None)
+            else:
+                self.jobs[name] = spec
             live = {
                 s for job in self.jobs.values() if job.provider != "replay" for s in job.symbols
             }

@@ -11,15 +11,15 @@ wants `Authorization: Bearer <token>` and answers 401 without it.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from shared.config import ControlHttpSettings
+from shared.http import serve_app
 
 Dispatch = Callable[[str, bytes], Awaitable[tuple[int, dict[str, Any]]]]
 
@@ -63,15 +63,9 @@ class ControlHttp:
 
     async def start(self) -> str:
         """Listen; return the base URL (the real port when 0 was asked for)."""
-        self.runner = web.AppRunner(self.app(), access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.settings.http_host, self.settings.http_port)
-        await site.start()
-        server = cast(asyncio.Server | None, site._server)
-        port = int(server.sockets[0].getsockname()[1]) if server and server.sockets else 0
-        host = self.settings.http_host
-        shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-        self.url = f"http://{shown}:{port}"
+        self.runner, self.url = await serve_app(
+            self.app(), self.settings.http_host, self.settings.http_port
+        )
         return self.url
 
     async def stop(self) -> None:

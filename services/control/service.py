@@ -36,7 +36,7 @@ from services.control.guards import (
 )
 from services.control.http import ControlHttp
 from shared import subjects
-from shared.bus import KV_JOBS, KV_STATE, POLICY_KEY, PullConsumer
+from shared.bus import KV_JOBS, KV_STATE, POLICY_KEY, PullConsumer, follow, kv_keys
 from shared.codec import CONTENT_TYPE, JSON
 from shared.config import Config, ConfigError, ControlHttpSettings, load_from_environment
 from shared.runtime import Context
@@ -278,7 +278,7 @@ class ControlService:
         del body
         jobs = []
         now = time.time_ns()
-        for key in sorted(await self._keys(KV_JOBS)):
+        for key in sorted(await kv_keys(self.ctx.js, KV_JOBS)):
             entry = await self._entry(key)
             if entry is None:
                 continue
@@ -291,7 +291,7 @@ class ControlService:
                 view["remaining_s"] = round(max(0, spec.deadline_ns - now) / 1e9, 3)
             jobs.append(view)
         stopped = []
-        for key in await self._keys(KV_STATE, STOPPED_PREFIX):
+        for key in await kv_keys(self.ctx.js, KV_STATE, STOPPED_PREFIX):
             with contextlib.suppress(KeyNotFoundError):
                 entry_value = (await self.state_kv.get(key)).value
                 if entry_value:
@@ -365,18 +365,11 @@ class ControlService:
 
     async def _watch_jobs(self) -> None:
         """Mirror `ingest_jobs` (written by any replica) for the deadline timer and the gauge."""
-        watcher = await self.jobs_kv.watchall()
-        async for entry in watcher:
-            if entry is None:
-                continue  # the initial values are in
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self.jobs.pop(entry.key, None)
+        async for name, spec in follow(self.jobs_kv, JobSpec, self.ctx.log):
+            if spec is None:
+                self.jobs.pop(name, None)
             else:
-                try:
-                    self.jobs[entry.key] = msgspec.json.decode(entry.value, type=JobSpec)
-                except msgspec.DecodeError as exc:
-                    self.ctx.log.error("bad_job_spec", key=entry.key, error=str(exc))
-                    continue
+                self.jobs[name] = spec
             self._update_active()
             self._wake()
 
@@ -456,19 +449,6 @@ class ControlService:
 
     # -- KV helpers ------------------------------------------------------------------------------
 
-    async def _keys(self, bucket: str, prefix: str = "") -> list[str]:
-        """Keys of a bucket that start with `prefix` (deleted ones included; `get` skips them).
-
-        Read from the stream's subject list, not `KeyValue.keys()`: the latter's end-of-initial-
-        values marker races with delivery under load and then reports an empty bucket.
-        """
-        stream_prefix = f"$KV.{bucket}."
-        info = await self.ctx.js.stream_info(
-            f"KV_{bucket}", subjects_filter=f"{stream_prefix}{prefix}>"
-        )
-        subjects = info.state.subjects or {}
-        return sorted(subject[len(stream_prefix) :] for subject in subjects)
-
     async def _entry(self, name: str) -> tuple[JobSpec, int] | None:
         try:
             entry = await self.jobs_kv.get(name)
@@ -488,7 +468,7 @@ class ControlService:
 
     async def _live_jobs(self) -> dict[str, JobSpec]:
         live = {}
-        for key in await self._keys(KV_JOBS):
+        for key in await kv_keys(self.ctx.js, KV_JOBS):
             entry = await self._entry(key)
             if entry is None:
                 continue

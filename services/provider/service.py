@@ -26,6 +26,7 @@ from shared.bus import (
     KV_STATE,
     MSG_ID,
     RUN,
+    follow,
     kv_keys,
 )
 from shared.codec import CONTENT_TYPE, JSON, encode
@@ -146,22 +147,14 @@ class ProviderService:
             await self._stop_job(job, state="interrupted")
 
     async def _watch_jobs(self) -> None:
-        watcher = await self.jobs_kv.watchall()
-        async for entry in watcher:
-            if entry is None:
-                continue  # end of the initial values
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                job = self.jobs.get(entry.key)
-                if job is not None:
-                    async with self.jobs_lock:
-                        await self._stop_job(job, state="stopped")
+        async for name, spec in follow(self.jobs_kv, JobSpec, self.ctx.log):
+            if spec is not None:
+                await self._ensure_job(spec)
                 continue
-            try:
-                spec = msgspec.json.decode(entry.value, type=JobSpec)
-            except msgspec.DecodeError as exc:
-                self.ctx.log.error("bad_job_spec", key=entry.key, error=str(exc))
-                continue
-            await self._ensure_job(spec)
+            job = self.jobs.get(name)
+            if job is not None:
+                async with self.jobs_lock:
+                    await self._stop_job(job, state="stopped")
 
     async def _reconcile_loop(self) -> None:
         """Compare the running jobs with the bucket every few seconds.
