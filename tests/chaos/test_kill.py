@@ -25,8 +25,10 @@ from tests.integration.test_pipeline import assert_store_matches_reference
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 STEM = "lean_equity_20131008_slice"
+# Two fresh seeds per run unless given: kill points differ from run to run, and any failing
+# seed (it is printed) can be replayed with MDP_CHAOS_SEEDS.
 SEEDS = [int(s) for s in os.environ.get("MDP_CHAOS_SEEDS", "").split(",") if s] or [
-    random.SystemRandom().randrange(1_000_000)
+    random.SystemRandom().randrange(1_000_000) for _ in range(2)
 ]
 # Small tick batches: hundreds of messages, so that a kill lands mid-stream.
 ENV = {"MDP_PROVIDER__BATCH_MAX_TICKS": "40", "MDP_PROVIDER__BATCH_MAX_DELAY_MS": "20"}
