@@ -83,9 +83,7 @@ async def test_a_standby_takes_over_when_the_active_replica_is_killed(
     standby = pipeline(store_url=store_url, services=("aggregator",), env=env)
     await standby.wait_ready()  # it answers PING while it waits for the lease
 
-    replay = asyncio.create_task(
-        replay_file(nc, DATA / f"{STEM}.ticks.csv.gz", "max", timeout=180)
-    )
+    replay = asyncio.create_task(replay_file(nc, DATA / f"{STEM}.ticks.csv.gz", "max", timeout=180))
     active = main.children["aggregator"].proc
     assert active is not None
 
