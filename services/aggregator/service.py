@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from typing import ClassVar
 
 import msgspec
@@ -96,6 +97,16 @@ class Checkpoint(msgspec.Struct):
     dry_run: list[str]
     waiting_eos: dict[str, str] = {}
     gaps: bytes = b""
+
+
+def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
+    """msgpack, compressed: the retained bars of many symbols compress several times over."""
+    return zlib.compress(msgspec.msgpack.encode(checkpoint), 1)
+
+
+def decode_checkpoint(data: bytes) -> Checkpoint:
+    """Inverse of `encode_checkpoint`."""
+    return msgspec.msgpack.decode(zlib.decompress(data), type=Checkpoint)
 
 
 class Fenced(StopConsuming):
@@ -409,7 +420,17 @@ class AggregatorService:
             waiting_eos=self.waiting_eos,
             gaps=self.gaps.snapshot() if self.gaps is not None else b"",
         )
-        data = msgspec.msgpack.encode(checkpoint)
+        data = encode_checkpoint(checkpoint)
+        if len(data) > self.ctx.nc.max_payload:
+            # Retrying cannot help: say what to change, and stop instead of spinning.
+            problem = (
+                f"checkpoint of {len(data)} bytes exceeds the server's max_payload "
+                f"({self.ctx.nc.max_payload}): raise max_payload, shorten the revise window, or "
+                "split the symbols over more partitions (MDP_STREAM__QUOTE_PARTITIONS)"
+            )
+            self.ctx.log.error("checkpoint_too_large", problem=problem)
+            self.ctx.stopping.set()
+            raise StopConsuming(problem)
         previous, self.attempted = self.attempted, data
         for _ in range(2):
             try:
@@ -443,7 +464,7 @@ class AggregatorService:
             return
         if not entry.value:
             return
-        checkpoint = msgspec.msgpack.decode(entry.value, type=Checkpoint)
+        checkpoint = decode_checkpoint(entry.value)
         cfg = self.settings.aggregator
         self.engine = BarEngine.restore(
             checkpoint.engine,
