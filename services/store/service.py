@@ -22,7 +22,8 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 from prometheus_client import Counter, Histogram
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.store.http import (
     INGEST_PATH,
@@ -31,7 +32,13 @@ from services.store.http import (
     Rejected,
     RetryableForwardError,
 )
-from services.store.writers import BarWriter, InvalidBarError, open_writer
+from services.store.writers import (
+    BarWriter,
+    InvalidBarError,
+    StoreError,
+    StoreUnavailableError,
+    open_writer,
+)
 from shared import subjects
 from shared.bus import END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY, PullConsumer, dead_letter
 from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError, encode
@@ -46,6 +53,21 @@ FORWARD_CONCURRENCY = 8
 ROWS_STORED = Counter("store_rows_written_total", "Bar rows upserted (revisions included)")
 BATCHES_STORED = Counter("store_batches_total", "Bar batches committed")
 WRITE_SECONDS = Histogram("store_write_seconds", "Time to commit one group of batches")
+WRITE_ERRORS = Counter(
+    "store_write_errors_total",
+    "Write attempts that failed and will be retried (unavailable: no connection; error: other)",
+    ["kind"],
+)
+
+
+class StoreWriteSettings(BaseSettings):
+    """How long one write attempt may wait: `MDP_STORE__WRITE_TIMEOUT_S`."""
+
+    model_config = SettingsConfigDict(env_prefix="MDP_STORE__", extra="ignore")
+
+    # SQLite: the busy timeout for the write lock; PostgreSQL: the statement timeout. A failed
+    # attempt is retried with backoff, so a shorter timeout only makes an outage visible sooner.
+    write_timeout_s: float = Field(30.0, gt=0, le=3600)
 
 
 class StoreService:
@@ -56,12 +78,15 @@ class StoreService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.codec = Codec(BarBatch)
-        self.writer: BarWriter = open_writer(settings.store_url)
         try:
             self.http_settings = StoreHttpSettings()
+            write_settings = StoreWriteSettings()
         except ValidationError as exc:
             print(f"mdp store: invalid settings: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        self.writer: BarWriter = open_writer(
+            settings.store_url, timeout_s=write_settings.write_timeout_s
+        )
         # One writer for both inputs: commits are serialised so they never interleave.
         self.write_lock = asyncio.Lock()
         self.policy = Policy()
@@ -226,6 +251,13 @@ class StoreService:
             return
         async with self.write_lock:
             started = time.perf_counter()
-            await self.writer.write(bars)
+            try:
+                await self.writer.write(bars)
+            except StoreError as exc:
+                # The caller retries (the bus path with backoff, an HTTP client after a 503).
+                WRITE_ERRORS.labels(
+                    "unavailable" if isinstance(exc, StoreUnavailableError) else "error"
+                ).inc()
+                raise
             WRITE_SECONDS.observe(time.perf_counter() - started)
         ROWS_STORED.inc(len(bars))

@@ -629,6 +629,8 @@ class PostgresBarWriter:
                 async with pool.acquire() as conn:
                     return await fn(conn)
             except _PG_STALE as exc:
+                if isinstance(exc, ConnectionRefusedError):
+                    raise  # no server to reconnect to: the caller's backoff is the retry
                 # Safe to repeat: a write is an idempotent upsert, even if it did commit.
                 log.warning("store_connection_lost", url=self.url, op=what, error=repr(exc))
             async with pool.acquire() as conn:
