@@ -14,12 +14,11 @@ this process's own API) and reports the outcome; the service acknowledges only a
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -29,6 +28,7 @@ from prometheus_client import Counter, Histogram
 from services.store.writers import InvalidBarError, StoreError
 from shared.codec import CONTENT_TYPE, JSON, MSGPACK, Codec, DecodeError
 from shared.config import StoreHttpSettings
+from shared.http import serve_app
 from shared.schemas import Bar, BarBatch
 
 INGEST_PATH = "/v1/bars"
@@ -85,15 +85,9 @@ class IngestApi:
 
     async def start(self) -> str:
         """Listen; return the base URL (the real port when 0 was asked for)."""
-        self.runner = web.AppRunner(self.app(), access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.settings.http_host, self.settings.http_port)
-        await site.start()
-        server = cast(asyncio.Server | None, site._server)
-        port = int(server.sockets[0].getsockname()[1]) if server and server.sockets else 0
-        host = self.settings.http_host
-        shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-        self.base_url = f"http://{shown}:{port}"
+        self.runner, self.base_url = await serve_app(
+            self.app(), self.settings.http_host, self.settings.http_port
+        )
         return self.base_url
 
     async def stop(self) -> None:
