@@ -287,17 +287,14 @@ _SQLITE_UPSERT = (
 )
 
 
-class SqliteBarWriter:
-    """Bars in a SQLite file (WAL, synchronous=FULL), used from one dedicated worker thread."""
+class _Managed:
+    """`async with writer:` opens and closes it."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0, url: str = "") -> None:
-        self.path = str(path)
-        self.url = url or f"sqlite:///{self.path}"
-        self.busy_timeout_s = busy_timeout_s
-        self._conn: sqlite3.Connection | None = None
-        # One thread owns the connection: sqlite3 objects must stay on the thread that made them,
-        # and it also serialises writes, which SQLite would otherwise do with lock retries.
-        self._executor: ThreadPoolExecutor | None = None
+    async def open(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -310,6 +307,19 @@ class SqliteBarWriter:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class SqliteBarWriter(_Managed):
+    """Bars in a SQLite file (WAL, synchronous=FULL), used from one dedicated worker thread."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0, url: str = "") -> None:
+        self.path = str(path)
+        self.url = url or f"sqlite:///{self.path}"
+        self.busy_timeout_s = busy_timeout_s
+        self._conn: sqlite3.Connection | None = None
+        # One thread owns the connection: sqlite3 objects must stay on the thread that made them,
+        # and it also serialises writes, which SQLite would otherwise do with lock retries.
+        self._executor: ThreadPoolExecutor | None = None
 
     async def open(self) -> None:
         """Open (creating parent directories and the file) and create the schema."""
@@ -504,7 +514,7 @@ _PG_STALE: tuple[type[BaseException], ...] = (
 _PG_ERRORS: tuple[type[BaseException], ...] = (*_PG_UNAVAILABLE, asyncpg.PostgresError)
 
 
-class PostgresBarWriter:
+class PostgresBarWriter(_Managed):
     """Bars in PostgreSQL (a TimescaleDB hypertable when the extension is available)."""
 
     def __init__(
@@ -522,18 +532,6 @@ class PostgresBarWriter:
         self.pool_size = pool_size
         self.hypertable = False
         self._pool: asyncpg.Pool | None = None
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Connect a pool; every new connection ensures the schema and its staging table."""

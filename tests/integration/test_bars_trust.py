@@ -33,11 +33,11 @@ from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
 from mdp.cli import replay_file
-from services.store.writers import open_writer
 from shared.bus import DLQ_REASON
 from shared.schemas import Bar, interval_ns
 from tests.batch_bars import RawTick, batch_bars, raw_ticks, read_raw_ticks
 from tests.conftest import DATA, PipelineFactory, wait_for
+from tests.integration.test_pipeline import stored_bars
 from tests.reference import compare_bars, load_reference
 
 pytestmark = pytest.mark.integration
@@ -172,15 +172,6 @@ def displace(
 
 
 # -- reading what the services did --------------------------------------------------------------
-
-
-async def stored_bars(store_url: str) -> list[Bar]:
-    writer = open_writer(store_url)
-    await writer.open()
-    try:
-        return await writer.read()
-    finally:
-        await writer.close()
 
 
 async def late_ticks_total(nc: NATS) -> dict[str, float]:
