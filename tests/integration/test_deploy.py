@@ -75,7 +75,7 @@ def docker_compose() -> list[str]:
     if probe.returncode != 0:
         pytest.skip(
             "the docker compose plugin is missing (`docker compose version` failed: "
-            f"{(probe.stderr or probe.stdout).strip()[:200]})"
+            f"{(probe.stderr or probe.stdout or '?').strip().splitlines()[0][:200]})"
         )
     return ["docker", "compose"]
 
@@ -86,12 +86,15 @@ def compose_config(*files: Path, env_file: Path | None = None) -> subprocess.Com
         command += ["--env-file", str(env_file)]
     for path in files:
         command += ["-f", str(path)]
+    # Without the caller's MDP_* variables: the files and env_file alone decide.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MDP_")}
     return subprocess.run(
         [*command, "config", "--format", "json"],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
+        env=env,
     )
 
 
