@@ -92,7 +92,9 @@ class Outage:
     rows_stored: int = 0
     failed_attempts: int = 0
     seconds: float = 0.0
+    backlog: int = 0
     catch_up_s: float = 0.0
+    replay_done_s: float = 0.0
 
 
 async def run_with_outage(
@@ -116,7 +118,9 @@ async def run_with_outage(
     )
     store_pid = sup.children["store"].proc.pid  # type: ignore[union-attr]
     outage = Outage()
-    threshold = await stored_rows(nc) + max(1, int(expected_bars() * fraction))
+    rows_before = await stored_rows(nc)
+    bars_before = await stream_messages(nc, "MD_BARS")
+    threshold = rows_before + max(1, int(expected_bars() * fraction))
     errors_before = await store_write_errors(nc)
     replay = asyncio.create_task(replay_file(nc, DATA / f"{STEM}.ticks.csv.gz", SPEED, timeout=90))
     broken = False
@@ -144,12 +148,21 @@ async def run_with_outage(
         assert not replay.done(), "the replay finished while the database was down"
         if rows is not None:
             assert await rows() == rows_then, "rows were committed while the database was down"
+        # The backlog: every bar published so far that the store has not written.
+        published = await stream_messages(nc, "MD_BARS") - bars_before
+        outage.backlog = rows_before + published - await stored_rows(nc)
         await restore_db()
         broken = False
         restored = time.monotonic()
         outage.seconds = restored - began
-        result = await replay
+
+        async def caught_up() -> bool:
+            return await stored_rows(nc) >= rows_before + published
+
+        await wait_for(caught_up, 30, f"the store to write the {outage.backlog} bars held back")
         outage.catch_up_s = time.monotonic() - restored
+        result = await replay
+        outage.replay_done_s = time.monotonic() - restored
     finally:
         if broken:
             await restore_db()
@@ -164,7 +177,8 @@ async def run_with_outage(
     print(
         f"outage {outage.seconds:.1f} s, from {outage.bars_published} of {expected_bars()} bars "
         f"published and {outage.rows_stored} stored; {outage.failed_attempts} failed write "
-        f"attempts; caught up {outage.catch_up_s:.1f} s after the restore"
+        f"attempts; the {outage.backlog} bars held back stored {outage.catch_up_s:.1f} s after "
+        f"the restore, the replay complete after {outage.replay_done_s:.1f} s"
     )
     return outage
 
