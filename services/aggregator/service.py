@@ -539,6 +539,7 @@ class AggregatorService:
 
     async def _timer(self) -> None:
         """Close idle symbols' bars by the wall clock and send batches that waited long enough."""
+        retry_checkpoint = False
         while True:
             await asyncio.sleep(0.05)
             async with self.lock:
@@ -546,7 +547,8 @@ class AggregatorService:
                 emitted = self.engine.advance(now)
                 due = self.batcher.due(time.monotonic_ns())
                 gap_events = self.gaps.check(now) if self.gaps is not None else []
-                if not (emitted or due or gap_events or self._due_suppressed()):
+                busy = emitted or due or gap_events or self._due_suppressed()
+                if not (busy or retry_checkpoint):
                     continue
                 await self._gap_events(gap_events)
                 await self._emit(emitted)
@@ -554,7 +556,14 @@ class AggregatorService:
                 await self._send_suppressed(due=True)
                 await self.ctx.publisher.flush()
                 self.dirty = True
-                await self._checkpoint()
+                try:
+                    await self._checkpoint()
+                    retry_checkpoint = False
+                except StopConsuming:
+                    raise
+                except Exception as exc:  # the bucket has no leader for a moment: next tick
+                    self.ctx.log.warning("checkpoint_retry", error=repr(exc))
+                    retry_checkpoint = True
 
     def _due_suppressed(self) -> bool:
         now = time.monotonic_ns()
