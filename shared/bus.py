@@ -363,11 +363,22 @@ class JsPublisher:
 # Consuming: a hand-written pull loop (no `fetch()`), batch handler, ack after the handler.
 
 
+def _ack_tokens(msg: Msg) -> list[str]:
+    # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+    # v2: $JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>
+    #     .<pending>[.<token>]: normalised here to the v1 positions.
+    tokens = msg.reply.split(".")
+    return tokens if len(tokens) == 9 else tokens[:2] + tokens[4:11]
+
+
 def stream_sequence(msg: Msg) -> int:
     """The stream sequence of a JetStream message, read from its ack subject."""
-    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (optionally with
-    # domain and account hash tokens in front): the sequence is 5th from the end.
-    return int(msg.reply.split(".")[-4])
+    return int(_ack_tokens(msg)[5])
+
+
+def consumer_sequence(msg: Msg) -> int:
+    """The consumer's delivery sequence of a JetStream message (one more per delivery)."""
+    return int(_ack_tokens(msg)[6])
 
 
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
@@ -403,6 +414,7 @@ class PullConsumer:
     _arrived: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _outstanding: int = field(default=0, init=False)
     _last_seq: int = field(default=0, init=False)
+    _last_cseq: int | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
 
     async def ensure(self, start_seq: int | None = None) -> None:
@@ -430,6 +442,7 @@ class PullConsumer:
         hand, and meanwhile receive (and, with AckAll, acknowledge past) newer messages.
         """
         await self.js.reset_consumer(self.stream, self.durable, seq=seq)
+        self._last_cseq = 0  # deliveries restart at 1
         if seq is not None:
             self._last_seq = seq - 1
 
@@ -485,6 +498,9 @@ class PullConsumer:
                     await asyncio.wait_for(self._arrived.wait(), timeout=self.expires)
                 continue
             msgs, self._buffer = self._buffer, []
+            msgs = await self._up_to_a_lost_delivery(msgs)
+            if not msgs:
+                continue
             fresh = [m for m in msgs if stream_sequence(m) > self._last_seq]
             if fresh:
                 try:
@@ -493,6 +509,33 @@ class PullConsumer:
                     return
             # Ack even a batch of duplicates: the server must stop redelivering them.
             await self._ack(msgs[-1] if self.ack_policy == AckPolicy.ALL else None, msgs)
+
+    async def _up_to_a_lost_delivery(self, msgs: list[Msg]) -> list[Msg]:
+        """Keep the messages before a gap in delivery sequences; rewind over the gap.
+
+        A delivery lost in transit (a consumer leader dying with it, a reconnect) would be
+        redelivered only after `ack_wait`, and AckAll on a later message would acknowledge it
+        unseen. So everything from the gap on is dropped and asked for again, in order.
+        """
+        for i, msg in enumerate(msgs):
+            cseq = consumer_sequence(msg)
+            expected = self._last_cseq + 1 if self._last_cseq is not None else cseq
+            if cseq > expected:
+                self.log.warning("delivery_gap", consumer=self.durable, expected=expected, got=cseq)
+                kept = msgs[:i]
+                resume = max([self._last_seq, *(stream_sequence(m) for m in kept)]) + 1
+                self._buffer = []
+                self._outstanding = 0
+                try:
+                    await self.js.reset_consumer(self.stream, self.durable, seq=resume)
+                    # Deliveries restart at 1; stragglers from before count as gaps and go.
+                    self._last_cseq = 0
+                except Exception as exc:  # the next delivery shows the gap again
+                    self.log.warning("rewind_failed", consumer=self.durable, error=repr(exc))
+                    self._last_cseq = None
+                return kept
+            self._last_cseq = max(cseq, self._last_cseq or 0)
+        return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
         backoff = 0.1
