@@ -72,7 +72,12 @@ class JobSink:
         body = encode(TickBatch(symbol, self.spec.provider, ticks), ctx.settings.content_type)
         headers = {
             CONTENT_TYPE: ctx.settings.content_type,
-            MSG_ID: f"raw:{self.spec.run}:{subjects.escape_symbol(symbol)}:{ticks[0].seq}",
+            # First and last seq: a restarted provider may cut its batches differently (the
+            # time-based cuts), and a batch must never be taken for a duplicate of a shorter one.
+            MSG_ID: (
+                f"raw:{self.spec.run}:{subjects.escape_symbol(symbol)}"
+                f":{ticks[0].seq}-{ticks[-1].seq}"
+            ),
             CLOCK_RATE: repr(self.clock_rate),
             RUN: self.spec.run,
         }
