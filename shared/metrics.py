@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import Counter, start_http_server
 
-MESSAGES_IN = Counter(
-    "mdp_messages_in_total", "Messages consumed from the bus", ["service", "stream"]
-)
-TICKS_IN = Counter("mdp_ticks_in_total", "Ticks consumed", ["service"])
 DEAD_LETTERS = Counter(
     "mdp_dead_letters_total", "Messages rejected to md.dlq.<service>", ["service", "reason"]
 )

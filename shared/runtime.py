@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.micro import add_service
@@ -181,8 +180,3 @@ def main(factory: Callable[[Settings], Service], argv: list[str] | None = None) 
         print(f"invalid settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     sys.exit(asyncio.run(serve(factory(settings), settings)))
-
-
-def json_reply(obj: Any) -> bytes:
-    """Encode a JSON reply body."""
-    return msgspec.json.encode(obj)
