@@ -22,7 +22,7 @@ import nats
 
 from mdp.cli import replay_file
 from mdp.supervisor import Supervisor
-from services.store.writers import open_writer
+from services.store.writers import read_bars
 from shared import subjects
 from shared.codec import encode
 from shared.natsserver import EmbeddedNats
@@ -99,10 +99,7 @@ async def run(path: Path, repeat: int) -> dict[str, object]:
             e2e_rates.append(outcome["ticks"] / outcome["seconds"])
             results["ticks"] = outcome["ticks"]
         await nc.close()
-        writer = open_writer(store_url)
-        await writer.open()
-        results["bars_stored"] = await writer.count()
-        await writer.close()
+        results["bars_stored"] = len(await read_bars(store_url))
         payloads, ticks = batched_payloads(path, ProviderSettings().batch_max_ticks)
         ceilings = [await ceiling(url, payloads, ticks) for _ in range(repeat)]
     finally:

@@ -26,7 +26,7 @@ from nats.js.errors import NotFoundError
 
 from mdp.cli import replay_file
 from mdp.supervisor import Supervisor, scrape
-from services.store.writers import open_writer
+from services.store.writers import read_bars
 from shared.natsserver import EmbeddedNats
 from tests.reference import compare_bars, load_reference
 
@@ -67,10 +67,7 @@ async def check(data: Path, stems: list[str], speed: str) -> list[dict[str, Any]
         late = await scrape(nc, "aggregator", ["late_ticks_total"])
         letters = await dead_letters(nc, "md.dlq.aggregator")
         await nc.close()
-        writer = open_writer(store_url)
-        await writer.open()
-        stored = await writer.read()
-        await writer.close()
+        stored = await read_bars(store_url)
     finally:
         sup.stop()
         server.stop()

@@ -221,15 +221,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 async def cmd_bars_export(args: argparse.Namespace) -> int:
     """`mdp bars export`: CSV of the stored bars on stdout."""
-    from services.store.writers import export_csv, open_writer
+    from services.store.writers import export_csv, read_bars
     from shared.settings import Settings
 
-    writer = open_writer(Settings().store_url)
-    await writer.open()
-    try:
-        bars = await writer.read(symbol=args.symbol, interval=args.interval)
-    finally:
-        await writer.close()
+    bars = await read_bars(Settings().store_url, symbol=args.symbol, interval=args.interval)
     export_csv(bars, sys.stdout)
     return 0
 

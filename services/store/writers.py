@@ -161,6 +161,18 @@ def open_writer(store_url: str, *, timeout_s: float = 30.0) -> BarWriter:
     )
 
 
+async def read_bars(
+    store_url: str, symbol: str | None = None, interval: str | None = None
+) -> list[Bar]:
+    """The stored bars (latest revision), ordered by symbol, interval, start: open, read, close."""
+    writer = open_writer(store_url)
+    await writer.open()
+    try:
+        return await writer.read(symbol=symbol, interval=interval)
+    finally:
+        await writer.close()
+
+
 def sqlite_path(store_url: str) -> str:
     """The file path of a `sqlite:///relative` or `sqlite:////absolute` URL (`:memory:` too)."""
     prefix = "sqlite:///"

@@ -33,11 +33,11 @@ from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
 from mdp.cli import replay_file
+from services.store.writers import read_bars
 from shared.bus import DLQ_REASON
 from shared.schemas import Bar, interval_ns
 from tests.batch_bars import RawTick, batch_bars, raw_ticks, read_raw_ticks
 from tests.conftest import DATA, PipelineFactory, wait_for
-from tests.integration.test_pipeline import stored_bars
 from tests.reference import compare_bars, load_reference
 
 pytestmark = pytest.mark.integration
@@ -254,7 +254,7 @@ async def test_late_ticks_within_the_window_revise_to_the_reference(
     result = await replay_file(nc, shuffled.path, "max", timeout=120)
     assert result["ticks"] == len(shuffled.ticks)
 
-    bars = await stored_bars(store_url)
+    bars = await read_bars(store_url)
     reference = {}
     for interval in INTERVALS:
         reference |= load_reference(DATA / f"{stem}.bars_{interval}.csv")
@@ -329,7 +329,7 @@ async def test_late_ticks_beyond_the_window_are_counted_and_dead_lettered(
     assert await late_ticks_total(nc) == {s: float(n) for s, n in per_symbol.items()}
 
     # the stored bars: the definition applied to every tick that was not dropped
-    bars = await stored_bars(store_url)
+    bars = await read_bars(store_url)
     expected = batch_bars(shuffled.ticks, INTERVALS, skip=dropped)
     assert_bars(bars, expected, f"{stem} without the dropped ticks")
     reference_1s = load_reference(DATA / f"{stem}.bars_1s.csv")
@@ -349,7 +349,7 @@ async def test_paced_replay_stores_the_reference_bars(
     sup = pipeline(store_url=store_url)
     await sup.wait_ready()
     await replay_file(nc, DATA / f"{stem}.ticks.csv.gz", str(speed), timeout=60)
-    bars = await stored_bars(store_url)
+    bars = await read_bars(store_url)
     reference = {}
     for interval in INTERVALS:
         reference |= load_reference(DATA / f"{stem}.bars_{interval}.csv")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.store.writers import open_writer
+from services.store.writers import read_bars
 from shared.natsserver import EmbeddedNats
 from tests.conftest import DATA, PipelineFactory
 
@@ -36,10 +36,7 @@ async def test_up_with_duration_exits_zero_and_leaves_bars_in_sqlite(tmp_path: P
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stopped cleanly" in result.stderr
     assert "ticks in" in result.stdout
-    writer = open_writer(f"sqlite:///{tmp_path / 'var' / 'mdp.db'}")
-    await writer.open()
-    bars = await writer.read()
-    await writer.close()
+    bars = await read_bars(f"sqlite:///{tmp_path / 'var' / 'mdp.db'}")
     assert {bar.symbol for bar in bars} == {"AAPL", "BRK.B"}
     assert {bar.interval for bar in bars} >= {"1s"}
     assert all(bar.provider == "synthetic" and bar.trade_count > 0 for bar in bars)

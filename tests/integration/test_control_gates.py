@@ -17,7 +17,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from services.store.writers import open_writer
+from services.store.writers import read_bars
 from shared import subjects
 from shared.natsserver import EmbeddedNats
 from shared.schemas import Bar, BarBatch
@@ -69,12 +69,7 @@ async def apply_policy(system: System, **sections: dict[str, Any]) -> int:
 
 
 async def stored(system: System, symbol: str) -> list[Bar]:
-    writer = open_writer(system.sup.store_url)
-    await writer.open()
-    try:
-        return await writer.read(symbol=symbol)
-    finally:
-        await writer.close()
+    return await read_bars(system.sup.store_url, symbol=symbol)
 
 
 def latest(bars: list[Bar]) -> dict[int, Bar]:

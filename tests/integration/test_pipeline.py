@@ -9,7 +9,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mdp.cli import replay_file
-from services.store.writers import open_writer
+from services.store.writers import read_bars
 from shared import subjects
 from shared.schemas import Bar
 from tests.conftest import DATA, PipelineFactory
@@ -20,17 +20,8 @@ pytestmark = pytest.mark.integration
 SLICES = ["lean_equity_20131008_slice", "binance_20240808_09_slice"]
 
 
-async def stored_bars(store_url: str) -> list[Bar]:
-    writer = open_writer(store_url)
-    await writer.open()
-    try:
-        return await writer.read()
-    finally:
-        await writer.close()
-
-
 async def assert_store_matches_reference(store_url: str, stem: str) -> None:
-    bars = await stored_bars(store_url)
+    bars = await read_bars(store_url)
     assert bars, "nothing was stored"
     for interval in ("1s", "1m"):
         reference = load_reference(DATA / f"{stem}.bars_{interval}.csv")

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from services.store.writers import open_writer
+from services.store.writers import read_bars
 from shared.bus import END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY
 from shared.codec import CONTENT_TYPE, JSON, MSGPACK
 from shared.natsserver import EmbeddedNats
@@ -67,12 +67,7 @@ def bars(symbol: str, count: int = 3, **changes: Any) -> list[Bar]:
 
 
 async def stored(system: System, symbol: str) -> list[Bar]:
-    writer = open_writer(system.sup.store_url)
-    await writer.open()
-    try:
-        return await writer.read(symbol=symbol)
-    finally:
-        await writer.close()
+    return await read_bars(system.sup.store_url, symbol=symbol)
 
 
 async def has_rows(system: System, symbol: str, count: int) -> bool:
