@@ -25,7 +25,6 @@ from mdp.supervisor import Supervisor
 from services.store.writers import read_bars
 from shared import subjects
 from shared.codec import encode
-from shared.natsserver import EmbeddedNats
 from shared.schemas import Tick, TickBatch
 from shared.settings import ProviderSettings
 from tests.reference import load_ticks
@@ -82,15 +81,13 @@ async def ceiling(url: str, payloads: list[tuple[str, bytes]], ticks: int) -> fl
 async def run(path: Path, repeat: int) -> dict[str, object]:
     """Measure both figures against one private server."""
     workdir = Path(tempfile.mkdtemp(prefix="mdp-bench-"))
-    server = EmbeddedNats(workdir / "nats", log_file=workdir / "nats-server.log")
-    url = server.start()
     store_url = f"sqlite:///{workdir / 'bench.db'}"
-    sup = Supervisor(
-        data_dir=workdir, store_url=store_url, nats_url=url, env={"MDP_LOG_LEVEL": "WARNING"}
-    )
+    # No NATS URL: the supervisor runs its own server beside the services, as `mdp up` does.
+    sup = Supervisor(data_dir=workdir, store_url=store_url, env={"MDP_LOG_LEVEL": "WARNING"})
     results: dict[str, object] = {"file": str(path)}
     try:
         sup.start()
+        url = sup.start_nats()  # the URL of the server it started
         await sup.wait_ready(60)
         nc = await nats.connect(url)
         e2e_rates = []
@@ -104,7 +101,6 @@ async def run(path: Path, repeat: int) -> dict[str, object]:
         ceilings = [await ceiling(url, payloads, ticks) for _ in range(repeat)]
     finally:
         sup.stop()
-        server.stop()
     best_e2e, best_ceiling = max(e2e_rates), max(ceilings)
     results.update(
         e2e_ticks_per_s=round(best_e2e),

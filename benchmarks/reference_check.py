@@ -27,7 +27,6 @@ from nats.js.errors import NotFoundError
 from mdp.cli import replay_file
 from mdp.supervisor import Supervisor, scrape
 from services.store.writers import read_bars
-from shared.natsserver import EmbeddedNats
 from tests.reference import compare_bars, load_reference
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/ticks"
@@ -48,15 +47,13 @@ async def dead_letters(nc: nats.NATS, subject: str) -> int:
 async def check(data: Path, stems: list[str], speed: str) -> list[dict[str, Any]]:
     """Replay every file, then compare the store with the references; one row per interval."""
     workdir = Path(tempfile.mkdtemp(prefix="mdp-refcheck-"))
-    server = EmbeddedNats(workdir / "nats", log_file=workdir / "nats-server.log")
-    url = server.start()
     store_url = f"sqlite:///{workdir / 'bars.db'}"
-    sup = Supervisor(
-        data_dir=workdir, store_url=store_url, nats_url=url, env={"MDP_LOG_LEVEL": "WARNING"}
-    )
+    # No NATS URL: the supervisor runs its own server beside the services, as `mdp up` does.
+    sup = Supervisor(data_dir=workdir, store_url=store_url, env={"MDP_LOG_LEVEL": "WARNING"})
     rows: list[dict[str, Any]] = []
     try:
         sup.start()
+        url = sup.start_nats()  # the URL of the server it started
         await sup.wait_ready(60)
         nc = await nats.connect(url)
         replays = {}
@@ -70,7 +67,6 @@ async def check(data: Path, stems: list[str], speed: str) -> list[dict[str, Any]
         stored = await read_bars(store_url)
     finally:
         sup.stop()
-        server.stop()
 
     for stem in stems:
         ticks, seconds = replays[stem]
