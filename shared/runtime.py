@@ -39,6 +39,7 @@ class Context:
     metrics_port: int
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    crashed: bool = False  # a background task died: exit non-zero so a supervisor sees it
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         """Run a background task owned by the service; its crash is logged and stops the service."""
@@ -50,6 +51,7 @@ class Context:
             exc = t.exception()
             if exc is not None:
                 self.log.error("task_crashed", task=name, error=repr(exc))
+                self.crashed = True
                 self.stopping.set()
 
         task.add_done_callback(done)
@@ -119,7 +121,7 @@ async def serve(service: Service, settings: Settings) -> int:
 
     await stop_signal.wait()
     log.info("stopping")
-    code = 0
+    code = 1 if ctx.crashed else 0
     try:
         await service.stop()
         await asyncio.wait_for(publisher.flush(), timeout=30)

@@ -429,6 +429,7 @@ class AggregatorService:
                 "split the symbols over more partitions (MDP_STREAM__QUOTE_PARTITIONS)"
             )
             self.ctx.log.error("checkpoint_too_large", problem=problem)
+            self.ctx.crashed = True
             self.ctx.stopping.set()
             raise StopConsuming(problem)
         previous, self.attempted = self.attempted, data
