@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from services.aggregator.bars import BarEngine
-from shared.schemas import Bar, Tick, interval_ns
+from shared.contract.messages import Bar, Tick, interval_ns
 
 DEFAULT = (
     Path(__file__).resolve().parents[1].parent

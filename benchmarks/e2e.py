@@ -23,9 +23,9 @@ import nats
 from mdp.cli import replay_file
 from mdp.supervisor import Supervisor
 from services.store.writers import read_bars
-from shared import subjects
-from shared.codec import encode
-from shared.schemas import Tick, TickBatch
+from shared.contract import names
+from shared.contract.codec import encode
+from shared.contract.messages import Tick, TickBatch
 from shared.settings import ProviderSettings
 from tests.reference import load_ticks
 
@@ -44,11 +44,11 @@ def batched_payloads(path: Path, batch: int) -> tuple[list[tuple[str, bytes]], i
         buf = buffers[symbol]
         buf.append(tick)
         if len(buf) == batch:
-            out.append((subjects.raw("replay", symbol), encode(TickBatch(symbol, "replay", buf))))
+            out.append((names.raw("replay", symbol), encode(TickBatch(symbol, "replay", buf))))
             buffers[symbol] = []
     for symbol, buf in buffers.items():
         if buf:
-            out.append((subjects.raw("replay", symbol), encode(TickBatch(symbol, "replay", buf))))
+            out.append((names.raw("replay", symbol), encode(TickBatch(symbol, "replay", buf))))
     return out, ticks
 
 

@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from services.provider.adapters.replay import ReplayAdapter
-from shared.schemas import JobSpec, Tick
+from shared.contract.control import JobSpec
+from shared.contract.messages import Tick
 
 DEFAULT_FILE = (
     Path(__file__).resolve().parents[1].parent

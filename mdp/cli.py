@@ -17,10 +17,14 @@ from typing import Any
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from mdp.supervisor import Supervisor, scrape
 from services.registry import SERVICES
+from shared.contract import names
+from shared.contract.events import Failed, Stopped, decode_event
+from shared.contract.messages import EndOfStream
 from shared.logging import configure_logging
 
 DEFAULT_SYMBOLS = "AAPL,MSFT,BRK.B,BTC/USD"
@@ -119,10 +123,10 @@ async def _connect(url: str) -> NATS:
 async def control_request(nc: NATS, verb: str, body: dict[str, Any]) -> dict[str, Any]:
     """Send one `ingest.control.<verb>` request and return the decoded reply."""
     try:
-        msg = await nc.request(f"ingest.control.{verb}", msgspec.json.encode(body), timeout=10)
+        msg = await nc.request(names.control(verb), msgspec.json.encode(body), timeout=10)
     except Exception as exc:
         raise CliError(
-            f"no reply on ingest.control.{verb} ({type(exc).__name__}): is the control "
+            f"no reply on {names.control(verb)} ({type(exc).__name__}): is the control "
             "service running?"
         ) from None
     reply: dict[str, Any] = msgspec.json.decode(msg.data)
@@ -322,20 +326,25 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
     run = ""
     expected = -1
 
-    async def on_event(msg: Any) -> None:
+    async def on_event(msg: Msg) -> None:
         nonlocal expected
-        body = msgspec.json.decode(msg.data)
-        if body.get("run") != run or outcome.done():
+        if outcome.done():
             return
-        event = msg.subject.rsplit(".", 1)[-1]
-        if event == "completed":
-            completed[body["symbol"]] = int(body.get("ticks", 0))
-            expected = int(body["symbols_total"])
-        elif event == "failed":
-            outcome.set_exception(CliError(f"replay failed: {body.get('error')}"))
-            return
-        elif event == "stopped" and body.get("reason") == "completed" and not body.get("ticks"):
-            expected = 0
+        try:
+            event = decode_event(msg.subject, msg.data)
+        except ValueError:
+            return  # not ours to judge: an event this client does not know, or a bad one
+        match event:
+            case EndOfStream(run=r, symbol=symbol, ticks=ticks, symbols_total=total) if r == run:
+                completed[symbol] = ticks
+                expected = total
+            case Failed(run=r, error=error) if r == run:
+                outcome.set_exception(CliError(f"replay failed: {error}"))
+                return
+            case Stopped(run=r, reason="completed", ticks=ticks) if r == run and not ticks:
+                expected = 0
+            case _:
+                return
         if expected >= 0 and len(completed) >= expected:
             outcome.set_result({"symbols": len(completed), "ticks": sum(completed.values())})
 
@@ -343,7 +352,7 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
     # An ordered JetStream consumer, not a core subscription: an event published while this
     # client is reconnecting is still delivered.
     sub = await nc.jetstream().subscribe(
-        "ingest.events.*",
+        names.EVENTS_ALL,
         cb=on_event,
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.NEW,

@@ -20,8 +20,8 @@ from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.registry import SERVICES
+from shared.contract import names
 from shared.natsserver import EmbeddedNats
-from shared.runtime import ready_subject
 
 # Stop order: sources first, so every later stage can drain what is in flight.
 STOP_ORDER = ["provider", "control", "router", "aggregator", "store"]
@@ -121,7 +121,7 @@ class Supervisor:
                 self.check()  # a service that died while starting is restarted (with backoff)
                 for name in list(waiting):
                     with contextlib.suppress(Exception):
-                        await nc.request(ready_subject(name), b"", timeout=0.5)
+                        await nc.request(names.ready(name), b"", timeout=0.5)
                         waiting.discard(name)
                 await asyncio.sleep(0.05)
         finally:

@@ -37,16 +37,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.schemas import (
-    BarsPolicy,
-    Batching,
-    Fallback,
-    Policy,
-    StoreSync,
-    WritePath,
-    interval_ns,
-)
-from shared.subjects import escape_symbol
+from shared.contract.control import BarsPolicy, Batching, Fallback, Policy, StoreSync, WritePath
+from shared.contract.messages import interval_ns
+from shared.contract.names import escape_symbol
 
 PROVIDERS_FILE = "data_providers.yaml"
 POLICY_FILE = "ingestion_policy.yaml"

@@ -11,16 +11,11 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from shared.contract.records import LeaseRecord
+
 
 class LeaseLost(Exception):
     """Another holder took the lease (or it could not be renewed in time)."""
-
-
-class LeaseRecord(msgspec.Struct):
-    """What a lease key holds."""
-
-    owner: str
-    expires_ns: int
 
 
 def may_take(record: LeaseRecord | None, owner: str, now_ns: int) -> bool:

@@ -17,7 +17,10 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
 
-from shared.bus import JsPublisher, connect, ensure_buckets, ensure_streams
+from shared.bus.connection import connect
+from shared.bus.declare import ensure_buckets, ensure_streams
+from shared.bus.publisher import JsPublisher
+from shared.contract import names
 from shared.logging import configure_logging
 from shared.metrics import serve_metrics
 from shared.settings import Settings
@@ -114,9 +117,7 @@ async def serve(service: Service, settings: Settings) -> int:
         await nc.close()
         return 1
     # Readiness: answered only once start() is done (PING answers as soon as it registers).
-    await micro.add_endpoint(
-        name="ready", subject=ready_subject(service.name), handler=_answer_ready
-    )
+    await micro.add_endpoint(name="ready", subject=names.ready(service.name), handler=_answer_ready)
     log.info("started", nats=settings.nats_url, metrics_port=metrics_port, pid=os.getpid())
 
     await stop_signal.wait()
@@ -143,8 +144,8 @@ async def serve(service: Service, settings: Settings) -> int:
 
 
 async def _declare(js: JetStreamContext, settings: Settings) -> None:
-    await ensure_streams(js, settings)
-    await ensure_buckets(js, settings)
+    await ensure_streams(js, settings.stream)
+    await ensure_buckets(js, settings.stream)
 
 
 async def _with_retries(
@@ -162,11 +163,6 @@ async def _with_retries(
             log.warning(f"{what}_retry", error=repr(exc), attempt=attempt, retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 8.0)
-
-
-def ready_subject(service: str) -> str:
-    """The subject a started instance of `service` answers (for supervisors and tests)."""
-    return f"mdp.ready.{service}"
 
 
 async def _answer_ready(request: Request) -> None:

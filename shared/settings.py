@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.schemas import interval_ns
+from shared.contract.messages import interval_ns
 
 
 class ProviderSettings(BaseModel):

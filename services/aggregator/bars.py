@@ -55,7 +55,7 @@ from typing import Literal
 
 import msgspec
 
-from shared.schemas import Bar, Tick, interval_ns
+from shared.contract.messages import Bar, Tick, interval_ns
 
 __all__ = ["SIZE_UNITS", "BarEngine", "Emitted", "InvalidTick", "LateTick", "PriceType"]
 

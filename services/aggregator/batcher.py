@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hashlib import blake2b
 
-from shared.schemas import Bar, BarBatch
+from shared.contract.messages import Bar, BarBatch
 
 __all__ = ["BarBatcher", "batch_id"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.schemas import Tick
+from shared.contract.messages import Tick
 
 
 class SeenSeqs(msgspec.Struct):

@@ -14,43 +14,15 @@ events; a clock stepping backwards never makes a silence shorter than zero.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
 
 import msgspec
 
-from shared.schemas import interval_ns
+from shared.contract.events import Gap
+from shared.contract.messages import interval_ns
 
-__all__ = ["GapDetector", "GapEvent", "GapState"]
-
-GapState = Literal["opened", "closed"]
+__all__ = ["GapDetector"]
 
 _SNAPSHOT_VERSION = 1
-
-
-class GapEvent(msgspec.Struct, frozen=True, omit_defaults=True):
-    """A gap in a symbol's feed: `opened` when detected, `closed` when ticks return.
-
-    `since_ns` is when the symbol was last heard of (its last tick, or the subscription),
-    `until_ns` when ticks came back (closed only), `duration_ns = until_ns - since_ns` (closed
-    only); `missing_intervals` counts the whole `interval`s without a tick in between, and
-    `at_ns` is when the event was produced. `reason` says why a gap closed: `ticks` or
-    `unsubscribed`.
-    """
-
-    symbol: str
-    state: GapState
-    interval: str
-    since_ns: int
-    missing_intervals: int
-    at_ns: int
-    until_ns: int | None = None
-    duration_ns: int | None = None
-    reason: str | None = None
-
-    @property
-    def event_id(self) -> str:
-        """A deterministic `Nats-Msg-Id`: one per gap and state, whoever detects it."""
-        return f"gap:{self.symbol}:{self.since_ns}:{self.state}"
 
 
 class _Watch(msgspec.Struct, array_like=True):
@@ -103,24 +75,24 @@ class GapDetector:
         if symbol not in self._watches:
             self._watches[symbol] = _Watch(symbol, now_ns)
 
-    def unsubscribe(self, symbol: str, now_ns: int | None = None) -> list[GapEvent]:
+    def unsubscribe(self, symbol: str, now_ns: int | None = None) -> list[Gap]:
         """Stop watching `symbol`; an open gap is closed (`reason="unsubscribed"`) if `now_ns`."""
         watch = self._watches.pop(symbol, None)
         if watch is None or not watch.gap_open or now_ns is None:
             return []
         return [self._closed(watch, now_ns, "unsubscribed")]
 
-    def sync(self, symbols: Iterable[str], now_ns: int) -> list[GapEvent]:
+    def sync(self, symbols: Iterable[str], now_ns: int) -> list[Gap]:
         """Make the subscriptions exactly `symbols` (e.g. the union of every job's symbols)."""
         wanted = set(symbols)
-        events: list[GapEvent] = []
+        events: list[Gap] = []
         for symbol in sorted(self._watches.keys() - wanted):
             events.extend(self.unsubscribe(symbol, now_ns))
         for symbol in sorted(wanted):
             self.subscribe(symbol, now_ns)
         return events
 
-    def on_ticks(self, symbol: str, now_ns: int) -> list[GapEvent]:
+    def on_ticks(self, symbol: str, now_ns: int) -> list[Gap]:
         """Ticks of `symbol` arrived at `now_ns`: closes its gap if one is open."""
         watch = self._watches.get(symbol)
         if watch is None:  # not subscribed: its silences are nobody's concern
@@ -131,9 +103,9 @@ class GapDetector:
             watch.last_ns = now_ns
         return events
 
-    def check(self, now_ns: int) -> list[GapEvent]:
+    def check(self, now_ns: int) -> list[Gap]:
         """Open the gaps of subscribed symbols silent for the threshold; sorted by symbol."""
-        events: list[GapEvent] = []
+        events: list[Gap] = []
         threshold = self.threshold_ns
         for symbol in sorted(self._watches):
             watch = self._watches[symbol]
@@ -141,7 +113,7 @@ class GapDetector:
             if not watch.gap_open and silent >= threshold:
                 watch.gap_open = True
                 events.append(
-                    GapEvent(
+                    Gap(
                         symbol=symbol,
                         state="opened",
                         interval=self._interval,
@@ -157,10 +129,10 @@ class GapDetector:
         deadlines = [w.last_ns for w in self._watches.values() if not w.gap_open]
         return min(deadlines) + self.threshold_ns if deadlines else None
 
-    def _closed(self, watch: _Watch, now_ns: int, reason: str) -> GapEvent:
+    def _closed(self, watch: _Watch, now_ns: int, reason: str) -> Gap:
         until = max(now_ns, watch.last_ns)
         duration = until - watch.last_ns
-        return GapEvent(
+        return Gap(
             symbol=watch.symbol,
             state="closed",
             interval=self._interval,

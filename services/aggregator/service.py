@@ -29,41 +29,18 @@ from prometheus_client import Counter
 from services.aggregator.bars import BarEngine, Emitted
 from services.aggregator.batcher import BarBatcher
 from services.aggregator.dedup import SeenSeqs
-from services.aggregator.gaps import GapDetector, GapEvent
-from shared import subjects
-from shared.bus import (
-    CLOCK_RATE,
-    DLQ_REASON,
-    DLQ_SERVICE,
-    DRY_RUN,
-    END_OF_STREAM,
-    KV_CHECKPOINTS,
-    KV_JOBS,
-    KV_STATE,
-    MSG_ID,
-    POLICY_KEY,
-    PRODUCER,
-    RUN,
-    PullConsumer,
-    StopConsuming,
-    dead_letter,
-    follow,
-    quote_filter,
-    stream_sequence,
-)
-from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError, encode
+from services.aggregator.gaps import GapDetector
+from shared.bus.consumer import PullConsumer, StopConsuming, stream_sequence
+from shared.bus.deadletter import dead_letter
+from shared.bus.kv import follow
+from shared.bus.publisher import publish_event
+from shared.contract import names
+from shared.contract.codec import JSON, Codec, DecodeError, encode
+from shared.contract.control import JobSpec, Policy, StoreSync
+from shared.contract.events import Gap, Suppressed
+from shared.contract.messages import Bar, BarBatch, DeadTick, EndOfStream, Tick, TickBatch
 from shared.lease import Lease, LeaseLost
 from shared.runtime import Context
-from shared.schemas import (
-    Bar,
-    BarBatch,
-    EndOfStream,
-    JobSpec,
-    Policy,
-    StoreSync,
-    Tick,
-    TickBatch,
-)
 from shared.settings import Settings
 
 BARS_EMITTED = Counter(
@@ -81,7 +58,6 @@ DUPLICATE_TICKS = Counter(
 )
 TICKS_AGGREGATED = Counter("aggregator_ticks_total", "Ticks folded into bars")
 
-SYNC_SUBJECTS = {"bus": subjects.STORE_SYNC_BUS, "http": subjects.STORE_SYNC_HTTP}
 # Past this many waiting bars a checkpoint sends the batch first, to keep checkpoints small.
 CHECKPOINT_MAX_PENDING = 2000
 
@@ -137,11 +113,11 @@ class AggregatorService:
         self.last_seq = 0
         self.partition = cfg.partition
         self.durable = "aggregator" if cfg.partition is None else f"aggregator-p{cfg.partition}"
-        self.checkpoint_key = f"aggregator.{self.durable}"
+        self.checkpoint_key = names.checkpoint_key(self.durable)
         self.revision = 0
         self.dirty = False
         self.attempted = b""  # the last checkpoint we tried to write
-        self._pending_notices: list[bytes] = []
+        self._pending_notices: list[Suppressed] = []
         host = socket.gethostname()
         self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -171,9 +147,9 @@ class AggregatorService:
     async def start(self, ctx: Context) -> None:
         """Become active in the background: a second instance waits there as a standby."""
         self.ctx = ctx
-        self.kv = await ctx.js.key_value(KV_CHECKPOINTS)
-        self.state_kv = await ctx.js.key_value(KV_STATE)
-        self.lease = Lease(self.kv, f"lease.{self.durable}", self.instance, log=ctx.log)
+        self.kv = await ctx.js.key_value(names.KV_CHECKPOINTS)
+        self.state_kv = await ctx.js.key_value(names.KV_STATE)
+        self.lease = Lease(self.kv, names.lease_key(self.durable), self.instance, log=ctx.log)
         self.active = asyncio.Event()
         ctx.spawn(self._activate(), "activate")
 
@@ -199,9 +175,9 @@ class AggregatorService:
         self.consumer = PullConsumer(
             ctx.nc,
             ctx.js,
-            "MD_QUOTES",
+            names.STREAM_QUOTES,
             self.durable,
-            [quote_filter(self.partition)],
+            [names.quote_partition(self.partition)],
             self.handle,
             ctx.log,
         )
@@ -248,15 +224,15 @@ class AggregatorService:
         headers = msg.headers or {}
         try:
             batch = self.codec.decode(msg.data, headers)
-            clock_rate = float(headers.get(CLOCK_RATE, "1"))
+            clock_rate = float(headers.get(names.CLOCK_RATE, "1"))
         except (DecodeError, ValueError) as exc:
             await dead_letter(self.ctx.publisher, self.name, msg, f"undecodable: {exc}", "decode")
             return
-        if headers.get(DRY_RUN) == "1":
+        if headers.get(names.DRY_RUN) == "1":
             self.dry_run.add(batch.symbol)
         else:
             self.dry_run.discard(batch.symbol)
-        ticks = self._fresh_ticks(batch, headers.get(RUN, ""))
+        ticks = self._fresh_ticks(batch, headers.get(names.RUN, ""))
         if ticks:
             now = time.time_ns()
             emitted = self.engine.on_ticks(batch.symbol, batch.provider, ticks, now, clock_rate)
@@ -264,7 +240,7 @@ class AggregatorService:
             await self._emit(emitted)
             if self.gaps is not None:
                 await self._gap_events(self.gaps.on_ticks(batch.symbol, now))
-        eos_header = headers.get(END_OF_STREAM)
+        eos_header = headers.get(names.END_OF_STREAM)
         if eos_header is not None:
             self.waiting_eos[batch.symbol] = eos_header
         if batch.symbol in self.waiting_eos:
@@ -309,20 +285,17 @@ class AggregatorService:
         self.engine.forget(symbol)
         await self._send(self.batcher.flush())
         await self._send_suppressed(due=False)
-        subject = SYNC_SUBJECTS.get(self.policy.store_sync.mode)
+        subject = names.STORE_SYNC.get(self.policy.store_sync.mode)
         if subject is None or symbol in self.dry_run or not self.policy.write_path.enabled:
             # No store will see the marker: announce completion here.
-            await self.ctx.publisher.publish(
-                subjects.event("completed"),
-                header.encode(),
-                {CONTENT_TYPE: JSON, MSG_ID: f"completed:{marker.run}:{marker.symbol}"},
-            )
+            msg_id = names.completed_id(marker.run, marker.symbol)
+            await publish_event(self.ctx.publisher, marker, msg_id)
             return
         # An empty batch carries the marker: the store reports completion once it reaches it.
         headers = {
-            CONTENT_TYPE: JSON,
-            MSG_ID: f"eos:{marker.run}:{subjects.escape_symbol(symbol)}",
-            END_OF_STREAM: header,
+            names.CONTENT_TYPE: JSON,
+            names.MSG_ID: names.end_of_stream_id(marker.run, symbol),
+            names.END_OF_STREAM: header,
         }
         body = encode(BarBatch(f"eos:{marker.run}:{symbol}", []))
         await self.ctx.publisher.publish(subject, body, headers)
@@ -340,11 +313,15 @@ class AggregatorService:
         ctx = self.ctx
         content_type = ctx.settings.content_type
         now = time.monotonic_ns()
-        to_store = self.policy.store_sync.mode in SYNC_SUBJECTS
+        to_store = self.policy.store_sync.mode in names.STORE_SYNC
         for bar in emitted.bars:
             body = encode(bar, content_type)
-            headers = {CONTENT_TYPE: content_type, MSG_ID: bar.bar_id, PRODUCER: self.instance}
-            await ctx.publisher.publish(subjects.bars(bar.interval, bar.symbol), body, headers)
+            headers = {
+                names.CONTENT_TYPE: content_type,
+                names.MSG_ID: bar.bar_id,
+                names.PRODUCER: self.instance,
+            }
+            await ctx.publisher.publish(names.bars(bar.interval, bar.symbol), body, headers)
             BARS_EMITTED.labels(bar.interval).inc()
             if not to_store:
                 continue
@@ -355,28 +332,33 @@ class AggregatorService:
                 batcher = self.suppressed.setdefault(reason, self._new_batcher())
                 self._count_suppressed(reason, batcher.add(bar, len(body), now))
         for invalid in emitted.invalid:
-            body = msgspec.json.encode({"symbol": invalid.symbol, "tick": invalid.tick})
-            await self._dlq(body, f"invalid:{invalid.symbol}:{invalid.tick.seq}", invalid.reason)
+            msg_id = names.invalid_tick_id(invalid.symbol, invalid.tick.seq)
+            await self._dlq(DeadTick(invalid.symbol, invalid.tick), msg_id, invalid.reason)
         for late in emitted.late:
             LATE_TICKS.labels(late.symbol).inc()
-            body = msgspec.json.encode(
-                {"symbol": late.symbol, "interval": late.interval, "tick": late.tick}
-            )
-            msg_id = f"late:{late.interval}:{late.symbol}:{late.tick.seq}:{late.tick.ts}"
-            await self._dlq(body, msg_id, late.reason)
+            msg_id = names.late_tick_id(late.interval, late.symbol, late.tick.seq, late.tick.ts)
+            await self._dlq(DeadTick(late.symbol, late.tick, late.interval), msg_id, late.reason)
 
-    async def _dlq(self, body: bytes, msg_id: str, reason: str) -> None:
-        headers = {CONTENT_TYPE: JSON, MSG_ID: msg_id, DLQ_REASON: reason, DLQ_SERVICE: self.name}
-        await self.ctx.publisher.publish(subjects.dlq(self.name), body, headers)
+    async def _dlq(self, body: DeadTick, msg_id: str, reason: str) -> None:
+        headers = {
+            names.CONTENT_TYPE: JSON,
+            names.MSG_ID: msg_id,
+            names.DLQ_REASON: reason,
+            names.DLQ_SERVICE: self.name,
+        }
+        await self.ctx.publisher.publish(names.dlq(self.name), encode(body), headers)
 
     async def _send(self, batches: list[BarBatch]) -> None:
-        subject = SYNC_SUBJECTS.get(self.policy.store_sync.mode)
+        subject = names.STORE_SYNC.get(self.policy.store_sync.mode)
         if subject is None:
             return
         ctx = self.ctx
         for batch in batches:
             body = encode(batch, ctx.settings.content_type)
-            headers = {CONTENT_TYPE: ctx.settings.content_type, MSG_ID: f"batch:{batch.batch_id}"}
+            headers = {
+                names.CONTENT_TYPE: ctx.settings.content_type,
+                names.MSG_ID: names.bar_batch_id(batch.batch_id),
+            }
             await ctx.publisher.publish(subject, body, headers)
             BATCHES_SENT.labels(self.policy.store_sync.mode).inc()
 
@@ -389,16 +371,12 @@ class AggregatorService:
         for batch in batches:
             SUPPRESSED.labels(reason).inc()
             # Announced after the next flush; control counts them in ingest_writes_suppressed_total.
-            self._pending_notices.append(
-                msgspec.json.encode({"reason": reason, "bars": len(batch.bars)})
-            )
+            self._pending_notices.append(Suppressed(reason, len(batch.bars)))
 
     async def _notify_suppressed(self) -> None:
         notices, self._pending_notices = self._pending_notices, []
-        for body in notices:
-            await self.ctx.publisher.publish(
-                subjects.event("suppressed"), body, {CONTENT_TYPE: JSON}
-            )
+        for notice in notices:
+            await publish_event(self.ctx.publisher, notice)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -507,26 +485,22 @@ class AggregatorService:
 
     async def _watch_policy(self) -> None:
         """Follow the policy control publishes in `ingest_state`."""
-        async for _, policy in follow(self.state_kv, Policy, self.ctx.log, POLICY_KEY):
+        async for _, policy in follow(self.state_kv, Policy, self.ctx.log, names.POLICY_KEY):
             if policy is None:
                 continue
             async with self.lock:
                 self.policy = policy
             self.ctx.log.info("policy", policy=msgspec.to_builtins(policy))
 
-    async def _gap_events(self, events: list[GapEvent]) -> None:
+    async def _gap_events(self, events: list[Gap]) -> None:
         for event in events:
             self.dirty = True
-            await self.ctx.publisher.publish(
-                subjects.event("gap"),
-                msgspec.json.encode(event),
-                {CONTENT_TYPE: JSON, MSG_ID: event.event_id},
-            )
+            await publish_event(self.ctx.publisher, event, event.event_id)
 
     async def _watch_jobs(self) -> None:
         """Follow the live subscriptions: a replay is bounded, its end is not a gap."""
         assert self.gaps is not None
-        jobs_kv = await self.ctx.js.key_value(KV_JOBS)
+        jobs_kv = await self.ctx.js.key_value(names.KV_JOBS)
         async for name, spec in follow(jobs_kv, JobSpec, self.ctx.log):
             if spec is None:
                 self.jobs.pop(name, None)

@@ -25,8 +25,9 @@ from shared.config import (
     ReplayParams,
     SyntheticParams,
 )
-from shared.schemas import JobSpec, StartRequest, StopRequest
-from shared.subjects import escape_symbol
+from shared.contract.control import JobSpec, StartRequest, StopRequest
+from shared.contract.names import escape_symbol
+from shared.contract.records import ProviderState
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 REASON = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -226,11 +227,11 @@ def next_deadline(jobs: Mapping[str, JobSpec]) -> int:
     return min(deadlines, default=0)
 
 
-def job_state(spec: JobSpec, provider_state: Mapping[str, Any] | None) -> str:
+def job_state(spec: JobSpec, provider_state: ProviderState | None) -> str:
     """`pending` until a provider reports on this very run, then what it reports."""
-    if not provider_state or provider_state.get("run") != spec.run:
+    if provider_state is None or provider_state.run != spec.run:
         return "pending"
-    return str(provider_state.get("state", "pending"))
+    return provider_state.state
 
 
 def is_live(state: str) -> bool:

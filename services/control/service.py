@@ -35,12 +35,23 @@ from services.control.guards import (
     parse_stop,
 )
 from services.control.http import ControlHttp
-from shared import subjects
-from shared.bus import KV_JOBS, KV_STATE, POLICY_KEY, PullConsumer, follow, kv_keys
-from shared.codec import CONTENT_TYPE, JSON
+from shared.bus.consumer import PullConsumer
+from shared.bus.kv import follow, kv_keys
+from shared.bus.publisher import publish_event
 from shared.config import Config, ConfigError, ControlHttpSettings, load_from_environment
+from shared.contract import names
+from shared.contract.control import JobSpec, Policy
+from shared.contract.events import (
+    Event,
+    Failed,
+    Reloaded,
+    Started,
+    Stopped,
+    Suppressed,
+    decode_event,
+)
+from shared.contract.records import ProviderState, ServiceUrl, StopRecord
 from shared.runtime import Context
-from shared.schemas import JobSpec, Policy
 from shared.settings import Settings
 
 INGEST_ACTIVE = Gauge("ingest_active", "Jobs running per provider", ["provider"])
@@ -63,8 +74,6 @@ for _reason in SUPPRESSION_REASONS:
     BARS_SUPPRESSED.labels(_reason)
 
 AUTO_STOP_REASON = "auto_duration_reached"
-HTTP_KEY = "http.control"
-STOPPED_PREFIX = "stopped."
 VERBS = ("start", "stop", "status", "reload")
 
 Handler = Callable[[bytes], Awaitable[dict[str, Any]]]
@@ -94,7 +103,7 @@ class ControlService:
         self.policy_revision = 0
         self.lock = asyncio.Lock()
         self.jobs: dict[str, JobSpec] = {}  # as last seen in `ingest_jobs` (for the timer)
-        self.provider_states: dict[str, dict[str, Any]] = {}
+        self.provider_states: dict[str, ProviderState] = {}
         self.failed_runs: set[str] = set()
         self.changed = asyncio.Event()
         self.http: ControlHttp | None = None
@@ -105,8 +114,8 @@ class ControlService:
     async def start(self, ctx: Context) -> None:
         """Publish the policy, follow the buckets, register the endpoints, open the facade."""
         self.ctx = ctx
-        self.jobs_kv = await ctx.js.key_value(KV_JOBS)
-        self.state_kv = await ctx.js.key_value(KV_STATE)
+        self.jobs_kv = await ctx.js.key_value(names.KV_JOBS)
+        self.state_kv = await ctx.js.key_value(names.KV_STATE)
         for source in self.config.sources.items():
             ctx.log.info("config", file=source[0], source=source[1])
         for provider in self.config.providers.providers:
@@ -118,9 +127,9 @@ class ControlService:
         self.consumer = PullConsumer(
             ctx.nc,
             ctx.js,
-            "MD_EVENTS",
+            names.STREAM_EVENTS,
             "control-suppressed",
-            [subjects.event("suppressed")],
+            [names.event("suppressed")],
             self._on_suppressed,
             ctx.log,
             batch=64,
@@ -138,11 +147,11 @@ class ControlService:
         self.handlers = handlers
         for verb in VERBS:
             await ctx.micro.add_endpoint(
-                name=verb, subject=subjects.control(verb), handler=self._endpoint(verb)
+                name=verb, subject=names.control(verb), handler=self._endpoint(verb)
             )
         self.http = ControlHttp(self.dispatch, self.http_settings, ctx.log)
         url = await self.http.start()
-        await self.state_kv.put(HTTP_KEY, msgspec.json.encode({"url": url}))
+        await self.state_kv.put(names.HTTP_CONTROL_KEY, msgspec.json.encode(ServiceUrl(url)))
         ctx.log.info("http_listening", url=url)
 
     async def stop(self) -> None:
@@ -163,7 +172,7 @@ class ControlService:
         except Exception as exc:
             self.ctx.log.error("control_failed", verb=verb, error=repr(exc), exc_info=True)
             error = ControlError("internal", f"{verb} failed: {exc!r}")
-            await self._event("failed", stage=verb, error=error.message)
+            await self._event(Failed(time.time_ns(), error.message, stage=verb))
         else:
             return 200, {"ok": True, **reply}
         INGEST_ERRORS.labels(self._provider_label(body), verb).inc()
@@ -221,11 +230,15 @@ class ControlService:
             self._wake()
         INGEST_STARTS.labels(spec.provider).inc()
         await self._event(
-            "started",
-            spec,
-            symbols=spec.symbols,
-            dry_run=spec.dry_run,
-            deadline_ns=spec.deadline_ns,
+            Started(
+                time.time_ns(),
+                spec.job,
+                spec.run,
+                spec.provider,
+                spec.symbols,
+                spec.dry_run,
+                spec.deadline_ns,
+            )
         )
         self.ctx.log.info("job_started", job=spec.job, run=spec.run, provider=spec.provider)
         return {"status": "running", "job": _job_view(spec)}
@@ -259,17 +272,10 @@ class ControlService:
         self.jobs.pop(job, None)
         self._wake()
         now = time.time_ns()
-        record = {
-            "job": job,
-            "run": spec.run,
-            "provider": spec.provider,
-            "reason": reason,
-            "started_ns": spec.started_ns,
-            "stopped_ns": now,
-        }
-        await self.state_kv.put(STOPPED_PREFIX + job, msgspec.json.encode(record))
+        record = StopRecord(job, spec.run, spec.provider, reason, spec.started_ns, now)
+        await self.state_kv.put(names.stopped_key(job), msgspec.json.encode(record))
         INGEST_STOPS.labels(spec.provider, reason).inc()
-        await self._event("stopped", spec, reason=reason)
+        await self._event(Stopped(now, job, spec.run, spec.provider, reason))
         self.ctx.log.info("job_stopped", job=job, run=spec.run, reason=reason)
         return spec
 
@@ -278,7 +284,7 @@ class ControlService:
         del body
         jobs = []
         now = time.time_ns()
-        for key in sorted(await kv_keys(self.ctx.js, KV_JOBS)):
+        for key in sorted(await kv_keys(self.ctx.js, names.KV_JOBS)):
             entry = await self._entry(key)
             if entry is None:
                 continue
@@ -286,17 +292,21 @@ class ControlService:
             provider_state = await self._provider_state(spec.job)
             view = _job_view(spec)
             view["state"] = job_state(spec, provider_state)
-            view["provider_state"] = _slim(provider_state) if view["state"] != "pending" else {}
+            view["provider_state"] = (
+                _report(provider_state)
+                if provider_state is not None and view["state"] != "pending"
+                else {}
+            )
             if spec.deadline_ns:
                 view["remaining_s"] = round(max(0, spec.deadline_ns - now) / 1e9, 3)
             jobs.append(view)
-        stopped = []
-        for key in await kv_keys(self.ctx.js, KV_STATE, STOPPED_PREFIX):
-            with contextlib.suppress(KeyNotFoundError):
+        stopped: list[StopRecord] = []
+        for key in await kv_keys(self.ctx.js, names.KV_STATE, names.STOPPED_PREFIX):
+            with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError):
                 entry_value = (await self.state_kv.get(key)).value
                 if entry_value:
-                    stopped.append(msgspec.json.decode(entry_value))
-        stopped.sort(key=lambda s: -int(s.get("stopped_ns", 0)))
+                    stopped.append(msgspec.json.decode(entry_value, type=StopRecord))
+        stopped.sort(key=lambda record: -record.stopped_ns)
         running = sum(1 for j in jobs if is_live(j["state"]))
         providers = {
             name: {
@@ -316,7 +326,7 @@ class ControlService:
                 "running": running,
                 "max_concurrent_jobs": self.config.policy.guards.max_concurrent_jobs,
             },
-            "stopped": stopped[:20],
+            "stopped": msgspec.to_builtins(stopped[:20]),
             "config": dict(self.config.sources),
             "http": self.http.url if self.http is not None else None,
         }
@@ -328,7 +338,7 @@ class ControlService:
             config = await asyncio.to_thread(load_from_environment)
         except ConfigError as exc:
             self.ctx.log.error("reload_refused", problems=exc.problems)
-            await self._event("failed", stage="reload", error=exc.message)
+            await self._event(Failed(time.time_ns(), exc.message, stage="reload"))
             raise ControlError("config_invalid", exc.message) from None
         async with self.lock:
             self.config = config
@@ -338,7 +348,7 @@ class ControlService:
         self._update_active()
         enabled = sorted(n for n, p in config.providers.providers.items() if p.enabled)
         await self._event(
-            "reloaded", revision=self.policy_revision, providers=enabled, config=config.sources
+            Reloaded(time.time_ns(), self.policy_revision, enabled, dict(config.sources))
         )
         self.ctx.log.info("reloaded", revision=self.policy_revision)
         return {
@@ -355,12 +365,12 @@ class ControlService:
         """Write the effective policy to `ingest_state` under `policy` with the next revision."""
         previous = 0
         with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError):
-            entry = await self.state_kv.get(POLICY_KEY)
+            entry = await self.state_kv.get(names.POLICY_KEY)
             if entry.value:
                 previous = msgspec.json.decode(entry.value, type=Policy).revision
         self.policy_revision = max(previous, self.policy_revision) + 1
         policy = _explicit(self.config.to_policy(self.policy_revision))
-        await self.state_kv.put(POLICY_KEY, msgspec.json.encode(policy))
+        await self.state_kv.put(names.POLICY_KEY, msgspec.json.encode(policy))
         self.ctx.log.info("policy_published", policy=policy)
 
     async def _watch_jobs(self) -> None:
@@ -375,28 +385,19 @@ class ControlService:
 
     async def _watch_provider_states(self) -> None:
         """Follow what providers report, for `ingest_active` and failed-job errors."""
-        watcher = await self.state_kv.watch("provider.>")
-        async for entry in watcher:
-            if entry is None:
-                continue
-            job = entry.key.removeprefix("provider.")
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
+        prefix = names.provider_state_key("")
+        async for key, state in follow(self.state_kv, ProviderState, self.ctx.log, prefix + ">"):
+            job = key.removeprefix(prefix)
+            if state is None:
                 self.provider_states.pop(job, None)
             else:
-                try:
-                    state = msgspec.json.decode(entry.value)
-                except msgspec.DecodeError:
-                    continue
-                if not isinstance(state, dict):
-                    continue
                 self.provider_states[job] = state
-                run = str(state.get("run", ""))
-                if state.get("state") == "failed" and run and run not in self.failed_runs:
-                    self.failed_runs.add(run)
-                    INGEST_ERRORS.labels(self._known(state.get("provider")), "provider").inc()
+                if state.state == "failed" and state.run not in self.failed_runs:
+                    self.failed_runs.add(state.run)
+                    INGEST_ERRORS.labels(self._known(state.provider), "provider").inc()
             self._update_active()
 
-    def _known(self, provider: Any) -> str:
+    def _known(self, provider: str) -> str:
         return provider if provider in self.config.providers.providers else "unknown"
 
     def _update_active(self) -> None:
@@ -436,16 +437,15 @@ class ControlService:
         """Count each batch the aggregator kept from the store (`ingest.events.suppressed`)."""
         for msg in msgs:
             try:
-                body = msgspec.json.decode(msg.data)
-                reason = str(body.get("reason", ""))
-                bars = int(body.get("bars", 0))
-            except (msgspec.DecodeError, AttributeError, TypeError, ValueError):
+                event = decode_event(msg.subject, msg.data)
+            except ValueError:  # msgspec's errors and an unknown event alike
                 self.ctx.log.warning("bad_suppressed_event", data=msg.data[:200])
                 continue
-            if reason not in SUPPRESSION_REASONS:
-                reason = "other"
+            if not isinstance(event, Suppressed):
+                continue
+            reason = event.reason if event.reason in SUPPRESSION_REASONS else "other"
             INGEST_SUPPRESSED.labels(reason).inc()
-            BARS_SUPPRESSED.labels(reason).inc(max(bars, 0))
+            BARS_SUPPRESSED.labels(reason).inc(max(event.bars, 0))
 
     # -- KV helpers ------------------------------------------------------------------------------
 
@@ -458,17 +458,16 @@ class ControlService:
             return None
         return msgspec.json.decode(entry.value, type=JobSpec), int(entry.revision or 0)
 
-    async def _provider_state(self, job: str) -> dict[str, Any]:
+    async def _provider_state(self, job: str) -> ProviderState | None:
         try:
-            entry = await self.state_kv.get(f"provider.{job}")
-        except KeyNotFoundError:
-            return {}
-        state = msgspec.json.decode(entry.value or b"{}")
-        return state if isinstance(state, dict) else {}
+            entry = await self.state_kv.get(names.provider_state_key(job))
+            return msgspec.json.decode(entry.value or b"null", type=ProviderState | None)
+        except (KeyNotFoundError, msgspec.DecodeError):
+            return None
 
     async def _live_jobs(self) -> dict[str, JobSpec]:
         live = {}
-        for key in await kv_keys(self.ctx.js, KV_JOBS):
+        for key in await kv_keys(self.ctx.js, names.KV_JOBS):
             entry = await self._entry(key)
             if entry is None:
                 continue
@@ -477,14 +476,8 @@ class ControlService:
                 live[spec.job] = spec
         return live
 
-    async def _event(self, name: str, spec: JobSpec | None = None, **extra: Any) -> None:
-        body: dict[str, Any] = {"ts": time.time_ns()}
-        if spec is not None:
-            body.update(job=spec.job, run=spec.run, provider=spec.provider)
-        body.update(extra)
-        await self.ctx.publisher.publish(
-            subjects.event(name), msgspec.json.encode(body), {CONTENT_TYPE: JSON}
-        )
+    async def _event(self, event: Event) -> None:
+        await publish_event(self.ctx.publisher, event)
         await self.ctx.publisher.flush()
 
 
@@ -507,6 +500,10 @@ def _explicit(value: Any) -> Any:
     return value
 
 
-def _slim(state: dict[str, Any]) -> dict[str, Any]:
-    """The provider's report without its resume positions (one entry per symbol)."""
-    return {k: v for k, v in state.items() if k not in ("resume", "job", "run", "provider")}
+def _report(state: ProviderState) -> dict[str, Any]:
+    """The provider's report as status shows it (without its per-symbol resume positions)."""
+    view: dict[str, Any] = {"state": state.state, "updated_ns": state.updated_ns}
+    view["ticks"] = state.ticks
+    if state.error is not None:
+        view["error"] = state.error
+    return view

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.schemas import Tick
+from shared.contract.messages import Tick
 from shared.settings import ProviderSettings
 
 Batch = tuple[str, list[Tick]]

@@ -15,23 +15,15 @@ from prometheus_client import Counter, Gauge
 
 from services.provider.adapters.base import Adapter, AdapterError, load_adapters
 from services.provider.batching import TickBatcher
-from shared import subjects
-from shared.bus import (
-    CLOCK_RATE,
-    DLQ_REASON,
-    DLQ_SERVICE,
-    DRY_RUN,
-    END_OF_STREAM,
-    KV_JOBS,
-    KV_STATE,
-    MSG_ID,
-    RUN,
-    follow,
-    kv_keys,
-)
-from shared.codec import CONTENT_TYPE, JSON, encode
+from shared.bus.kv import follow, kv_keys
+from shared.bus.publisher import publish_event
+from shared.contract import names
+from shared.contract.codec import JSON, encode
+from shared.contract.control import JobSpec
+from shared.contract.events import Failed, Stopped
+from shared.contract.messages import BadRow, EndOfStream, Tick, TickBatch
+from shared.contract.records import JobState, ProviderState
 from shared.runtime import Context
-from shared.schemas import EndOfStream, JobSpec, Tick, TickBatch
 from shared.settings import Settings
 
 TICKS_PUBLISHED = Counter(
@@ -71,19 +63,14 @@ class JobSink:
         ctx = self.ctx
         body = encode(TickBatch(symbol, self.spec.provider, ticks), ctx.settings.content_type)
         headers = {
-            CONTENT_TYPE: ctx.settings.content_type,
-            # First and last seq: a restarted provider may cut its batches differently (the
-            # time-based cuts), and a batch must never be taken for a duplicate of a shorter one.
-            MSG_ID: (
-                f"raw:{self.spec.run}:{subjects.escape_symbol(symbol)}"
-                f":{ticks[0].seq}-{ticks[-1].seq}"
-            ),
-            CLOCK_RATE: repr(self.clock_rate),
-            RUN: self.spec.run,
+            names.CONTENT_TYPE: ctx.settings.content_type,
+            names.MSG_ID: names.raw_batch_id(self.spec.run, symbol, ticks[0].seq, ticks[-1].seq),
+            names.CLOCK_RATE: repr(self.clock_rate),
+            names.RUN: self.spec.run,
         }
         if self.spec.dry_run:
-            headers[DRY_RUN] = "1"
-        await ctx.publisher.publish(subjects.raw(self.spec.provider, symbol), body, headers)
+            headers[names.DRY_RUN] = "1"
+        await ctx.publisher.publish(names.raw(self.spec.provider, symbol), body, headers)
         self.ticks += len(ticks)
         self.published_seq[symbol] = ticks[-1].seq
         TICKS_PUBLISHED.labels(self.spec.provider).inc(len(ticks))
@@ -100,18 +87,16 @@ class JobSink:
                 self.spec.run, symbol, len(symbols), int(ticks_per_symbol.get(symbol, 0))
             )
             headers = {
-                CONTENT_TYPE: JSON,
-                MSG_ID: f"eos:{self.spec.run}:{subjects.escape_symbol(symbol)}",
-                END_OF_STREAM: msgspec.json.encode(marker).decode(),
-                CLOCK_RATE: repr(self.clock_rate),
-                RUN: self.spec.run,
+                names.CONTENT_TYPE: JSON,
+                names.MSG_ID: names.end_of_stream_id(self.spec.run, symbol),
+                names.END_OF_STREAM: msgspec.json.encode(marker).decode(),
+                names.CLOCK_RATE: repr(self.clock_rate),
+                names.RUN: self.spec.run,
             }
             if self.spec.dry_run:
-                headers[DRY_RUN] = "1"
+                headers[names.DRY_RUN] = "1"
             body = encode(TickBatch(symbol, self.spec.provider, []))
-            await self.ctx.publisher.publish(
-                subjects.raw(self.spec.provider, symbol), body, headers
-            )
+            await self.ctx.publisher.publish(names.raw(self.spec.provider, symbol), body, headers)
         await self.ctx.publisher.flush()
 
 
@@ -139,8 +124,8 @@ class ProviderService:
     async def start(self, ctx: Context) -> None:
         """Start watching the desired state."""
         self.ctx = ctx
-        self.jobs_kv = await ctx.js.key_value(KV_JOBS)
-        self.state_kv = await ctx.js.key_value(KV_STATE)
+        self.jobs_kv = await ctx.js.key_value(names.KV_JOBS)
+        self.state_kv = await ctx.js.key_value(names.KV_STATE)
         ctx.spawn(self._watch_jobs(), "watch-jobs")
         ctx.spawn(self._reconcile_loop(), "reconcile-jobs")
         ctx.spawn(self._flush_loop(), "flush-due")
@@ -171,7 +156,7 @@ class ProviderService:
             await asyncio.sleep(RECONCILE_PERIOD_S)
             try:
                 wanted: dict[str, JobSpec] = {}
-                for key in await kv_keys(self.ctx.js, KV_JOBS):
+                for key in await kv_keys(self.ctx.js, names.KV_JOBS):
                     with contextlib.suppress(KeyNotFoundError):
                         entry = await self.jobs_kv.get(key)
                         if entry.value:
@@ -200,7 +185,7 @@ class ProviderService:
         if adapter_cls is None:
             return  # another provider process hosts it
         previous = await self._previous_state(spec)
-        if previous.get("state") in ("completed", "failed"):
+        if previous is not None and previous.state in ("completed", "failed"):
             return  # this run ended already; a new start makes a new run
         log = self.ctx.log.bind(job=spec.job, run=spec.run, provider=spec.provider)
         try:
@@ -208,16 +193,16 @@ class ProviderService:
         except AdapterError as exc:
             log.error("job_rejected", error=str(exc))
             await self._record(spec, "failed", error=str(exc))
-            await self._event("failed", spec, error=str(exc))
+            await self._failed(spec, str(exc))
             return
         batcher = TickBatcher(
             self.settings.provider.batch_max_ticks,
             self.settings.provider.batch_max_delay_ms * 1_000_000,
         )
         sink = JobSink(self.ctx, spec, adapter.clock_rate, batcher)
-        resume = {str(k): int(v) for k, v in previous.get("resume", {}).items()}
+        resume = dict(previous.resume) if previous is not None else {}
         sink.published_seq.update(resume)
-        sink.ticks = int(previous.get("ticks", 0))
+        sink.ticks = previous.ticks if previous is not None else 0
         task = asyncio.create_task(
             self._run(spec, adapter, sink, log, resume or None), name=f"job-{spec.job}"
         )
@@ -241,12 +226,13 @@ class ProviderService:
         except Exception as exc:
             log.error("job_failed", error=repr(exc))
             await self._record(spec, "failed", error=repr(exc), ticks=sink.ticks)
-            await self._event("failed", spec, error=repr(exc))
+            await self._failed(spec, repr(exc))
             self._forget(spec)
             return
         await self._report_bad_rows(spec, adapter)
         await self._record(spec, "completed", ticks=sink.ticks)
-        await self._event("stopped", spec, reason="completed", ticks=sink.ticks)
+        event = Stopped(time.time_ns(), spec.job, spec.run, spec.provider, "completed", sink.ticks)
+        await publish_event(self.ctx.publisher, event)
         log.info("job_completed", ticks=sink.ticks)
         self._forget(spec)
 
@@ -256,7 +242,7 @@ class ProviderService:
             del self.jobs[spec.job]
             JOBS_RUNNING.labels(spec.provider).dec()
 
-    async def _stop_job(self, job: RunningJob, state: str) -> None:
+    async def _stop_job(self, job: RunningJob, state: JobState) -> None:
         job.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await job.task
@@ -299,35 +285,40 @@ class ProviderService:
             return
         BAD_ROWS.labels(spec.provider).inc(count)
         for line, reason in bad_rows:
-            body = msgspec.json.encode({"job": spec.job, "run": spec.run, "line": line})
             headers = {
-                CONTENT_TYPE: JSON,
-                MSG_ID: f"badrow:{spec.run}:{line}",
-                DLQ_REASON: reason,
-                DLQ_SERVICE: self.name,
+                names.CONTENT_TYPE: JSON,
+                names.MSG_ID: names.bad_row_id(spec.run, line),
+                names.DLQ_REASON: reason,
+                names.DLQ_SERVICE: self.name,
             }
-            await self.ctx.publisher.publish(subjects.dlq(self.name), body, headers)
+            body = msgspec.json.encode(BadRow(spec.job, spec.run, line))
+            await self.ctx.publisher.publish(names.dlq(self.name), body, headers)
 
-    async def _previous_state(self, spec: JobSpec) -> dict[str, Any]:
-        """What an earlier process recorded for this very run (empty for a new run)."""
+    async def _previous_state(self, spec: JobSpec) -> ProviderState | None:
+        """What an earlier process recorded for this very run (None for a new run)."""
         try:
-            entry = await self.state_kv.get(f"provider.{spec.job}")
+            entry = await self.state_kv.get(names.provider_state_key(spec.job))
+            state = msgspec.json.decode(entry.value or b"null", type=ProviderState | None)
         except Exception:
-            return {}
-        state: dict[str, Any] = msgspec.json.decode(entry.value or b"{}")
-        return state if state.get("run") == spec.run else {}
+            return None
+        return state if state is not None and state.run == spec.run else None
 
-    async def _record(self, spec: JobSpec, state: str, **extra: Any) -> None:
-        body: dict[str, Any] = {"job": spec.job, "run": spec.run, "provider": spec.provider}
-        body.update(extra, state=state, updated_ns=time.time_ns())
+    async def _record(
+        self,
+        spec: JobSpec,
+        state: JobState,
+        ticks: int = 0,
+        error: str | None = None,
+        resume: dict[str, int] | None = None,
+    ) -> None:
+        record = ProviderState(
+            spec.job, spec.run, spec.provider, state, time.time_ns(), ticks, error, resume or {}
+        )
         try:
-            await self.state_kv.put(f"provider.{spec.job}", msgspec.json.encode(body))
+            await self.state_kv.put(names.provider_state_key(spec.job), msgspec.json.encode(record))
         except Exception as exc:
             self.ctx.log.warning("state_write_failed", job=spec.job, error=repr(exc))
 
-    async def _event(self, name: str, spec: JobSpec, **extra: Any) -> None:
-        body: dict[str, Any] = {"job": spec.job, "run": spec.run, "provider": spec.provider}
-        body.update(extra, ts=time.time_ns())
-        await self.ctx.publisher.publish(
-            subjects.event(name), msgspec.json.encode(body), {CONTENT_TYPE: JSON}
-        )
+    async def _failed(self, spec: JobSpec, error: str) -> None:
+        event = Failed(time.time_ns(), error, spec.job, spec.run, spec.provider)
+        await publish_event(self.ctx.publisher, event)

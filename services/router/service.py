@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import msgspec
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from services.router.routing import SourceSelector
-from shared import subjects
-from shared.bus import (
-    CLOCK_RATE,
-    DRY_RUN,
-    END_OF_STREAM,
-    MSG_ID,
-    RUN,
-    PullConsumer,
-    dead_letter,
-    stream_sequence,
-)
-from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError
+from shared.bus.consumer import PullConsumer, stream_sequence
+from shared.bus.deadletter import dead_letter
+from shared.bus.publisher import publish_event
+from shared.contract import names
+from shared.contract.codec import JSON, Codec, DecodeError
+from shared.contract.events import Failover
+from shared.contract.messages import TickBatch
 from shared.runtime import Context
-from shared.schemas import TickBatch
 from shared.settings import Settings
 
 TICKS_ROUTED = Counter("router_ticks_routed_total", "Ticks forwarded to md.quotes", ["provider"])
@@ -56,7 +49,7 @@ def validate_batch(batch: TickBatch, subject: str, end_of_stream: bool) -> None:
             f"payload provider {batch.provider!r} differs from subject provider {provider!r}",
             "subject_mismatch",
         )
-    if subjects.escape_symbol(batch.symbol) != token:
+    if names.escape_symbol(batch.symbol) != token:
         raise Rejected(
             f"payload symbol {batch.symbol!r} does not match subject token {token!r}",
             "subject_mismatch",
@@ -92,7 +85,7 @@ class RouterService:
         """Start consuming `md.raw.>`."""
         self.ctx = ctx
         self.consumer = PullConsumer(
-            ctx.nc, ctx.js, "MD_RAW", "router", [subjects.RAW_ALL], self.handle, ctx.log
+            ctx.nc, ctx.js, names.STREAM_RAW, "router", [names.RAW_ALL], self.handle, ctx.log
         )
         await self.consumer.ensure()
         await self.consumer.rewind()
@@ -108,7 +101,7 @@ class RouterService:
         now = time.time_ns()
         for msg in msgs:
             headers = msg.headers or {}
-            eos = END_OF_STREAM in headers
+            eos = names.END_OF_STREAM in headers
             try:
                 batch = self.codec.decode(msg.data, headers)
                 validate_batch(batch, msg.subject, eos)
@@ -125,18 +118,18 @@ class RouterService:
             if not forward:
                 TICKS_NOT_SELECTED.labels(batch.provider).inc(len(batch.ticks))
                 continue
-            out_headers: dict[str, Any] = {
-                CONTENT_TYPE: headers.get(CONTENT_TYPE, JSON),
-                MSG_ID: "q:" + headers.get(MSG_ID, f"MD_RAW:{stream_sequence(msg)}"),
+            raw_id = headers.get(names.MSG_ID) or f"{names.STREAM_RAW}:{stream_sequence(msg)}"
+            out_headers = {
+                names.CONTENT_TYPE: headers.get(names.CONTENT_TYPE, JSON),
+                names.MSG_ID: names.quote_id(raw_id),
             }
-            for key in (CLOCK_RATE, END_OF_STREAM, RUN, DRY_RUN):
+            for key in names.FORWARDED:
                 if key in headers:
                     out_headers[key] = headers[key]
             # The payload is forwarded as received: validated above, never re-encoded.
-            await ctx.publisher.publish(subjects.quotes(batch.symbol), msg.data, out_headers)
+            await ctx.publisher.publish(names.quotes(batch.symbol), msg.data, out_headers)
             TICKS_ROUTED.labels(batch.provider).inc(len(batch.ticks))
         await ctx.publisher.flush()
 
     async def _source_changed(self, symbol: str, provider: str) -> None:
-        body = msgspec.json.encode({"symbol": symbol, "provider": provider, "ts": time.time_ns()})
-        await self.ctx.publisher.publish(subjects.event("failover"), body, {CONTENT_TYPE: JSON})
+        await publish_event(self.ctx.publisher, Failover(time.time_ns(), symbol, provider))

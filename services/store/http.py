@@ -26,10 +26,10 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from services.store.writers import InvalidBarError, StoreError
-from shared.codec import CONTENT_TYPE, JSON, MSGPACK, Codec, DecodeError
 from shared.config import StoreHttpSettings
+from shared.contract.codec import CONTENT_TYPE, JSON, MSGPACK, Codec, DecodeError
+from shared.contract.messages import Bar, BarBatch
 from shared.http import serve_app
-from shared.schemas import Bar, BarBatch
 
 INGEST_PATH = "/v1/bars"
 MAX_BODY = 64 * 1024 * 1024

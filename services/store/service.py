@@ -39,15 +39,19 @@ from services.store.writers import (
     StoreUnavailableError,
     open_writer,
 )
-from shared import subjects
-from shared.bus import END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY, PullConsumer, dead_letter
-from shared.codec import CONTENT_TYPE, JSON, Codec, DecodeError, encode
+from shared.bus.consumer import PullConsumer
+from shared.bus.deadletter import dead_letter
+from shared.bus.kv import follow
+from shared.bus.publisher import publish_event
 from shared.config import StoreHttpSettings
+from shared.contract import names
+from shared.contract.codec import JSON, Codec, DecodeError, encode
+from shared.contract.control import Policy
+from shared.contract.messages import Bar, BarBatch, EndOfStream
+from shared.contract.records import ServiceUrl
 from shared.runtime import Context
-from shared.schemas import Bar, BarBatch, Policy
 from shared.settings import Settings
 
-HTTP_KEY = "http.store"
 FORWARD_CONCURRENCY = 8
 
 ROWS_STORED = Counter("store_rows_written_total", "Bar rows upserted (revisions included)")
@@ -98,25 +102,27 @@ class StoreService:
         """Open the database and the ingest API, then start consuming both subjects."""
         self.ctx = ctx
         await self.writer.open()
-        self.state_kv = await ctx.js.key_value(KV_STATE)
+        self.state_kv = await ctx.js.key_value(names.KV_STATE)
         with contextlib.suppress(Exception):  # no policy yet: the defaults until control writes
-            entry = await self.state_kv.get(POLICY_KEY)
+            entry = await self.state_kv.get(names.POLICY_KEY)
             if entry.value:
                 self.policy = msgspec.json.decode(entry.value, type=Policy)
         ctx.spawn(self._watch_policy(), "policy")
         self.api = IngestApi(self._write, self.http_settings, ctx.log)
         base_url = await self.api.start()
         with contextlib.suppress(Exception):  # discovery aid only
-            await self.state_kv.put(HTTP_KEY, msgspec.json.encode({"url": base_url + INGEST_PATH}))
+            await self.state_kv.put(
+                names.HTTP_STORE_KEY, msgspec.json.encode(ServiceUrl(base_url + INGEST_PATH))
+            )
         ctx.log.info("http_listening", url=base_url + INGEST_PATH)
         self.session = aiohttp.ClientSession()
         self.forwarder = Forwarder(self.session)
         self.consumer = PullConsumer(
             ctx.nc,
             ctx.js,
-            "STORE_SYNC",
+            names.STREAM_STORE_SYNC,
             "store-writer",
-            [subjects.STORE_SYNC_BUS],
+            [names.STORE_SYNC_BUS],
             self.handle,
             ctx.log,
             batch=32,
@@ -128,9 +134,9 @@ class StoreService:
         self.forward_consumer = PullConsumer(
             ctx.nc,
             ctx.js,
-            "STORE_SYNC",
+            names.STREAM_STORE_SYNC,
             "store-http-forwarder",
-            [subjects.STORE_SYNC_HTTP],
+            [names.STORE_SYNC_HTTP],
             self.forward,
             ctx.log,
             batch=32,
@@ -162,8 +168,8 @@ class StoreService:
             except DecodeError as exc:
                 await dead_letter(self.ctx.publisher, self.name, msg, str(exc), "decode")
                 continue
-            if END_OF_STREAM in headers:
-                markers.append(headers[END_OF_STREAM])
+            if names.END_OF_STREAM in headers:
+                markers.append(headers[names.END_OF_STREAM])
         try:
             await self._write([bar for _, batch in batches for bar in batch.bars])
         except InvalidBarError:
@@ -177,13 +183,15 @@ class StoreService:
         await self._completed(markers)
 
     async def _completed(self, markers: list[str]) -> None:
-        for marker in markers:
+        for header in markers:
             # Everything before the marker is committed: say so, for `mdp replay` and others.
-            await self.ctx.publisher.publish(
-                subjects.event("completed"),
-                marker.encode(),
-                {CONTENT_TYPE: JSON, MSG_ID: "completed:" + marker},
-            )
+            try:
+                marker = msgspec.json.decode(header, type=EndOfStream)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.ctx.log.error("bad_end_of_stream", marker=header[:200], error=str(exc))
+                continue
+            msg_id = names.completed_id(marker.run, marker.symbol)
+            await publish_event(self.ctx.publisher, marker, msg_id)
         await self.ctx.publisher.flush()
 
     async def forward(self, msgs: list[Msg]) -> None:
@@ -202,11 +210,11 @@ class StoreService:
             except DecodeError as exc:
                 await dead_letter(self.ctx.publisher, self.name, msg, str(exc), "decode")
                 continue
-            if END_OF_STREAM in headers:
-                markers.append(headers[END_OF_STREAM])
+            if names.END_OF_STREAM in headers:
+                markers.append(headers[names.END_OF_STREAM])
             if not batch.bars:
                 continue  # an end-of-stream carrier: nothing to post
-            is_json = headers.get(CONTENT_TYPE, JSON).startswith(JSON)
+            is_json = headers.get(names.CONTENT_TYPE, JSON).startswith(JSON)
             sends.append((msg, batch.batch_id, msg.data if is_json else encode(batch, JSON)))
         limit = asyncio.Semaphore(FORWARD_CONCURRENCY)
 
@@ -231,19 +239,14 @@ class StoreService:
 
     async def _watch_policy(self) -> None:
         """Follow the policy control publishes (the forwarding URL and timeout)."""
-        watcher = await self.state_kv.watch(POLICY_KEY)
-        async for entry in watcher:
-            if entry is None or not entry.value:
+        async for _, policy in follow(self.state_kv, Policy, self.ctx.log, names.POLICY_KEY):
+            if policy is None:
                 continue
-            try:
-                self.policy = msgspec.json.decode(entry.value, type=Policy)
-            except msgspec.DecodeError as exc:
-                self.ctx.log.error("bad_policy", error=str(exc))
-                continue
+            self.policy = policy
             self.ctx.log.info(
                 "policy",
-                revision=self.policy.revision,
-                store_sync=msgspec.to_builtins(self.policy.store_sync),
+                revision=policy.revision,
+                store_sync=msgspec.to_builtins(policy.store_sync),
             )
 
     async def _write(self, bars: list[Bar]) -> None:

@@ -57,7 +57,7 @@ import asyncpg
 import structlog
 from msgspec.structs import astuple
 
-from shared.schemas import Bar
+from shared.contract.messages import Bar
 
 __all__ = [
     "COLUMNS",

@@ -14,9 +14,9 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
 from mdp.cli import replay_file
-from shared import subjects
-from shared.bus import DLQ_REASON
-from shared.codec import MSGPACK
+from shared.contract import names
+from shared.contract.codec import MSGPACK
+from shared.contract.names import DLQ_REASON
 from tests.chaos.test_kill import SEEDS
 from tests.conftest import DATA, PipelineFactory, wait_for
 from tests.integration.test_pipeline import assert_store_matches_reference
@@ -30,7 +30,7 @@ TS = 1_381_239_000_000_000_000  # inside the slice's day
 def poison(kind: int, i: int) -> tuple[str, bytes, dict[str, str]]:
     """One bad message of each of several kinds, on a plausible raw subject."""
     symbol = ["SPY", "AIG", "BAC", "IBM", "BRK.B"][i % 5]
-    subject = subjects.raw("replay", symbol)
+    subject = names.raw("replay", symbol)
     tick = {"ts": TS + i, "recv": TS + i, "seq": i + 1, "price": 10.0, "size": 1.0}
     json_ct = {"Content-Type": "application/json"}
     if kind == 0:

@@ -18,9 +18,9 @@ import yaml
 from aiohttp import web
 
 from services.store.writers import read_bars
-from shared import subjects
+from shared.contract import names
+from shared.contract.messages import Bar, BarBatch
 from shared.natsserver import EmbeddedNats
-from shared.schemas import Bar, BarBatch
 from tests.conftest import wait_for
 from tests.conftest_control import (  # noqa: F401 (fixtures)
     REPO,
@@ -93,7 +93,7 @@ async def run_job(
     async def on_bar(msg: Any) -> None:
         published.append(msgspec.json.decode(msg.data, type=Bar))
 
-    sub = await system.nc.subscribe(subjects.bars("1s", symbol), cb=on_bar)
+    sub = await system.nc.subscribe(names.bars("1s", symbol), cb=on_bar)
     body: dict[str, Any] = {
         "provider": "synthetic",
         "symbols": [symbol],

@@ -10,8 +10,8 @@ from nats.aio.client import Client as NATS
 
 from mdp.cli import replay_file
 from services.store.writers import read_bars
-from shared import subjects
-from shared.schemas import Bar
+from shared.contract import names
+from shared.contract.messages import Bar
 from tests.conftest import DATA, PipelineFactory
 from tests.reference import compare_bars, load_reference
 
@@ -69,6 +69,6 @@ async def test_bars_are_published_on_public_subjects(
     assert "BTCUSD_PERP.BINANCE" in symbols
     for subject, bar in received:
         assert bar.interval == "1m"
-        assert subject == subjects.bars("1m", bar.symbol)
-        assert subjects.symbol_of(subject) == bar.symbol
+        assert subject == names.bars("1m", bar.symbol)
+        assert names.symbol_of(subject) == bar.symbol
     assert "md.bars.1m.BTCUSD_5FPERP_2EBINANCE" in {subject for subject, _ in received}

@@ -16,10 +16,11 @@ import pytest
 from aiohttp import web
 
 from services.store.writers import read_bars
-from shared.bus import END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY
-from shared.codec import CONTENT_TYPE, JSON, MSGPACK
+from shared.contract.codec import CONTENT_TYPE, JSON, MSGPACK
+from shared.contract.control import Policy, StoreSync
+from shared.contract.messages import Bar, BarBatch, EndOfStream
+from shared.contract.names import END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY
 from shared.natsserver import EmbeddedNats
-from shared.schemas import Bar, BarBatch, EndOfStream, Policy, StoreSync
 from tests.conftest import wait_for
 from tests.conftest_control import (  # noqa: F401 (fixtures)
     System,

@@ -30,7 +30,7 @@ from services.store.writers import (
     redact_url,
     sqlite_path,
 )
-from shared.schemas import Bar
+from shared.contract.messages import Bar
 from tests.conftest_store import admin_connect, create_database, drop_database
 
 pytest_plugins = ["tests.conftest_store"]

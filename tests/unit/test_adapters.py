@@ -26,7 +26,8 @@ from services.provider.adapters.base import (
 )
 from services.provider.adapters.replay import MAX_BAD_ROWS, ReplayAdapter
 from services.provider.adapters.synthetic import SyntheticAdapter
-from shared.schemas import JobSpec, Tick
+from shared.contract.control import JobSpec
+from shared.contract.messages import Tick
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 HEADER = "ts_ns,ts_utc,symbol,price,size"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.aggregator.bars import BarEngine, Emitted, InvalidTick, LateTick
-from shared.schemas import Bar, Tick
+from shared.contract.messages import Bar, Tick
 
 S = 1_000_000_000
 MS = 1_000_000

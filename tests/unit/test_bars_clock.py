@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from services.aggregator.bars import BarEngine, LateTick
-from shared.schemas import Bar, Tick
+from shared.contract.messages import Bar, Tick
 from tests.reference import compare_bars, latest_revisions, load_reference, load_ticks
 
 DATA = Path(__file__).resolve().parents[1] / "data"

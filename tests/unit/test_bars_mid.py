@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 
 from services.aggregator.bars import BarEngine
-from shared.schemas import Bar, Tick
+from shared.contract.messages import Bar, Tick
 from tests.batch_bars import RawTick, batch_bars, raw_ticks, read_raw_ticks
 from tests.reference import compare_bars, load_reference
 

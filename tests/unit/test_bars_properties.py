@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from services.aggregator.bars import BarEngine
-from shared.schemas import Bar, Tick, interval_ns
+from shared.contract.messages import Bar, Tick, interval_ns
 
 S = 1_000_000_000
 T0 = 28_333_333 * 60 * S  # a whole minute

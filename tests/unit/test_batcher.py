@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.aggregator.batcher import BarBatcher, batch_id
-from shared.schemas import Bar, BarBatch
+from shared.contract.messages import Bar, BarBatch
 
 MS = 1_000_000
 NOW = 1_000_000 * MS

@@ -16,7 +16,7 @@ from shared.config import (
     find_config_dir,
     load_config,
 )
-from shared.schemas import Policy
+from shared.contract.control import Policy
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from services.aggregator.gaps import GapDetector, GapEvent
+from services.aggregator.gaps import GapDetector
+from shared.contract.events import Gap
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -23,7 +24,7 @@ def test_silence_of_n_intervals_opens_a_gap_once() -> None:
     assert det.next_check_ns() == T + 5_100 * MS
     assert det.check(T + 5_099 * MS) == []  # 4.999 s of silence
     (event,) = det.check(T + 5_100 * MS)  # exactly 5 intervals: opened
-    assert event == GapEvent(
+    assert event == Gap(
         symbol="AAPL",
         state="opened",
         interval="1s",
@@ -42,7 +43,7 @@ def test_ticks_returning_close_the_gap_with_its_extent() -> None:
     det.on_ticks("AAPL", T + 1 * S)
     det.check(T + 7 * S)
     (closed,) = det.on_ticks("AAPL", T + 13_500 * MS)
-    assert closed == GapEvent(
+    assert closed == Gap(
         symbol="AAPL",
         state="closed",
         interval="1s",
@@ -132,9 +133,9 @@ def test_a_clock_stepping_back_never_gives_a_negative_gap() -> None:
 def test_no_flat_bars_only_events_and_deterministic() -> None:
     """The same calls give the same events; the detector never produces anything but events."""
 
-    def run() -> list[GapEvent]:
+    def run() -> list[Gap]:
         det = detector(missing=2)
-        events: list[GapEvent] = []
+        events: list[Gap] = []
         det.subscribe("X", T)
         det.subscribe("Y", T)
         for i in range(50):
@@ -148,7 +149,7 @@ def test_no_flat_bars_only_events_and_deterministic() -> None:
 
     first = run()
     assert first == run()
-    assert all(isinstance(e, GapEvent) for e in first)
+    assert all(isinstance(e, Gap) for e in first)
     states = [(e.symbol, e.state) for e in first]
     for symbol in ("X", "Y"):
         mine = [s for sym, s in states if sym == symbol]

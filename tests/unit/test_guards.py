@@ -16,7 +16,8 @@ from services.control.guards import (
     parse_stop,
 )
 from shared.config import Config, load_config
-from shared.schemas import JobSpec, StartRequest
+from shared.contract.control import JobSpec, StartRequest
+from shared.contract.records import ProviderState
 
 NOW = 1_800_000_000_000_000_000
 
@@ -184,8 +185,8 @@ def test_deadlines() -> None:
 def test_job_state_follows_the_provider_report_of_this_run() -> None:
     spec = JobSpec(job="a", provider="synthetic", symbols=["A"], run="a-1")
     assert job_state(spec, None) == "pending"
-    assert job_state(spec, {"run": "a-0", "state": "completed"}) == "pending"
-    assert job_state(spec, {"run": "a-1", "state": "running"}) == "running"
+    assert job_state(spec, ProviderState("j", "a-0", "p", "completed", 1)) == "pending"
+    assert job_state(spec, ProviderState("j", "a-1", "p", "running", 1)) == "running"
     assert is_live("pending") and is_live("running") and not is_live("completed")
     assert not is_live("failed")
 

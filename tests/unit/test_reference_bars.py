@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from services.aggregator.bars import BarEngine
-from shared.schemas import Bar, Tick
+from shared.contract.messages import Bar, Tick
 from tests.reference import compare_bars, load_reference, load_ticks
 
 DATA = Path(__file__).resolve().parents[1] / "data"

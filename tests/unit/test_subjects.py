@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared import subjects
-from shared.subjects import escape_symbol, unescape_symbol
+from shared.contract import names
+from shared.contract.names import escape_symbol, unescape_symbol
 
 
 @pytest.mark.parametrize(
@@ -48,11 +48,11 @@ def test_empty_symbol_is_refused() -> None:
 
 
 def test_builders_escape_the_symbol_and_refuse_bad_tokens() -> None:
-    assert subjects.raw("replay", "BRK.B") == "md.raw.replay.BRK_2EB"
-    assert subjects.quotes("BTC/USD") == "md.quotes.BTC_2FUSD"
-    assert subjects.bars("1m", "ES 202412") == "md.bars.1m.ES_20202412"
-    assert subjects.symbol_of("md.bars.1m.ES_20202412") == "ES 202412"
+    assert names.raw("replay", "BRK.B") == "md.raw.replay.BRK_2EB"
+    assert names.quotes("BTC/USD") == "md.quotes.BTC_2FUSD"
+    assert names.bars("1m", "ES 202412") == "md.bars.1m.ES_20202412"
+    assert names.symbol_of("md.bars.1m.ES_20202412") == "ES 202412"
     with pytest.raises(ValueError, match="provider"):
-        subjects.raw("bad.provider", "AAPL")
+        names.raw("bad.provider", "AAPL")
     with pytest.raises(ValueError, match="interval"):
-        subjects.bars("1 m", "AAPL")
+        names.bars("1 m", "AAPL")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.provider.batching import TickBatcher
-from shared.schemas import Tick
+from shared.contract.messages import Tick
 from shared.settings import ProviderSettings
 
 MS = 1_000_000

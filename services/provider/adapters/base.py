@@ -17,7 +17,8 @@ from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 import structlog
 
-from shared.schemas import JobSpec, Tick
+from shared.contract.control import JobSpec
+from shared.contract.messages import Tick
 
 ENTRY_POINT_GROUP = "mdp.adapters"
 

@@ -37,7 +37,8 @@ from services.provider.adapters.base import (
     positive_number,
     reject_unknown_params,
 )
-from shared.schemas import JobSpec, Tick
+from shared.contract.control import JobSpec
+from shared.contract.messages import Tick
 
 MAX_BAD_ROWS = 1000
 """How many bad-row reasons are kept; `bad_row_count` counts them all."""

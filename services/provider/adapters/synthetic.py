@@ -24,7 +24,8 @@ from services.provider.adapters.base import (
     positive_number,
     reject_unknown_params,
 )
-from shared.schemas import JobSpec, Tick
+from shared.contract.control import JobSpec
+from shared.contract.messages import Tick
 
 DEFAULT_RATE = 100.0
 DEFAULT_SEED = 1

@@ -6,9 +6,10 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from shared.contract.names import CONTENT_TYPE
+
 JSON = "application/json"
 MSGPACK = "application/msgpack"
-CONTENT_TYPE = "Content-Type"
 
 T = TypeVar("T")
 

@@ -1,0 +1,51 @@
+"""One NATS connection per process: unlimited reconnects, logged callbacks, its own inbox."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import nats
+from nats.aio.client import Client as NATS
+from structlog.typing import FilteringBoundLogger
+
+from shared.settings import Settings
+
+
+async def connect(
+    settings: Settings,
+    name: str,
+    log: FilteringBoundLogger,
+    on_disconnect: Callable[[], None] | None = None,
+) -> NATS:
+    """Connect with unlimited reconnects, logging callbacks and a per-service inbox prefix."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", error=repr(exc))
+
+    async def on_disconnected() -> None:
+        if on_disconnect is not None:
+            on_disconnect()
+        if not nc.is_draining and not nc.is_closed:
+            log.warning("nats_disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats_reconnected", url=str(nc.connected_url.netloc if nc.connected_url else ""))
+
+    async def on_closed() -> None:
+        log.info("nats_closed")
+
+    nc = await nats.connect(
+        servers=[u.strip() for u in settings.nats_url.split(",")],
+        name=f"mdp-{name}",
+        inbox_prefix=f"_INBOX.mdp-{name}",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        closed_cb=on_closed,
+        pending_size=64 * 1024 * 1024,
+    )
+    return nc

@@ -1,0 +1,218 @@
+"""Consuming: a hand-written pull loop (no `fetch()`), batch handler, ack after the handler."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from structlog.typing import FilteringBoundLogger
+
+
+def _ack_tokens(msg: Msg) -> list[str]:
+    # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+    # v2: $JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>
+    #     .<pending>[.<token>]: normalised here to the v1 positions.
+    tokens = msg.reply.split(".")
+    return tokens if len(tokens) == 9 else tokens[:2] + tokens[4:11]
+
+
+def stream_sequence(msg: Msg) -> int:
+    """The stream sequence of a JetStream message, read from its ack subject."""
+    return int(_ack_tokens(msg)[5])
+
+
+def consumer_sequence(msg: Msg) -> int:
+    """The consumer's delivery sequence of a JetStream message (one more per delivery)."""
+    return int(_ack_tokens(msg)[6])
+
+
+BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+
+
+class StopConsuming(Exception):
+    """Raised by a handler that must stop at once without acking (e.g. it was fenced off)."""
+
+
+@dataclass
+class PullConsumer:
+    """A durable pull consumer driven by its own loop: pull, hand a batch over, then ack.
+
+    With `AckPolicy.ALL` only the last message of a processed batch is acked. A handler that
+    raises is retried with the same batch after a backoff (nothing newer is pulled meanwhile,
+    which is the backpressure). Redelivered messages already processed are skipped by sequence.
+    """
+
+    nc: NATS
+    js: JetStreamContext
+    stream: str
+    durable: str
+    filter_subjects: Sequence[str]
+    handler: BatchHandler
+    log: FilteringBoundLogger
+    batch: int = 256
+    ack_policy: AckPolicy = AckPolicy.ALL
+    ack_wait: float = 60.0
+    max_ack_pending: int = 4096
+    expires: float = 2.0
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _buffer: list[Msg] = field(default_factory=list, init=False)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _outstanding: int = field(default=0, init=False)
+    _last_seq: int = field(default=0, init=False)
+    _last_cseq: int | None = field(default=None, init=False)
+    _stopping: bool = field(default=False, init=False)
+
+    async def ensure(self, start_seq: int | None = None) -> None:
+        """Create (or update) the durable consumer."""
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=self.ack_policy,
+            ack_wait=self.ack_wait,
+            max_ack_pending=self.max_ack_pending,
+            max_waiting=64,
+            deliver_policy=(DeliverPolicy.BY_START_SEQUENCE if start_seq else DeliverPolicy.ALL),
+            opt_start_seq=start_seq,
+            **(
+                {"filter_subject": self.filter_subjects[0]}
+                if len(self.filter_subjects) == 1
+                else {"filter_subjects": list(self.filter_subjects)}
+            ),
+        )
+        await self.js.add_consumer(self.stream, config)
+
+    async def rewind(self, seq: int | None = None) -> None:
+        """Redeliver from stream sequence `seq` (default: after the ack floor) at once.
+
+        Without it a restarted instance would wait `ack_wait` for what its predecessor had in
+        hand, and meanwhile receive (and, with AckAll, acknowledge past) newer messages.
+        """
+        await self.js.reset_consumer(self.stream, self.durable, seq=seq)
+        self._last_cseq = 0  # deliveries restart at 1
+        if seq is not None:
+            self._last_seq = seq - 1
+
+    async def start(self) -> None:
+        """Start pulling."""
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
+        self._task = asyncio.create_task(self._run(), name=f"pull-{self.durable}")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, then stop pulling."""
+        self._stopping = True
+        self._arrived.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers is not None and "Status" in headers and not msg.reply:
+            status = headers["Status"]
+            if status != "100":  # 404/408/409: this pull request is over
+                pending = headers.get("Nats-Pending-Messages")
+                self._outstanding = max(0, self._outstanding - int(pending)) if pending else 0
+                self._arrived.set()
+            return
+        self._outstanding = max(0, self._outstanding - 1)
+        self._buffer.append(msg)
+        self._arrived.set()
+
+    async def _pull(self) -> None:
+        want = self.batch * 2 - self._outstanding
+        if want < self.batch or not self.nc.is_connected:
+            return
+        request = msgspec.json.encode({"batch": want, "expires": int(self.expires * 1e9)})
+        await self.nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}", request, reply=self._inbox
+        )
+        self._outstanding += want
+        self._pulled_at = time.monotonic()
+
+    async def _run(self) -> None:
+        self._pulled_at = 0.0
+        while not self._stopping:
+            if time.monotonic() - self._pulled_at > self.expires + 1.0:
+                self._outstanding = 0  # the request expired unseen (e.g. across a reconnect)
+            await self._pull()
+            if not self._buffer:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), timeout=self.expires)
+                continue
+            msgs, self._buffer = self._buffer, []
+            msgs = await self._up_to_a_lost_delivery(msgs)
+            if not msgs:
+                continue
+            fresh = [m for m in msgs if stream_sequence(m) > self._last_seq]
+            if fresh:
+                try:
+                    await self._handle(fresh)
+                except StopConsuming:
+                    return
+            # Ack even a batch of duplicates: the server must stop redelivering them.
+            await self._ack(msgs[-1] if self.ack_policy == AckPolicy.ALL else None, msgs)
+
+    async def _up_to_a_lost_delivery(self, msgs: list[Msg]) -> list[Msg]:
+        """Keep the messages before a gap in delivery sequences; rewind over the gap.
+
+        A delivery lost in transit (a consumer leader dying with it, a reconnect) would be
+        redelivered only after `ack_wait`, and AckAll on a later message would acknowledge it
+        unseen. So everything from the gap on is dropped and asked for again, in order.
+        """
+        for i, msg in enumerate(msgs):
+            cseq = consumer_sequence(msg)
+            expected = self._last_cseq + 1 if self._last_cseq is not None else cseq
+            if cseq > expected:
+                self.log.warning("delivery_gap", consumer=self.durable, expected=expected, got=cseq)
+                kept = msgs[:i]
+                resume = max([self._last_seq, *(stream_sequence(m) for m in kept)]) + 1
+                self._buffer = []
+                self._outstanding = 0
+                try:
+                    await self.js.reset_consumer(self.stream, self.durable, seq=resume)
+                    # Deliveries restart at 1; stragglers from before count as gaps and go.
+                    self._last_cseq = 0
+                except Exception as exc:  # the next delivery shows the gap again
+                    self.log.warning("rewind_failed", consumer=self.durable, error=repr(exc))
+                    self._last_cseq = None
+                return kept
+            self._last_cseq = max(cseq, self._last_cseq or 0)
+        return msgs
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self.handler(msgs)
+                self._last_seq = max(self._last_seq, stream_sequence(msgs[-1]))
+                return
+            except (asyncio.CancelledError, StopConsuming):
+                self._stopping = True
+                raise
+            except Exception as exc:
+                self.log.error(
+                    "batch_failed_retrying",
+                    consumer=self.durable,
+                    messages=len(msgs),
+                    error=repr(exc),
+                    retry_in_s=backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _ack(self, last: Msg | None, msgs: list[Msg]) -> None:
+        targets = [last] if last is not None else msgs
+        for msg in targets:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(msg.reply, b"+ACK")

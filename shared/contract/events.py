@@ -1,0 +1,150 @@
+"""Events on `ingest.events.<name>` (stream MD_EVENTS): one struct each, one decoder for all.
+
+The event's name is its subject's last token, so payloads carry no tag of their own:
+`decode_event(subject, data)` picks the type by subject, and readers dispatch with `match`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import Struct
+
+from shared.contract import names
+from shared.contract.messages import EndOfStream
+
+
+class Started(Struct):
+    """Control started a job."""
+
+    ts: int
+    job: str
+    run: str
+    provider: str
+    symbols: list[str]
+    dry_run: bool
+    deadline_ns: int
+
+
+class Stopped(Struct, omit_defaults=True):
+    """A job stopped: by request or deadline (control), or its source ended (`completed`)."""
+
+    ts: int
+    job: str
+    run: str
+    provider: str
+    reason: str
+    ticks: int | None = None
+
+
+class Failed(Struct, omit_defaults=True):
+    """A job failed (provider), or a control request failed (`stage`: the verb)."""
+
+    ts: int
+    error: str
+    job: str | None = None
+    run: str | None = None
+    provider: str | None = None
+    stage: str | None = None
+
+
+class Reloaded(Struct):
+    """Control re-read its configuration."""
+
+    ts: int
+    revision: int
+    providers: list[str]
+    config: dict[str, str]
+
+
+class Failover(Struct):
+    """The router switched a symbol to another source."""
+
+    ts: int
+    symbol: str
+    provider: str
+
+
+GapState = Literal["opened", "closed"]
+
+
+class Gap(Struct, frozen=True, omit_defaults=True):
+    """A gap in a symbol's feed: `opened` when detected, `closed` when ticks return.
+
+    `since_ns` is when the symbol was last heard of (its last tick, or the subscription),
+    `until_ns` when ticks came back (closed only), `duration_ns = until_ns - since_ns` (closed
+    only); `missing_intervals` counts the whole `interval`s without a tick in between, and
+    `at_ns` is when the event was produced. `reason` says why a gap closed: `ticks` or
+    `unsubscribed`.
+    """
+
+    symbol: str
+    state: GapState
+    interval: str
+    since_ns: int
+    missing_intervals: int
+    at_ns: int
+    until_ns: int | None = None
+    duration_ns: int | None = None
+    reason: str | None = None
+
+    @property
+    def event_id(self) -> str:
+        """A deterministic `Nats-Msg-Id`: one per gap and state, whoever detects it."""
+        return names.gap_id(self.symbol, self.since_ns, self.state)
+
+
+class Suppressed(Struct):
+    """The aggregator kept a batch of `bars` bars from the store (dry run, disabled path)."""
+
+    reason: str
+    bars: int
+
+
+# `completed`: every bar of a symbol's bounded run is stored; the body is its EndOfStream.
+Completed = EndOfStream
+
+Event = Started | Stopped | Failed | Reloaded | Failover | Gap | Suppressed | Completed
+
+EVENT_NAMES: dict[type[Event], str] = {
+    Started: "started",
+    Stopped: "stopped",
+    Failed: "failed",
+    Reloaded: "reloaded",
+    Failover: "failover",
+    Gap: "gap",
+    Suppressed: "suppressed",
+    Completed: "completed",
+}
+_DECODERS = {name: msgspec.json.Decoder(typ) for typ, name in EVENT_NAMES.items()}
+_encoder = msgspec.json.Encoder()
+
+
+class UnknownEvent(ValueError):
+    """An event subject this contract does not define."""
+
+
+def event_name(event: Event) -> str:
+    """The `<name>` of `ingest.events.<name>` for an event."""
+    return EVENT_NAMES[type(event)]
+
+
+def event_subject(event: Event) -> str:
+    """The subject an event is published on."""
+    return names.event(event_name(event))
+
+
+def encode_event(event: Event) -> bytes:
+    """An event's payload (JSON, as every event is)."""
+    return _encoder.encode(event)
+
+
+def decode_event(subject: str, data: bytes) -> Event:
+    """Decode an event by its subject (or bare name); msgspec errors for a bad payload."""
+    name = subject.rsplit(".", 1)[-1]
+    decoder = _DECODERS.get(name)
+    if decoder is None:
+        raise UnknownEvent(f"no event {name!r} in the contract (subject {subject!r})")
+    event: Event = decoder.decode(data)
+    return event

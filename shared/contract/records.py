@@ -1,0 +1,50 @@
+"""What the services keep in KV (`ingest_state`, `mdp_checkpoints`) besides jobs and policy."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+JobState = Literal["running", "completed", "failed", "stopped", "interrupted", "replaced"]
+
+
+class ProviderState(Struct, omit_defaults=True):
+    """A provider's report on one run of a job (`ingest_state`, key `provider.<job>`).
+
+    `resume` holds, per symbol, the last seq the stream has stored: a provider taking the run
+    over resumes after it.
+    """
+
+    job: str
+    run: str
+    provider: str
+    state: JobState
+    updated_ns: int
+    ticks: int = 0
+    error: str | None = None
+    resume: dict[str, int] = {}
+
+
+class StopRecord(Struct):
+    """The last stop of a job (`ingest_state`, key `stopped.<job>`)."""
+
+    job: str
+    run: str
+    provider: str
+    reason: str
+    started_ns: int
+    stopped_ns: int
+
+
+class ServiceUrl(Struct):
+    """Where a service's HTTP endpoint listens (`ingest_state`, keys `http.<service>`)."""
+
+    url: str
+
+
+class LeaseRecord(Struct):
+    """What a lease key holds (`mdp_checkpoints`, keys `lease.<consumer>`)."""
+
+    owner: str
+    expires_ns: int
