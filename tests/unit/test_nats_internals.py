@@ -1,0 +1,50 @@
+"""The publisher relies on nats-py internals: these fail loudly when a release changes them."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from nats.aio.client import Client
+
+from shared.bus import _nats_internals
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2])
+
+
+def test_installed_nats_py_is_the_tested_range() -> None:
+    low, high = (_version(bound.lstrip("<>=")) for bound in _nats_internals.TESTED_RANGE.split(","))
+    installed = _version(metadata.version("nats-py"))
+    assert low <= installed < high, (
+        f"nats-py {metadata.version('nats-py')} is outside {_nats_internals.TESTED_RANGE}: "
+        "check Client._pending and _pending_data_size, then widen the range here and in pyproject"
+    )
+
+
+def test_the_reconnect_buffer_has_the_shape_the_publisher_edits() -> None:
+    nc = Client()
+    assert _nats_internals.supported(nc), "Client._pending / _pending_data_size changed shape"
+
+
+def test_only_our_buffered_publishes_are_dropped() -> None:
+    nc = Client()
+    ours = b"HPUB md.raw.p.A _INBOX.x.7 12 20\r\nhdr\r\n\r\npayload\r\n"
+    theirs = b"HPUB md.raw.p.A _INBOX.other.1 12 20\r\nhdr\r\n\r\npayload\r\n"
+    plain = b"PUB x 1\r\na\r\n"
+    nc._pending[:] = [ours, theirs, plain]
+    nc._pending_data_size = len(ours) + len(theirs) + len(plain)
+
+    removed = _nats_internals.drop_buffered_publishes(nc, "_INBOX.x")
+
+    assert removed == len(ours)
+    assert nc._pending == [theirs, plain]
+    assert nc._pending_data_size == len(theirs) + len(plain)
+
+
+def test_a_client_without_the_buffer_is_left_alone() -> None:
+    class Other:
+        pass
+
+    assert not _nats_internals.supported(Other())  # type: ignore[arg-type]
+    assert _nats_internals.drop_buffered_publishes(Other(), "_INBOX.x") == 0  # type: ignore[arg-type]
