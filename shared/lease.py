@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from structlog.typing import FilteringBoundLogger
 
 from shared.contract.records import LeaseRecord
 
@@ -31,7 +31,7 @@ class Lease:
     key: str
     owner: str
     ttl_s: float = 5.0
-    log: Any = None
+    log: FilteringBoundLogger | None = None
     revision: int = field(default=0, init=False)
 
     def _value(self) -> bytes:

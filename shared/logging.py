@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
 
 import structlog
+from structlog.typing import FilteringBoundLogger, Processor
 
 
-def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> Any:
+def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> FilteringBoundLogger:
     """Configure structlog for this process and return a logger bound to the service name."""
-    renderer: Any = (
+    renderer: Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
@@ -28,4 +28,5 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> A
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    return structlog.get_logger().bind(service=service)
+    logger: FilteringBoundLogger = structlog.get_logger().bind(service=service)
+    return logger

@@ -7,25 +7,51 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
+from structlog.typing import FilteringBoundLogger
 
 from shared.bus.connection import connect
+from shared.bus.consumer import BatchHandler, PullConsumer
 from shared.bus.declare import ensure_buckets, ensure_streams
 from shared.bus.publisher import JsPublisher
 from shared.contract import names
+from shared.contract.control import ErrorBody, ErrorReply
 from shared.logging import configure_logging
 from shared.metrics import serve_metrics
 from shared.settings import Settings
 
 VERSION = "0.1.0"
+
+RequestHandler = Callable[[bytes], Awaitable[bytes]]
+
+
+class ServiceError(Exception):
+    """A refused request: the runtime answers it with an `ErrorReply` and micro error headers.
+
+    `code` is a stable code of the contract; `status` the HTTP status it maps to (also the
+    micro `Nats-Service-Error-Code`).
+    """
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    @property
+    def reply(self) -> ErrorReply:
+        """The reply body of this refusal."""
+        return ErrorReply(ErrorBody(self.code, self.message))
 
 
 @dataclass
@@ -38,17 +64,18 @@ class Context:
     js: JetStreamContext
     publisher: JsPublisher
     micro: MicroService
-    log: Any
+    log: FilteringBoundLogger
     metrics_port: int
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    tasks: list[asyncio.Task[object]] = field(default_factory=list)
+    consumers: list[PullConsumer] = field(default_factory=list)
     crashed: bool = False  # a background task died: exit non-zero so a supervisor sees it
 
-    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, object], name: str) -> asyncio.Task[object]:
         """Run a background task owned by the service; its crash is logged and stops the service."""
         task = asyncio.create_task(coro, name=name)
 
-        def done(t: asyncio.Task[Any]) -> None:
+        def done(t: asyncio.Task[object]) -> None:
             if t.cancelled():
                 return
             exc = t.exception()
@@ -60,6 +87,55 @@ class Context:
         task.add_done_callback(done)
         self.tasks.append(task)
         return task
+
+    async def consume(
+        self,
+        stream: str,
+        durable: str,
+        subjects: Sequence[str],
+        handler: BatchHandler,
+        *,
+        batch: int = 256,
+        ack: AckPolicy = AckPolicy.ALL,
+        resume_at: int | None = None,
+    ) -> PullConsumer:
+        """Declare a durable pull consumer and start it (from `resume_at`, else its ack floor).
+
+        The runtime stops it, finishing the batch in hand, before the service's own `stop`.
+        """
+        consumer = PullConsumer(
+            self.nc,
+            self.js,
+            stream,
+            durable,
+            subjects,
+            handler,
+            self.log,
+            batch=batch,
+            ack_policy=ack,
+        )
+        await consumer.ensure()
+        await consumer.rewind(resume_at)
+        await consumer.start()
+        self.consumers.append(consumer)
+        return consumer
+
+    async def add_endpoint(self, name: str, subject: str, handler: RequestHandler) -> None:
+        """Answer requests on `subject` (a micro endpoint); a `ServiceError` becomes its reply."""
+
+        async def endpoint(request: Request) -> None:
+            try:
+                reply = await handler(request.data)
+            except ServiceError as exc:
+                await request.respond_error(
+                    str(exc.status),
+                    f"{exc.code}: {exc.message}"[:1000],
+                    msgspec.json.encode(exc.reply),
+                )
+                return
+            await request.respond(reply)
+
+        await self.micro.add_endpoint(name=name, subject=subject, handler=endpoint)
 
 
 class Service(Protocol):
@@ -124,6 +200,8 @@ async def serve(service: Service, settings: Settings) -> int:
     log.info("stopping")
     code = 1 if ctx.crashed else 0
     try:
+        for consumer in reversed(ctx.consumers):
+            await consumer.stop()
         await service.stop()
         await asyncio.wait_for(publisher.flush(), timeout=30)
     except Exception as exc:
@@ -149,7 +227,7 @@ async def _declare(js: JetStreamContext, settings: Settings) -> None:
 
 
 async def _with_retries(
-    log: Any, what: str, action: Callable[[], Awaitable[None]], attempts: int = 8
+    log: FilteringBoundLogger, what: str, action: Callable[[], Awaitable[None]], attempts: int = 8
 ) -> None:
     """Retry an idempotent start-up step through passing outages (e.g. a cluster settling)."""
     delay = 0.5

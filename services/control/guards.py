@@ -28,6 +28,7 @@ from shared.config import (
 from shared.contract.control import JobSpec, StartRequest, StopRequest
 from shared.contract.names import escape_symbol
 from shared.contract.records import ProviderState
+from shared.runtime import ServiceError
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 REASON = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -52,18 +53,11 @@ PARAM_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-class ControlError(Exception):
+class ControlError(ServiceError):
     """A refused control request: `code` is one of the stable codes of the contract."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    @property
-    def http_status(self) -> int:
-        """The HTTP status the facade answers with."""
-        return HTTP_STATUS.get(self.code, 500)
+        super().__init__(code, message, HTTP_STATUS.get(code, 500))
 
 
 def _decode(body: bytes, typ: type[Any], what: str) -> Any:

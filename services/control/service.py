@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,6 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.micro.request import Request
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
@@ -35,7 +35,6 @@ from services.control.guards import (
     parse_stop,
 )
 from services.control.http import ControlHttp
-from shared.bus.consumer import PullConsumer
 from shared.bus.kv import follow, kv_keys
 from shared.bus.publisher import publish_event
 from shared.config import Config, ConfigError, ControlHttpSettings, load_from_environment
@@ -51,7 +50,7 @@ from shared.contract.events import (
     decode_event,
 )
 from shared.contract.records import ProviderState, ServiceUrl, StopRecord
-from shared.runtime import Context
+from shared.runtime import Context, ServiceError
 from shared.settings import Settings
 
 INGEST_ACTIVE = Gauge("ingest_active", "Jobs running per provider", ["provider"])
@@ -107,7 +106,6 @@ class ControlService:
         self.failed_runs: set[str] = set()
         self.changed = asyncio.Event()
         self.http: ControlHttp | None = None
-        self.consumer: PullConsumer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -124,20 +122,15 @@ class ControlService:
         ctx.spawn(self._watch_jobs(), "watch-jobs")
         ctx.spawn(self._watch_provider_states(), "watch-provider-states")
         ctx.spawn(self._auto_stop(), "auto-stop")
-        self.consumer = PullConsumer(
-            ctx.nc,
-            ctx.js,
+        suppressed = names.event("suppressed")
+        await ctx.consume(
             names.STREAM_EVENTS,
             "control-suppressed",
-            [names.event("suppressed")],
+            [suppressed],
             self._on_suppressed,
-            ctx.log,
             batch=64,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack=AckPolicy.EXPLICIT,
         )
-        await self.consumer.ensure()
-        await self.consumer.rewind()
-        await self.consumer.start()
         handlers: dict[str, Handler] = {
             "start": self.start_job,
             "stop": self.stop_job,
@@ -146,9 +139,7 @@ class ControlService:
         }
         self.handlers = handlers
         for verb in VERBS:
-            await ctx.micro.add_endpoint(
-                name=verb, subject=names.control(verb), handler=self._endpoint(verb)
-            )
+            await ctx.add_endpoint(verb, names.control(verb), functools.partial(self.answer, verb))
         self.http = ControlHttp(self.dispatch, self.http_settings, ctx.log)
         url = await self.http.start()
         await self.state_kv.put(names.HTTP_CONTROL_KEY, msgspec.json.encode(ServiceUrl(url)))
@@ -158,13 +149,11 @@ class ControlService:
         """Close the facade and stop counting; the desired state stays in the bucket."""
         if self.http is not None:
             await self.http.stop()
-        if self.consumer is not None:
-            await self.consumer.stop()
 
     # -- request handling ----------------------------------------------------------------------
 
-    async def dispatch(self, verb: str, body: bytes) -> tuple[int, dict[str, Any]]:
-        """Run one request; return its HTTP status and the JSON reply (shared by NATS and HTTP)."""
+    async def answer(self, verb: str, body: bytes) -> bytes:
+        """Run one request; its JSON reply, or a `ControlError` (counted, logged) to answer."""
         try:
             reply = await self.handlers[verb](body)
         except ControlError as exc:
@@ -174,27 +163,18 @@ class ControlService:
             error = ControlError("internal", f"{verb} failed: {exc!r}")
             await self._event(Failed(time.time_ns(), error.message, stage=verb))
         else:
-            return 200, {"ok": True, **reply}
+            return msgspec.json.encode({"ok": True, **reply})
         INGEST_ERRORS.labels(self._provider_label(body), verb).inc()
         self.ctx.log.info("refused", verb=verb, code=error.code, message=error.message)
-        return error.http_status, {
-            "ok": False,
-            "error": {"code": error.code, "message": error.message},
-        }
+        raise error
 
-    def _endpoint(self, verb: str) -> Callable[[Request], Awaitable[None]]:
-        async def endpoint(request: Request) -> None:
-            status, reply = await self.dispatch(verb, request.data)
-            body = msgspec.json.encode(reply)
-            if reply["ok"]:
-                await request.respond(body)
-            else:
-                error = reply["error"]
-                await request.respond_error(
-                    str(status), f"{error['code']}: {error['message']}"[:1000], body
-                )
-
-        return endpoint
+    async def dispatch(self, verb: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """`answer` for the HTTP facade: the status and the decoded reply."""
+        try:
+            reply: dict[str, Any] = msgspec.json.decode(await self.answer(verb, body))
+        except ServiceError as exc:
+            return exc.status, msgspec.to_builtins(exc.reply)
+        return 200, reply
 
     def _provider_label(self, body: bytes) -> str:
         # Only configured names become label values: a client must not mint time series.

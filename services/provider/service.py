@@ -7,11 +7,12 @@ import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
 from prometheus_client import Counter, Gauge
+from structlog.typing import FilteringBoundLogger
 
 from services.provider.adapters.base import Adapter, AdapterError, load_adapters
 from services.provider.batching import TickBatcher
@@ -216,7 +217,7 @@ class ProviderService:
         spec: JobSpec,
         adapter: Adapter,
         sink: JobSink,
-        log: Any,
+        log: FilteringBoundLogger,
         resume: dict[str, int] | None,
     ) -> None:
         try:

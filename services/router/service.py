@@ -10,7 +10,7 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from services.router.routing import SourceSelector
-from shared.bus.consumer import PullConsumer, stream_sequence
+from shared.bus.consumer import stream_sequence
 from shared.bus.deadletter import dead_letter
 from shared.bus.publisher import publish_event
 from shared.contract import names
@@ -84,16 +84,10 @@ class RouterService:
     async def start(self, ctx: Context) -> None:
         """Start consuming `md.raw.>`."""
         self.ctx = ctx
-        self.consumer = PullConsumer(
-            ctx.nc, ctx.js, names.STREAM_RAW, "router", [names.RAW_ALL], self.handle, ctx.log
-        )
-        await self.consumer.ensure()
-        await self.consumer.rewind()
-        await self.consumer.start()
+        await ctx.consume(names.STREAM_RAW, "router", [names.RAW_ALL], self.handle)
 
     async def stop(self) -> None:
-        """Finish the batch in hand."""
-        await self.consumer.stop()
+        """Nothing to flush: the runtime stops the consumer and awaits every publish."""
 
     async def handle(self, msgs: list[Msg]) -> None:
         """Route one pulled batch; returns once every forward is stored in MD_QUOTES."""

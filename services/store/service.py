@@ -39,7 +39,6 @@ from services.store.writers import (
     StoreUnavailableError,
     open_writer,
 )
-from shared.bus.consumer import PullConsumer
 from shared.bus.deadletter import dead_letter
 from shared.bus.kv import follow
 from shared.bus.publisher import publish_event
@@ -96,7 +95,6 @@ class StoreService:
         self.policy = Policy()
         self.api: IngestApi | None = None
         self.session: aiohttp.ClientSession | None = None
-        self.forward_consumer: PullConsumer | None = None
 
     async def start(self, ctx: Context) -> None:
         """Open the database and the ingest API, then start consuming both subjects."""
@@ -117,40 +115,21 @@ class StoreService:
         ctx.log.info("http_listening", url=base_url + INGEST_PATH)
         self.session = aiohttp.ClientSession()
         self.forwarder = Forwarder(self.session)
-        self.consumer = PullConsumer(
-            ctx.nc,
-            ctx.js,
-            names.STREAM_STORE_SYNC,
-            "store-writer",
-            [names.STORE_SYNC_BUS],
-            self.handle,
-            ctx.log,
-            batch=32,
-            ack_policy=AckPolicy.EXPLICIT,
+        sync, explicit = names.STREAM_STORE_SYNC, AckPolicy.EXPLICIT
+        await ctx.consume(
+            sync, "store-writer", [names.STORE_SYNC_BUS], self.handle, batch=32, ack=explicit
         )
-        await self.consumer.ensure()
-        await self.consumer.rewind()
-        await self.consumer.start()
-        self.forward_consumer = PullConsumer(
-            ctx.nc,
-            ctx.js,
-            names.STREAM_STORE_SYNC,
+        await ctx.consume(
+            sync,
             "store-http-forwarder",
             [names.STORE_SYNC_HTTP],
             self.forward,
-            ctx.log,
             batch=32,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack=explicit,
         )
-        await self.forward_consumer.ensure()
-        await self.forward_consumer.rewind()
-        await self.forward_consumer.start()
 
     async def stop(self) -> None:
-        """Finish the groups in hand (the forwarder may still post to our API), then close."""
-        if self.forward_consumer is not None:
-            await self.forward_consumer.stop()
-        await self.consumer.stop()
+        """Close the API and the database (the runtime stopped both consumers first)."""
         if self.api is not None:
             await self.api.stop()
         if self.session is not None:

@@ -38,10 +38,17 @@ class JobSpec(Struct, omit_defaults=True):
 
 
 class ErrorBody(Struct):
-    """The error object of a failed control reply."""
+    """The error object of a failed reply."""
 
     code: str
     message: str
+
+
+class ErrorReply(Struct):
+    """A failed request's reply (`{"ok": false, "error": {code, message}}`), on NATS and HTTP."""
+
+    error: ErrorBody
+    ok: bool = False
 
 
 class WritePath(Struct, frozen=True, omit_defaults=True):

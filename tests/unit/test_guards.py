@@ -201,7 +201,7 @@ def test_stop_request() -> None:
 
 def test_http_status_per_code() -> None:
     statuses = {
-        code: ControlError(code, "x").http_status
+        code: ControlError(code, "x").status
         for code in (
             "invalid_request",
             "unknown_provider",
