@@ -1,12 +1,5 @@
 """`python -m services.store`."""
 
-import signal
-import sys
+from services.__main__ import launch
 
-# A stop request that arrives while the process is still importing: nothing to flush yet.
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-
-from services.store.service import StoreService  # noqa: E402
-from shared.runtime import main  # noqa: E402
-
-main(StoreService)
+launch("store")

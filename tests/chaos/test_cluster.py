@@ -12,8 +12,8 @@ import pytest
 
 from mdp.cli import replay_file
 from mdp.supervisor import Supervisor
-from shared.natsserver import EmbeddedCluster
 from tests.chaos.test_kill import SEEDS, kill_when
+from tests.cluster import EmbeddedCluster
 from tests.conftest import DATA, wait_for
 from tests.integration.test_pipeline import assert_store_matches_reference
 
