@@ -13,9 +13,8 @@ Environment overrides follow the YAML path, `__` between keys, upper case, value
     MDP_PROVIDERS__SYNTHETIC__SYMBOLS='[AAPL, MSFT]' data_providers.yaml: synthetic.symbols
     MDP_PROVIDERS__SYNTHETIC__PARAMS__RATE=500       data_providers.yaml: synthetic.params.rate
 
-Service-level settings that do not belong in a shared file (ports, bearer tokens) are plain
-environment settings: `ControlHttpSettings` (`MDP_CONTROL__*`), `StoreHttpSettings`
-(`MDP_STORE__*`).
+Settings of one process that do not belong in a shared file (ports, bearer tokens, timeouts) are
+sections of `shared.settings.Settings` (`MDP_CONTROL__*`, `MDP_STORE__*`).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.contract.control import BarsPolicy, Batching, Fallback, Policy, StoreSync, WritePath
 from shared.contract.messages import interval_ns
@@ -292,33 +290,6 @@ class IngestionPolicy(_Model):
     guards: GuardsConfig = GuardsConfig()
     batching: BatchingConfig = BatchingConfig()
     bars: BarsConfig = BarsConfig()
-
-
-# ---------------------------------------------------------------------------------------------
-# Service-level settings (environment only)
-
-
-class ControlHttpSettings(BaseSettings):
-    """The control service's HTTP facade: `MDP_CONTROL__HTTP_HOST`, `_PORT`, `_TOKEN`."""
-
-    model_config = SettingsConfigDict(env_prefix="MDP_CONTROL__", extra="ignore")
-
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
-    http_token: str = Field("", description="bearer token required when set")
-
-
-class StoreHttpSettings(BaseSettings):
-    """The store's ingest API and its http-mode forwarder: `MDP_STORE__*`."""
-
-    model_config = SettingsConfigDict(env_prefix="MDP_STORE__", extra="ignore")
-
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
-    http_token: str = Field("", description="bearer token the ingest API requires when set")
-    forward_token: str = Field(
-        "", description="bearer token sent to an external store_sync.http_url"
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from services.control.http import ControlHttp
 from shared.bus.consumer import PullConsumer
 from shared.bus.kv import follow, kv_keys
 from shared.bus.publisher import publish_event
-from shared.config import Config, ConfigError, ControlHttpSettings, load_from_environment
+from shared.config import Config, ConfigError, load_from_environment
 from shared.contract import names
 from shared.contract.control import JobSpec, Policy
 from shared.contract.events import (
@@ -99,7 +99,7 @@ class ControlService:
         self.settings = settings
         # Validated before connecting: a bad file is a clean exit with its message, no traceback.
         self.config: Config = load_or_exit(load_from_environment)
-        self.http_settings: ControlHttpSettings = load_or_exit(ControlHttpSettings)
+        self.http_settings = settings.control
         self.policy_revision = 0
         self.lock = asyncio.Lock()
         self.jobs: dict[str, JobSpec] = {}  # as last seen in `ingest_jobs` (for the timer)

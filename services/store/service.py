@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 from typing import ClassVar
 
@@ -22,8 +21,6 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 from prometheus_client import Counter, Histogram
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.store.http import (
     INGEST_PATH,
@@ -43,7 +40,6 @@ from shared.bus.consumer import PullConsumer
 from shared.bus.deadletter import dead_letter
 from shared.bus.kv import follow
 from shared.bus.publisher import publish_event
-from shared.config import StoreHttpSettings
 from shared.contract import names
 from shared.contract.codec import JSON, Codec, DecodeError, encode
 from shared.contract.control import Policy
@@ -64,16 +60,6 @@ WRITE_ERRORS = Counter(
 )
 
 
-class StoreWriteSettings(BaseSettings):
-    """How long one write attempt may wait: `MDP_STORE__WRITE_TIMEOUT_S`."""
-
-    model_config = SettingsConfigDict(env_prefix="MDP_STORE__", extra="ignore")
-
-    # SQLite: the busy timeout for the write lock; PostgreSQL: the statement timeout. A failed
-    # attempt is retried with backoff, so a shorter timeout only makes an outage visible sooner.
-    write_timeout_s: float = Field(30.0, gt=0, le=3600)
-
-
 class StoreService:
     """Consumes bar batches and writes them in one transaction per pulled group."""
 
@@ -82,14 +68,9 @@ class StoreService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.codec = Codec(BarBatch)
-        try:
-            self.http_settings = StoreHttpSettings()
-            write_settings = StoreWriteSettings()
-        except ValidationError as exc:
-            print(f"mdp store: invalid settings: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+        self.http_settings = settings.store
         self.writer: BarWriter = open_writer(
-            settings.store_url, timeout_s=write_settings.write_timeout_s
+            settings.store_url, timeout_s=settings.store.write_timeout_s
         )
         # One writer for both inputs: commits are serialised so they never interleave.
         self.write_lock = asyncio.Lock()

@@ -11,12 +11,11 @@ from shared.config import (
     POLICY_FILE,
     PROVIDERS_FILE,
     ConfigError,
-    ControlHttpSettings,
-    StoreHttpSettings,
     find_config_dir,
     load_config,
 )
 from shared.contract.control import Policy
+from shared.settings import Settings
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -241,11 +240,16 @@ def test_service_http_settings_from_the_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("MDP_CONTROL__HTTP_PORT", "8091")
     monkeypatch.setenv("MDP_CONTROL__HTTP_TOKEN", "s3cret")
     monkeypatch.setenv("MDP_STORE__HTTP_TOKEN", "other")
-    control = ControlHttpSettings()
+    monkeypatch.setenv("MDP_STORE__WRITE_TIMEOUT_S", "0.25")
+    monkeypatch.delenv("MDP_STORE_URL", raising=False)
+    settings = Settings()
+    control = settings.control
     assert (control.http_port, control.http_token, control.http_host) == (
         8091,
         "s3cret",
         "127.0.0.1",
     )
-    store = StoreHttpSettings()
+    store = settings.store
     assert (store.http_port, store.http_token, store.forward_token) == (0, "other", "")
+    assert store.write_timeout_s == 0.25
+    assert settings.store_url == "sqlite:///var/mdp.db"  # MDP_STORE_URL is not a store key
