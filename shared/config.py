@@ -35,7 +35,6 @@ from pydantic import (
     field_validator,
 )
 
-from shared.contract.control import BarsPolicy, Batching, Fallback, Policy, StoreSync, WritePath
 from shared.contract.messages import interval_ns
 from shared.contract.names import escape_symbol
 
@@ -219,7 +218,7 @@ class WritePathConfig(_Model):
 
     enabled: bool = True
     dry_run: bool = False
-    max_runtime_seconds: float = Field(0, ge=0, description="auto-stop after this; 0 = never")
+    max_runtime_seconds: float = Field(0.0, ge=0, description="auto-stop after this; 0 = never")
 
 
 class StoreSyncConfig(_Model):
@@ -227,7 +226,7 @@ class StoreSyncConfig(_Model):
 
     mode: Literal["bus", "http", "none"] = "bus"
     http_url: str = ""
-    http_timeout_seconds: float = Field(10, gt=0)
+    http_timeout_seconds: float = Field(10.0, gt=0)
 
     @field_validator("http_url")
     @classmethod
@@ -269,7 +268,7 @@ class BarsConfig(_Model):
 
     intervals: list[str] = ["1s", "1m"]
     grace_ms: int = Field(500, ge=0)
-    revise_window_seconds: float = Field(60, ge=0)
+    revise_window_seconds: float = Field(60.0, ge=0)
     price_type: Literal["LAST", "MID"] = "LAST"
 
     @field_validator("intervals")
@@ -290,6 +289,30 @@ class IngestionPolicy(_Model):
     guards: GuardsConfig = GuardsConfig()
     batching: BatchingConfig = BatchingConfig()
     bars: BarsConfig = BarsConfig()
+
+
+class EffectivePolicy(_Model):
+    """The policy in KV `ingest_state` key `policy`: written by control, read by every service.
+
+    The sections of ingestion_policy.yaml that other services follow, under their YAML names,
+    plus the resolved fallback order and a revision that grows with every publication. Control
+    writes every field (`model_dump_json`); readers decode with `model_validate_json`:
+
+        {"write_path": {"enabled": true, "dry_run": false, "max_runtime_seconds": 0.0},
+         "store_sync": {"mode": "bus", "http_url": "", "http_timeout_seconds": 10.0},
+         "batching": {"max_rows": 5000, "max_bytes": 1000000, "max_delay_ms": 200},
+         "bars": {"intervals": ["1s", "1m"], "grace_ms": 500, "revise_window_seconds": 60.0,
+                  "price_type": "LAST"},
+         "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {}},
+         "revision": 1}
+    """
+
+    write_path: WritePathConfig = WritePathConfig()
+    store_sync: StoreSyncConfig = StoreSyncConfig()
+    batching: BatchingConfig = BatchingConfig()
+    bars: BarsConfig = BarsConfig()
+    fallback: FallbackConfig = FallbackConfig(default=list(PREFERENCE))
+    revision: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,36 +336,18 @@ class Config:
                 return f"{name} (environment)"
         return self.sources.get(filename, filename)
 
-    def to_policy(self, revision: int) -> Policy:
-        """The effective policy every service reads from KV `ingest_state` key `policy`."""
-        p = self.policy
-        return Policy(
-            write_path=WritePath(
-                enabled=p.write_path.enabled,
-                dry_run=p.write_path.dry_run,
-                max_runtime_seconds=float(p.write_path.max_runtime_seconds),
-            ),
-            store_sync=StoreSync(
-                mode=p.store_sync.mode,
-                http_url=p.store_sync.http_url,
-                http_timeout_s=float(p.store_sync.http_timeout_seconds),
+    def effective_policy(self, revision: int) -> EffectivePolicy:
+        """The policy control publishes: the followed sections and the resolved fallback order."""
+        policy, providers = self.policy, self.providers
+        return EffectivePolicy(
+            write_path=policy.write_path,
+            store_sync=policy.store_sync,
+            batching=policy.batching,
+            bars=policy.bars,
+            fallback=FallbackConfig(
+                default=providers.default_order, symbols=dict(providers.fallback.symbols)
             ),
             revision=revision,
-            batching=Batching(
-                max_rows=p.batching.max_rows,
-                max_bytes=p.batching.max_bytes,
-                max_delay_ms=p.batching.max_delay_ms,
-            ),
-            bars=BarsPolicy(
-                intervals=list(p.bars.intervals),
-                grace_ms=p.bars.grace_ms,
-                revise_window_s=float(p.bars.revise_window_seconds),
-                price_type=p.bars.price_type,
-            ),
-            fallback=Fallback(
-                default=self.providers.default_order,
-                symbols={k: list(v) for k, v in self.providers.fallback.symbols.items()},
-            ),
         )
 
 

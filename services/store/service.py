@@ -40,9 +40,9 @@ from shared.bus.consumer import PullConsumer
 from shared.bus.deadletter import dead_letter
 from shared.bus.kv import follow
 from shared.bus.publisher import publish_event
+from shared.config import EffectivePolicy
 from shared.contract import names
 from shared.contract.codec import JSON, Codec, DecodeError, encode
-from shared.contract.control import Policy
 from shared.contract.messages import Bar, BarBatch, EndOfStream
 from shared.contract.records import ServiceUrl
 from shared.runtime import Context
@@ -74,7 +74,7 @@ class StoreService:
         )
         # One writer for both inputs: commits are serialised so they never interleave.
         self.write_lock = asyncio.Lock()
-        self.policy = Policy()
+        self.policy = EffectivePolicy()
         self.api: IngestApi | None = None
         self.session: aiohttp.ClientSession | None = None
         self.forward_consumer: PullConsumer | None = None
@@ -87,7 +87,7 @@ class StoreService:
         with contextlib.suppress(Exception):  # no policy yet: the defaults until control writes
             entry = await self.state_kv.get(names.POLICY_KEY)
             if entry.value:
-                self.policy = msgspec.json.decode(entry.value, type=Policy)
+                self.policy = EffectivePolicy.model_validate_json(entry.value)
         ctx.spawn(self._watch_policy(), "policy")
         self.api = IngestApi(self._write, self.http_settings, ctx.log)
         base_url = await self.api.start()
@@ -202,7 +202,7 @@ class StoreService:
         async def send(item: tuple[Msg, str, bytes]) -> Rejected | None:
             async with limit:
                 return await self.forwarder.post(
-                    url, item[1], item[2], token, store_sync.http_timeout_s
+                    url, item[1], item[2], token, store_sync.http_timeout_seconds
                 )
 
         results = await asyncio.gather(*(send(item) for item in sends), return_exceptions=True)
@@ -220,14 +220,16 @@ class StoreService:
 
     async def _watch_policy(self) -> None:
         """Follow the policy control publishes (the forwarding URL and timeout)."""
-        async for _, policy in follow(self.state_kv, Policy, self.ctx.log, names.POLICY_KEY):
+        async for _, policy in follow(
+            self.state_kv, EffectivePolicy, self.ctx.log, names.POLICY_KEY
+        ):
             if policy is None:
                 continue
             self.policy = policy
             self.ctx.log.info(
                 "policy",
                 revision=policy.revision,
-                store_sync=msgspec.to_builtins(policy.store_sync),
+                store_sync=policy.store_sync.model_dump(),
             )
 
     async def _write(self, bars: list[Bar]) -> None:
