@@ -13,6 +13,9 @@ Environment overrides follow the YAML path, `__` between keys, upper case, value
     MDP_PROVIDERS__SYNTHETIC__SYMBOLS='[AAPL, MSFT]' data_providers.yaml: synthetic.symbols
     MDP_PROVIDERS__SYNTHETIC__PARAMS__RATE=500       data_providers.yaml: synthetic.params.rate
 
+The `params:` of `synthetic` and `replay` are those adapters' own models (`SyntheticAdapter.Params`,
+`ReplayAdapter.Params`), the very ones that check a job's params in control and in the adapter.
+
 Settings of one process that do not belong in a shared file (ports, bearer tokens, timeouts) are
 sections of `shared.settings.Settings` (`MDP_CONTROL__*`, `MDP_STORE__*`).
 """
@@ -35,6 +38,8 @@ from pydantic import (
     field_validator,
 )
 
+from services.provider.adapters.replay import ReplayAdapter
+from services.provider.adapters.synthetic import SyntheticAdapter
 from shared.contract.messages import interval_ns
 from shared.contract.names import escape_symbol
 
@@ -72,29 +77,6 @@ class _Model(BaseModel):
 # data_providers.yaml
 
 
-class SyntheticParams(_Model):
-    """Parameters of the synthetic random-walk generator (unset: the adapter's default)."""
-
-    rate: float | None = Field(100.0, gt=0, le=1_000_000, description="ticks/s per symbol")
-    seed: int | None = 1
-    start_price: float | None = Field(None, gt=0)
-    max_ticks: int | None = Field(None, ge=1)
-
-
-class ReplayParams(_Model):
-    """Parameters of the recorded-file replay."""
-
-    path: str | None = None
-    speed: Literal["max"] | float = "max"
-
-    @field_validator("speed")
-    @classmethod
-    def _speed_positive(cls, value: str | float) -> str | float:
-        if not isinstance(value, str) and value <= 0:
-            raise ValueError('must be "max" or a number > 0 (1 = recorded pace)')
-        return value
-
-
 class IbkrPacing(_Model):
     """Interactive Brokers pacing limits the adapter must stay under."""
 
@@ -104,7 +86,7 @@ class IbkrPacing(_Model):
 
 
 class IbkrParams(_Model):
-    """Interactive Brokers TWS / Gateway connection."""
+    """Interactive Brokers TWS / Gateway connection (no adapter yet: the model lives here)."""
 
     host: str = "127.0.0.1"
     port: int = Field(7497, ge=1, le=65535)
@@ -122,16 +104,16 @@ class _ProviderBase(_Model):
 
 
 class SyntheticProvider(_ProviderBase):
-    """`synthetic:` in data_providers.yaml."""
+    """`synthetic:` in data_providers.yaml; `params` is the adapter's own model."""
 
-    params: SyntheticParams = SyntheticParams()
+    params: SyntheticAdapter.Params = SyntheticAdapter.Params()
 
 
 class ReplayProvider(_ProviderBase):
     """`replay:` in data_providers.yaml; its symbols default to every symbol of the file."""
 
     symbols_from_source: bool = True
-    params: ReplayParams = ReplayParams()
+    params: ReplayAdapter.Params = ReplayAdapter.Params()
 
 
 class IbkrProvider(_ProviderBase):

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from services.provider.adapters.replay import ReplayAdapter
+from services.provider.adapters.synthetic import SyntheticAdapter
 from shared.config import (
     POLICY_FILE,
     PROVIDERS_FILE,
@@ -225,6 +227,9 @@ def test_environment_overrides_nested_keys_with_yaml_values(tmp_path: Path) -> N
     synthetic = config.providers.providers["synthetic"]
     assert synthetic.symbols == ["IBM", "BRK.B"]
     assert synthetic.params.rate == 500  # type: ignore[union-attr]
+    # The section's params are the adapter's own model: one definition, one set of rules.
+    assert type(synthetic.params) is SyntheticAdapter.Params
+    assert type(config.providers.providers["replay"].params) is ReplayAdapter.Params
     assert config.providers.source_order("BTC/USD") == ["synthetic"]
     assert config.providers.source_order("AAPL") == ["ibkr", "replay", "synthetic"]
 
