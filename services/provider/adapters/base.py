@@ -152,7 +152,7 @@ class AdapterParams(BaseModel):
 M = TypeVar("M", bound=BaseModel)
 
 
-def params_model(adapter: type[Any]) -> type[AdapterParams] | None:
+def params_model(adapter: type[Adapter]) -> type[AdapterParams] | None:
     """The adapter class's `Params` model, None when it declares none (params pass through)."""
     model = getattr(adapter, "Params", None)
     return model if isinstance(model, type) and issubclass(model, AdapterParams) else None
