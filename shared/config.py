@@ -13,9 +13,11 @@ Environment overrides follow the YAML path, `__` between keys, upper case, value
     MDP_PROVIDERS__SYNTHETIC__SYMBOLS='[AAPL, MSFT]' data_providers.yaml: synthetic.symbols
     MDP_PROVIDERS__SYNTHETIC__PARAMS__RATE=500       data_providers.yaml: synthetic.params.rate
 
-Service-level settings that do not belong in a shared file (ports, bearer tokens) are plain
-environment settings: `ControlHttpSettings` (`MDP_CONTROL__*`), `StoreHttpSettings`
-(`MDP_STORE__*`).
+The `params:` of `synthetic` and `replay` are those adapters' own models (`SyntheticAdapter.Params`,
+`ReplayAdapter.Params`), the very ones that check a job's params in control and in the adapter.
+
+Settings of one process that do not belong in a shared file (ports, bearer tokens, timeouts) are
+sections of `shared.settings.Settings` (`MDP_CONTROL__*`, `MDP_STORE__*`).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.contract.control import BarsPolicy, Batching, Fallback, Policy, StoreSync, WritePath
+from services.provider.adapters.replay import ReplayAdapter
+from services.provider.adapters.synthetic import SyntheticAdapter
 from shared.contract.messages import interval_ns
 from shared.contract.names import escape_symbol
 
@@ -75,29 +77,6 @@ class _Model(BaseModel):
 # data_providers.yaml
 
 
-class SyntheticParams(_Model):
-    """Parameters of the synthetic random-walk generator (unset: the adapter's default)."""
-
-    rate: float | None = Field(100.0, gt=0, le=1_000_000, description="ticks/s per symbol")
-    seed: int | None = 1
-    start_price: float | None = Field(None, gt=0)
-    max_ticks: int | None = Field(None, ge=1)
-
-
-class ReplayParams(_Model):
-    """Parameters of the recorded-file replay."""
-
-    path: str | None = None
-    speed: Literal["max"] | float = "max"
-
-    @field_validator("speed")
-    @classmethod
-    def _speed_positive(cls, value: str | float) -> str | float:
-        if not isinstance(value, str) and value <= 0:
-            raise ValueError('must be "max" or a number > 0 (1 = recorded pace)')
-        return value
-
-
 class IbkrPacing(_Model):
     """Interactive Brokers pacing limits the adapter must stay under."""
 
@@ -107,7 +86,7 @@ class IbkrPacing(_Model):
 
 
 class IbkrParams(_Model):
-    """Interactive Brokers TWS / Gateway connection."""
+    """Interactive Brokers TWS / Gateway connection (no adapter yet: the model lives here)."""
 
     host: str = "127.0.0.1"
     port: int = Field(7497, ge=1, le=65535)
@@ -125,16 +104,16 @@ class _ProviderBase(_Model):
 
 
 class SyntheticProvider(_ProviderBase):
-    """`synthetic:` in data_providers.yaml."""
+    """`synthetic:` in data_providers.yaml; `params` is the adapter's own model."""
 
-    params: SyntheticParams = SyntheticParams()
+    params: SyntheticAdapter.Params = SyntheticAdapter.Params()
 
 
 class ReplayProvider(_ProviderBase):
     """`replay:` in data_providers.yaml; its symbols default to every symbol of the file."""
 
     symbols_from_source: bool = True
-    params: ReplayParams = ReplayParams()
+    params: ReplayAdapter.Params = ReplayAdapter.Params()
 
 
 class IbkrProvider(_ProviderBase):
@@ -221,7 +200,7 @@ class WritePathConfig(_Model):
 
     enabled: bool = True
     dry_run: bool = False
-    max_runtime_seconds: float = Field(0, ge=0, description="auto-stop after this; 0 = never")
+    max_runtime_seconds: float = Field(0.0, ge=0, description="auto-stop after this; 0 = never")
 
 
 class StoreSyncConfig(_Model):
@@ -229,7 +208,7 @@ class StoreSyncConfig(_Model):
 
     mode: Literal["bus", "http", "none"] = "bus"
     http_url: str = ""
-    http_timeout_seconds: float = Field(10, gt=0)
+    http_timeout_seconds: float = Field(10.0, gt=0)
 
     @field_validator("http_url")
     @classmethod
@@ -271,7 +250,7 @@ class BarsConfig(_Model):
 
     intervals: list[str] = ["1s", "1m"]
     grace_ms: int = Field(500, ge=0)
-    revise_window_seconds: float = Field(60, ge=0)
+    revise_window_seconds: float = Field(60.0, ge=0)
     price_type: Literal["LAST", "MID"] = "LAST"
 
     @field_validator("intervals")
@@ -294,31 +273,28 @@ class IngestionPolicy(_Model):
     bars: BarsConfig = BarsConfig()
 
 
-# ---------------------------------------------------------------------------------------------
-# Service-level settings (environment only)
+class EffectivePolicy(_Model):
+    """The policy in KV `ingest_state` key `policy`: written by control, read by every service.
 
+    The sections of ingestion_policy.yaml that other services follow, under their YAML names,
+    plus the resolved fallback order and a revision that grows with every publication. Control
+    writes every field (`model_dump_json`); readers decode with `model_validate_json`:
 
-class ControlHttpSettings(BaseSettings):
-    """The control service's HTTP facade: `MDP_CONTROL__HTTP_HOST`, `_PORT`, `_TOKEN`."""
+        {"write_path": {"enabled": true, "dry_run": false, "max_runtime_seconds": 0.0},
+         "store_sync": {"mode": "bus", "http_url": "", "http_timeout_seconds": 10.0},
+         "batching": {"max_rows": 5000, "max_bytes": 1000000, "max_delay_ms": 200},
+         "bars": {"intervals": ["1s", "1m"], "grace_ms": 500, "revise_window_seconds": 60.0,
+                  "price_type": "LAST"},
+         "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {}},
+         "revision": 1}
+    """
 
-    model_config = SettingsConfigDict(env_prefix="MDP_CONTROL__", extra="ignore")
-
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
-    http_token: str = Field("", description="bearer token required when set")
-
-
-class StoreHttpSettings(BaseSettings):
-    """The store's ingest API and its http-mode forwarder: `MDP_STORE__*`."""
-
-    model_config = SettingsConfigDict(env_prefix="MDP_STORE__", extra="ignore")
-
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
-    http_token: str = Field("", description="bearer token the ingest API requires when set")
-    forward_token: str = Field(
-        "", description="bearer token sent to an external store_sync.http_url"
-    )
+    write_path: WritePathConfig = WritePathConfig()
+    store_sync: StoreSyncConfig = StoreSyncConfig()
+    batching: BatchingConfig = BatchingConfig()
+    bars: BarsConfig = BarsConfig()
+    fallback: FallbackConfig = FallbackConfig(default=list(PREFERENCE))
+    revision: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,36 +318,18 @@ class Config:
                 return f"{name} (environment)"
         return self.sources.get(filename, filename)
 
-    def to_policy(self, revision: int) -> Policy:
-        """The effective policy every service reads from KV `ingest_state` key `policy`."""
-        p = self.policy
-        return Policy(
-            write_path=WritePath(
-                enabled=p.write_path.enabled,
-                dry_run=p.write_path.dry_run,
-                max_runtime_seconds=float(p.write_path.max_runtime_seconds),
-            ),
-            store_sync=StoreSync(
-                mode=p.store_sync.mode,
-                http_url=p.store_sync.http_url,
-                http_timeout_s=float(p.store_sync.http_timeout_seconds),
+    def effective_policy(self, revision: int) -> EffectivePolicy:
+        """The policy control publishes: the followed sections and the resolved fallback order."""
+        policy, providers = self.policy, self.providers
+        return EffectivePolicy(
+            write_path=policy.write_path,
+            store_sync=policy.store_sync,
+            batching=policy.batching,
+            bars=policy.bars,
+            fallback=FallbackConfig(
+                default=providers.default_order, symbols=dict(providers.fallback.symbols)
             ),
             revision=revision,
-            batching=Batching(
-                max_rows=p.batching.max_rows,
-                max_bytes=p.batching.max_bytes,
-                max_delay_ms=p.batching.max_delay_ms,
-            ),
-            bars=BarsPolicy(
-                intervals=list(p.bars.intervals),
-                grace_ms=p.bars.grace_ms,
-                revise_window_s=float(p.bars.revise_window_seconds),
-                price_type=p.bars.price_type,
-            ),
-            fallback=Fallback(
-                default=self.providers.default_order,
-                symbols={k: list(v) for k, v in self.providers.fallback.symbols.items()},
-            ),
         )
 
 

@@ -1,4 +1,8 @@
-"""One settings model for every process: defaults, overridden by `MDP_*` environment variables."""
+"""One settings model for every process: defaults, overridden by `MDP_*` environment variables.
+
+The operator's shared files (`data_providers.yaml`, `ingestion_policy.yaml`) are not settings of a
+process: `shared.config` loads them.
+"""
 
 from __future__ import annotations
 
@@ -75,6 +79,28 @@ class StreamSettings(BaseModel):
     )
 
 
+class StoreSettings(BaseModel):
+    """The store's ingest API, its http-mode forwarder and its writes: `MDP_STORE__*`."""
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    http_token: str = Field("", description="bearer token the ingest API requires when set")
+    forward_token: str = Field(
+        "", description="bearer token sent to an external store_sync.http_url"
+    )
+    # SQLite: the busy timeout for the write lock; PostgreSQL: the statement timeout. A failed
+    # attempt is retried with backoff, so a shorter timeout only makes an outage visible sooner.
+    write_timeout_s: float = Field(30.0, gt=0, le=3600)
+
+
+class ControlSettings(BaseModel):
+    """The control service's HTTP facade: `MDP_CONTROL__HTTP_HOST`, `_PORT`, `_TOKEN`."""
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    http_token: str = Field("", description="bearer token required when set")
+
+
 class Settings(BaseSettings):
     """Everything a process reads at start; `MDP_AGGREGATOR__GRACE_MS=0` reaches nested fields."""
 
@@ -95,6 +121,8 @@ class Settings(BaseSettings):
     router: RouterSettings = RouterSettings()
     aggregator: AggregatorSettings = AggregatorSettings()
     stream: StreamSettings = StreamSettings()
+    store: StoreSettings = StoreSettings()
+    control: ControlSettings = ControlSettings()
 
     @field_validator("store_url")
     @classmethod

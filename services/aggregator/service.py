@@ -34,9 +34,10 @@ from shared.bus.consumer import PullConsumer, StopConsuming, stream_sequence
 from shared.bus.deadletter import dead_letter
 from shared.bus.kv import follow
 from shared.bus.publisher import publish_event
+from shared.config import EffectivePolicy, StoreSyncConfig
 from shared.contract import names
 from shared.contract.codec import JSON, Codec, DecodeError, encode
-from shared.contract.control import JobSpec, Policy, StoreSync
+from shared.contract.control import JobSpec
 from shared.contract.events import Gap, Suppressed
 from shared.contract.messages import Bar, BarBatch, DeadTick, EndOfStream, Tick, TickBatch
 from shared.lease import Lease, LeaseLost
@@ -102,7 +103,7 @@ class AggregatorService:
         self.suppressed: dict[str, BarBatcher] = {}
         self.codec = Codec(TickBatch)
         self.lock = asyncio.Lock()
-        self.policy = Policy(store_sync=StoreSync(mode=cfg.store_sync_mode))
+        self.policy = EffectivePolicy(store_sync=StoreSyncConfig(mode=cfg.store_sync_mode))
         self.dry_run: set[str] = set()
         # Per symbol, which ticks of the current provider run were folded: a provider that
         # resumes after a crash may send some again, in differently cut batches.
@@ -485,12 +486,14 @@ class AggregatorService:
 
     async def _watch_policy(self) -> None:
         """Follow the policy control publishes in `ingest_state`."""
-        async for _, policy in follow(self.state_kv, Policy, self.ctx.log, names.POLICY_KEY):
+        async for _, policy in follow(
+            self.state_kv, EffectivePolicy, self.ctx.log, names.POLICY_KEY
+        ):
             if policy is None:
                 continue
             async with self.lock:
                 self.policy = policy
-            self.ctx.log.info("policy", policy=msgspec.to_builtins(policy))
+            self.ctx.log.info("policy", policy=policy.model_dump())
 
     async def _gap_events(self, events: list[Gap]) -> None:
         for event in events:

@@ -9,22 +9,23 @@ pattern, or would not survive as text) -> `invalid_request` (too many symbols, b
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from shared.config import (
-    DEFAULT_SYMBOL_PATTERN,
-    Config,
-    IbkrParams,
-    ProviderConfig,
-    ReplayParams,
-    SyntheticParams,
+from services.provider.adapters.base import (
+    Adapter,
+    AdapterError,
+    check_params,
+    load_adapters,
+    params_model,
 )
+from shared.config import DEFAULT_SYMBOL_PATTERN, Config, ProviderConfig
 from shared.contract.control import JobSpec, StartRequest, StopRequest
 from shared.contract.names import escape_symbol
 from shared.contract.records import ProviderState
@@ -43,13 +44,6 @@ HTTP_STATUS = {
     "provider_disabled": 409,
     "already_running": 409,
     "internal": 500,
-}
-
-# The typed parameters of the built-in adapters; other providers' params pass through.
-PARAM_MODELS: dict[str, type[BaseModel]] = {
-    "synthetic": SyntheticParams,
-    "replay": ReplayParams,
-    "ibkr": IbkrParams,
 }
 
 
@@ -121,36 +115,52 @@ def check_symbols(symbols: list[str], pattern: str = DEFAULT_SYMBOL_PATTERN) -> 
     return list(seen)
 
 
-def job_params(name: str, provider: ProviderConfig, requested: Mapping[str, Any]) -> dict[str, Any]:
-    """The provider's configured params overridden by the request's, checked when typed."""
-    model = PARAM_MODELS.get(name)
-    configured: dict[str, Any] = (
-        provider.params.model_dump(exclude_none=True)
-        if isinstance(provider.params, BaseModel)
-        else dict(provider.params)
-    )
+@functools.cache
+def _adapters() -> dict[str, type[Adapter]]:
+    """The adapter registry, loaded once per process."""
+    return load_adapters()
+
+
+def job_params(
+    name: str,
+    provider: ProviderConfig,
+    requested: Mapping[str, Any],
+    adapters: Mapping[str, type[Adapter]] | None = None,
+) -> dict[str, Any]:
+    """The provider's configured params overridden by the request's, checked when typed.
+
+    The model is the adapter's own `Params` (found in the registry), else the typed params of
+    the provider's section (ibkr, which has no adapter yet); any other params pass through.
+    """
+    adapter = (_adapters() if adapters is None else adapters).get(name)
+    model: type[BaseModel] | None = params_model(adapter) if adapter is not None else None
+    if isinstance(provider.params, BaseModel):
+        configured: dict[str, Any] = provider.params.model_dump(exclude_none=True)
+        model = model or type(provider.params)
+    else:
+        configured = dict(provider.params)
     merged = {**configured, **requested}
     if model is None:
         return merged
     try:
-        checked = model.model_validate(merged)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"params.{'.'.join(str(p) for p in e['loc'] if p not in ('float', 'int'))}: "
-            + ("unknown parameter" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors(include_url=False)
-        )
-        raise ControlError("invalid_request", f"{name}: {problems}") from None
-    if name == "replay" and not merged.get("path"):
-        raise ControlError(
-            "invalid_request", "replay: params.path is required (the .csv or .csv.gz to replay)"
-        )
+        checked = check_params(name, model, merged)
+    except AdapterError as exc:
+        raise ControlError("invalid_request", str(exc)) from None
     params: dict[str, Any] = checked.model_dump(exclude_none=True)
     return params
 
 
-def build_job(request: StartRequest, config: Config, now_ns: int) -> JobSpec:
-    """Apply the configuration's guards in order and return the job for `ingest_jobs`."""
+def build_job(
+    request: StartRequest,
+    config: Config,
+    now_ns: int,
+    adapters: Mapping[str, type[Adapter]] | None = None,
+) -> JobSpec:
+    """Apply the configuration's guards in order and return the job for `ingest_jobs`.
+
+    `adapters` is the registry whose `Params` models check the params (default: the installed
+    adapters, `load_adapters`).
+    """
     providers = config.providers.providers
     guards = config.policy.guards
     provider = providers.get(request.provider)
@@ -178,7 +188,7 @@ def build_job(request: StartRequest, config: Config, now_ns: int) -> JobSpec:
             "invalid_request",
             f"{len(symbols)} symbols, more than guards.max_symbols = {guards.max_symbols}",
         )
-    params = job_params(request.provider, provider, request.params)
+    params = job_params(request.provider, provider, request.params, adapters)
     max_runtime_s = config.policy.write_path.max_runtime_seconds
     return JobSpec(
         job=request.job,

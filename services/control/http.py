@@ -18,8 +18,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from shared.config import ControlHttpSettings
 from shared.http import serve_app
+from shared.settings import ControlSettings
 
 Dispatch = Callable[[str, bytes], Awaitable[tuple[int, dict[str, Any]]]]
 
@@ -46,7 +46,7 @@ def unauthorized() -> web.Response:
 class ControlHttp:
     """An aiohttp server in the control process, calling the same dispatch as NATS."""
 
-    def __init__(self, dispatch: Dispatch, settings: ControlHttpSettings, log: Any) -> None:
+    def __init__(self, dispatch: Dispatch, settings: ControlSettings, log: Any) -> None:
         self.dispatch = dispatch
         self.settings = settings
         self.log = log

@@ -37,9 +37,9 @@ from services.control.guards import (
 from services.control.http import ControlHttp
 from shared.bus.kv import follow, kv_keys
 from shared.bus.publisher import publish_event
-from shared.config import Config, ConfigError, ControlHttpSettings, load_from_environment
+from shared.config import Config, ConfigError, EffectivePolicy, load_from_environment
 from shared.contract import names
-from shared.contract.control import JobSpec, Policy
+from shared.contract.control import JobSpec
 from shared.contract.events import (
     Event,
     Failed,
@@ -98,7 +98,7 @@ class ControlService:
         self.settings = settings
         # Validated before connecting: a bad file is a clean exit with its message, no traceback.
         self.config: Config = load_or_exit(load_from_environment)
-        self.http_settings: ControlHttpSettings = load_or_exit(ControlHttpSettings)
+        self.http_settings = settings.control
         self.policy_revision = 0
         self.lock = asyncio.Lock()
         self.jobs: dict[str, JobSpec] = {}  # as last seen in `ingest_jobs` (for the timer)
@@ -344,14 +344,14 @@ class ControlService:
     async def _publish_policy(self) -> None:
         """Write the effective policy to `ingest_state` under `policy` with the next revision."""
         previous = 0
-        with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError):
+        with contextlib.suppress(KeyNotFoundError, ValidationError):
             entry = await self.state_kv.get(names.POLICY_KEY)
             if entry.value:
-                previous = msgspec.json.decode(entry.value, type=Policy).revision
+                previous = EffectivePolicy.model_validate_json(entry.value).revision
         self.policy_revision = max(previous, self.policy_revision) + 1
-        policy = _explicit(self.config.to_policy(self.policy_revision))
-        await self.state_kv.put(names.POLICY_KEY, msgspec.json.encode(policy))
-        self.ctx.log.info("policy_published", policy=policy)
+        policy = self.config.effective_policy(self.policy_revision)
+        await self.state_kv.put(names.POLICY_KEY, policy.model_dump_json().encode())
+        self.ctx.log.info("policy_published", policy=policy.model_dump())
 
     async def _watch_jobs(self) -> None:
         """Mirror `ingest_jobs` (written by any replica) for the deadline timer and the gauge."""
@@ -467,17 +467,6 @@ def _job_view(spec: JobSpec) -> dict[str, Any]:
     view.setdefault("deadline_ns", 0)
     view.setdefault("params", {})
     return view
-
-
-def _explicit(value: Any) -> Any:
-    """A struct as plain data with every field, defaults too, so the KV value reads whole."""
-    if isinstance(value, msgspec.Struct):
-        return {f: _explicit(getattr(value, f)) for f in value.__struct_fields__}
-    if isinstance(value, dict):
-        return {k: _explicit(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_explicit(v) for v in value]
-    return value
 
 
 def _report(state: ProviderState) -> dict[str, Any]:

@@ -26,10 +26,10 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from services.store.writers import InvalidBarError, StoreError
-from shared.config import StoreHttpSettings
 from shared.contract.codec import CONTENT_TYPE, JSON, MSGPACK, Codec, DecodeError
 from shared.contract.messages import Bar, BarBatch
 from shared.http import serve_app
+from shared.settings import StoreSettings
 
 INGEST_PATH = "/v1/bars"
 MAX_BODY = 64 * 1024 * 1024
@@ -68,7 +68,7 @@ def _error(status: int, code: str, message: str, **headers: str) -> web.Response
 class IngestApi:
     """`POST /v1/bars` and `GET /v1/health`, served from the store process."""
 
-    def __init__(self, write: Write, settings: StoreHttpSettings, log: Any) -> None:
+    def __init__(self, write: Write, settings: StoreSettings, log: Any) -> None:
         self.write = write
         self.settings = settings
         self.log = log

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 from typing import ClassVar
 
@@ -22,8 +21,6 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 from prometheus_client import Counter, Histogram
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.store.http import (
     INGEST_PATH,
@@ -42,10 +39,9 @@ from services.store.writers import (
 from shared.bus.deadletter import dead_letter
 from shared.bus.kv import follow
 from shared.bus.publisher import publish_event
-from shared.config import StoreHttpSettings
+from shared.config import EffectivePolicy
 from shared.contract import names
 from shared.contract.codec import JSON, Codec, DecodeError, encode
-from shared.contract.control import Policy
 from shared.contract.messages import Bar, BarBatch, EndOfStream
 from shared.contract.records import ServiceUrl
 from shared.runtime import Context
@@ -63,16 +59,6 @@ WRITE_ERRORS = Counter(
 )
 
 
-class StoreWriteSettings(BaseSettings):
-    """How long one write attempt may wait: `MDP_STORE__WRITE_TIMEOUT_S`."""
-
-    model_config = SettingsConfigDict(env_prefix="MDP_STORE__", extra="ignore")
-
-    # SQLite: the busy timeout for the write lock; PostgreSQL: the statement timeout. A failed
-    # attempt is retried with backoff, so a shorter timeout only makes an outage visible sooner.
-    write_timeout_s: float = Field(30.0, gt=0, le=3600)
-
-
 class StoreService:
     """Consumes bar batches and writes them in one transaction per pulled group."""
 
@@ -81,18 +67,13 @@ class StoreService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.codec = Codec(BarBatch)
-        try:
-            self.http_settings = StoreHttpSettings()
-            write_settings = StoreWriteSettings()
-        except ValidationError as exc:
-            print(f"mdp store: invalid settings: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+        self.http_settings = settings.store
         self.writer: BarWriter = open_writer(
-            settings.store_url, timeout_s=write_settings.write_timeout_s
+            settings.store_url, timeout_s=settings.store.write_timeout_s
         )
         # One writer for both inputs: commits are serialised so they never interleave.
         self.write_lock = asyncio.Lock()
-        self.policy = Policy()
+        self.policy = EffectivePolicy()
         self.api: IngestApi | None = None
         self.session: aiohttp.ClientSession | None = None
 
@@ -104,7 +85,7 @@ class StoreService:
         with contextlib.suppress(Exception):  # no policy yet: the defaults until control writes
             entry = await self.state_kv.get(names.POLICY_KEY)
             if entry.value:
-                self.policy = msgspec.json.decode(entry.value, type=Policy)
+                self.policy = EffectivePolicy.model_validate_json(entry.value)
         ctx.spawn(self._watch_policy(), "policy")
         self.api = IngestApi(self._write, self.http_settings, ctx.log)
         base_url = await self.api.start()
@@ -200,7 +181,7 @@ class StoreService:
         async def send(item: tuple[Msg, str, bytes]) -> Rejected | None:
             async with limit:
                 return await self.forwarder.post(
-                    url, item[1], item[2], token, store_sync.http_timeout_s
+                    url, item[1], item[2], token, store_sync.http_timeout_seconds
                 )
 
         results = await asyncio.gather(*(send(item) for item in sends), return_exceptions=True)
@@ -218,14 +199,16 @@ class StoreService:
 
     async def _watch_policy(self) -> None:
         """Follow the policy control publishes (the forwarding URL and timeout)."""
-        async for _, policy in follow(self.state_kv, Policy, self.ctx.log, names.POLICY_KEY):
+        async for _, policy in follow(
+            self.state_kv, EffectivePolicy, self.ctx.log, names.POLICY_KEY
+        ):
             if policy is None:
                 continue
             self.policy = policy
             self.ctx.log.info(
                 "policy",
                 revision=policy.revision,
-                store_sync=msgspec.to_builtins(policy.store_sync),
+                store_sync=policy.store_sync.model_dump(),
             )
 
     async def _write(self, bars: list[Bar]) -> None:

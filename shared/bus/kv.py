@@ -8,6 +8,7 @@ from typing import TypeVar
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
+from pydantic import BaseModel, ValidationError
 from structlog.typing import FilteringBoundLogger
 
 
@@ -28,7 +29,9 @@ T = TypeVar("T")
 async def follow(
     kv: KeyValue, typ: type[T], log: FilteringBoundLogger, key: str = ">"
 ) -> AsyncIterator[tuple[str, T | None]]:
-    """Every value of `key` (a KV key or pattern) now and after each change, decoded.
+    """Every value of `key` (a KV key or pattern) now and after each change, decoded as `typ`.
+
+    `typ` is a msgspec type, or a pydantic model (decoded with `model_validate_json`).
 
     Yields `(key, value)`, with `None` for a deleted key. A value that does not decode is
     logged and skipped: one bad write must not stop a service following its bucket.
@@ -41,6 +44,12 @@ async def follow(
             yield entry.key, None
             continue
         try:
-            yield entry.key, msgspec.json.decode(entry.value, type=typ)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            value = (
+                typ.model_validate_json(entry.value)
+                if issubclass(typ, BaseModel)
+                else msgspec.json.decode(entry.value, type=typ)
+            )
+        except (msgspec.DecodeError, ValidationError) as exc:
             log.error("bad_kv_value", key=entry.key, type=typ.__name__, error=str(exc))
+            continue
+        yield entry.key, value

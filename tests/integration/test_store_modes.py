@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 
 from services.store.writers import read_bars
+from shared.config import EffectivePolicy, StoreSyncConfig
 from shared.contract.codec import CONTENT_TYPE, JSON, MSGPACK
-from shared.contract.control import Policy, StoreSync
 from shared.contract.messages import Bar, BarBatch, EndOfStream
 from shared.contract.names import END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY
 from shared.natsserver import EmbeddedNats
@@ -85,10 +85,10 @@ async def publish(
     )
 
 
-async def set_policy(system: System, policy: Policy) -> None:
+async def set_policy(system: System, policy: EffectivePolicy) -> None:
     """Write the policy as control does, and wait until the store follows it."""
     kv = await system.nc.jetstream().key_value(KV_STATE)
-    await kv.put(POLICY_KEY, msgspec.json.encode(policy))
+    await kv.put(POLICY_KEY, policy.model_dump_json().encode())
     await system.wait_policy_seen("store", policy.revision)
 
 
@@ -211,7 +211,8 @@ async def test_http_mode_to_an_external_url_acks_only_after_a_2xx(store_system: 
     target = Target()
     await target.start()
     await set_policy(
-        system, Policy(store_sync=StoreSync(mode="http", http_url=target.url), revision=101)
+        system,
+        EffectivePolicy(store_sync=StoreSyncConfig(mode="http", http_url=target.url), revision=101),
     )
     try:
         target.failures = 2  # 503, 503, then 200: retried with backoff, acked after the 200
@@ -244,6 +245,6 @@ async def test_http_mode_to_an_external_url_acks_only_after_a_2xx(store_system: 
         )
         await sub.unsubscribe()
     finally:
-        await set_policy(system, Policy(revision=102))
+        await set_policy(system, EffectivePolicy(revision=102))
         assert target.runner is not None
         await target.runner.cleanup()

@@ -277,26 +277,25 @@ async def test_synthetic_runs_until_cancelled() -> None:
     assert adapter.ticks_per_symbol["A"] == len(sink.by_symbol()["A"])
 
 
+# One model checks a job's params, in control's guards and here: the same messages.
 @pytest.mark.parametrize(
     ("params", "symbols", "message"),
     [
-        (
-            {"rate": "abc"},
-            ["A"],
-            "synthetic: params.rate must be a positive number of ticks per second per symbol, "
-            "got 'abc'",
-        ),
-        ({"rate": 0}, ["A"], "params.rate must be a positive number"),
-        ({"rate": -5}, ["A"], "got -5"),
-        ({"rate": True}, ["A"], "params.rate must be a positive number"),
-        ({"rate": float("nan")}, ["A"], "params.rate must be a positive number"),
-        ({"rate": 1e9}, ["A"], "params.rate must be at most"),
-        ({"seed": "x1"}, ["A"], "synthetic: params.seed must be an integer, got 'x1'"),
-        ({"start_price": 0}, ["A"], "params.start_price must be a positive price, got 0"),
-        ({"start_price": 0.01}, ["A"], "params.start_price must be at least 0.02"),
-        ({"max_ticks": 0}, ["A"], "params.max_ticks must be a positive whole number"),
-        ({"max_ticks": 1.5}, ["A"], "params.max_ticks must be a positive whole number"),
-        ({"rtae": 5}, ["A"], "synthetic: unknown params 'rtae' (accepted: max_ticks, rate,"),
+        ({"rate": "abc"}, ["A"], "synthetic: params.rate: Input should be a valid number"),
+        ({"rate": "250"}, ["A"], "params.rate: Input should be a valid number"),  # strict
+        ({"rate": 0}, ["A"], "params.rate: Input should be greater than 0"),
+        ({"rate": -5}, ["A"], "params.rate: Input should be greater than 0"),
+        ({"rate": True}, ["A"], "params.rate: Input should be a valid number"),
+        ({"rate": float("nan")}, ["A"], "params.rate: Input should be a finite number"),
+        ({"rate": 1e9}, ["A"], "params.rate: Input should be less than or equal to 1000000"),
+        ({"seed": "x1"}, ["A"], "synthetic: params.seed: Input should be a valid integer"),
+        ({"start_price": 0}, ["A"], "params.start_price: Input should be greater than or equal"),
+        ({"start_price": 0.01}, ["A"], "than or equal to 0.02"),
+        ({"start_price": float("inf")}, ["A"], "params.start_price: Input should be a finite"),
+        ({"max_ticks": 0}, ["A"], "params.max_ticks: Input should be greater than or equal to 1"),
+        ({"max_ticks": 1.5}, ["A"], "params.max_ticks: Input should be a valid integer"),
+        ({"rtae": 5}, ["A"], "synthetic: params.rtae: unknown parameter"),
+        ({"rate": 0, "x": 1}, ["A"], "params.rate: Input should be greater than 0; params.x: "),
         ({}, [], "synthetic: job.symbols is empty"),
         ({}, ["A", ""], "job.symbols must be non-empty strings"),
     ],
@@ -309,10 +308,12 @@ def test_synthetic_rejects_bad_params(
     assert message in str(info.value)
 
 
-def test_synthetic_accepts_numeric_strings_and_defaults() -> None:
-    adapter = SyntheticAdapter(job("synthetic", ["A", "A"], rate="250", seed="9", max_ticks="3"))
+def test_synthetic_params_and_defaults() -> None:
+    adapter = SyntheticAdapter(job("synthetic", ["A", "A"], rate=250, seed=9, max_ticks=3))
     assert (adapter.rate, adapter.seed, adapter.max_ticks) == (250.0, 9, 3)
     assert adapter.symbols == ["A"]
+    unset = SyntheticAdapter(job("synthetic", ["A"], rate=None, seed=None, start_price=None))
+    assert (unset.rate, unset.seed, unset.start_price) == (100.0, 1, 100.0)
     default = SyntheticAdapter(job("synthetic", ["A"]))
     assert (default.rate, default.seed, default.start_price, default.max_ticks) == (
         100.0,
@@ -592,11 +593,14 @@ def test_replay_requires_an_existing_file(tmp_path: Path) -> None:
     with pytest.raises(AdapterError) as info:
         ReplayAdapter(job("replay", path=str(missing)))
     assert str(info.value) == f"replay: params.path '{missing}' does not exist"
-    with pytest.raises(AdapterError, match=r"params\.path is required"):
-        ReplayAdapter(job("replay"))
+    required = "replay: params.path is required (the .csv or .csv.gz file to replay)"
+    for params in ({}, {"path": ""}, {"path": None}):
+        with pytest.raises(AdapterError) as info:
+            ReplayAdapter(job("replay", **params))
+        assert str(info.value) == required
     with pytest.raises(AdapterError, match="is not a regular file"):
         ReplayAdapter(job("replay", path=str(tmp_path)))
-    with pytest.raises(AdapterError, match="must be a file path string, got 5"):
+    with pytest.raises(AdapterError, match=r"params\.path: Input should be a valid string"):
         ReplayAdapter(job("replay", path=5))
 
 
@@ -620,10 +624,12 @@ def test_replay_rejects_empty_and_non_gzip_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"speed": "fast"}, 'replay: params.speed must be "max" or a positive number'),
-        ({"speed": 0}, "got 0"),
-        ({"speed": -2}, "got -2"),
-        ({"sped": 2}, "replay: unknown params 'sped' (accepted: path, speed)"),
+        ({"speed": "fast"}, "replay: params.speed.literal['max']: Input should be 'max'; "),
+        ({"speed": "2"}, "params.speed: Input should be a valid number"),
+        ({"speed": 0}, 'replay: params.speed: Value error, must be "max" or a number > 0'),
+        ({"speed": -2}, 'params.speed: Value error, must be "max" or a number > 0'),
+        ({"speed": float("inf")}, 'params.speed: Value error, must be "max" or a number > 0'),
+        ({"sped": 2}, "replay: params.sped: unknown parameter"),
     ],
 )
 def test_replay_rejects_bad_params(tmp_path: Path, params: dict[str, Any], message: str) -> None:
@@ -679,7 +685,7 @@ async def test_replay_pacing_sends_a_quantum_at_once_and_never_early(tmp_path: P
     text = HEADER + "\n" + "".join(f"{S + i * 1_000_000},x,A,1,1\n" for i in range(1000))
     clock = FakeTime()
     adapter = ReplayAdapter(
-        job("replay", path=str(write(tmp_path / "p.csv", text)), speed="1"),
+        job("replay", path=str(write(tmp_path / "p.csv", text)), speed=1),
         clock=clock.monotonic,
         sleep=clock.sleep,
     )

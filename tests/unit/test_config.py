@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import msgspec
 import pytest
+from pydantic import ValidationError
 
+from services.provider.adapters.replay import ReplayAdapter
+from services.provider.adapters.synthetic import SyntheticAdapter
 from shared.config import (
     POLICY_FILE,
     PROVIDERS_FILE,
     ConfigError,
-    ControlHttpSettings,
-    StoreHttpSettings,
+    EffectivePolicy,
     find_config_dir,
     load_config,
 )
-from shared.contract.control import Policy
+from shared.settings import Settings
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -55,7 +57,7 @@ def test_shipped_defaults_are_a_safe_production_start() -> None:
     assert not providers["ibkr"].enabled
 
 
-def test_policy_struct_carries_the_effective_policy_through_json() -> None:
+def test_the_effective_policy_travels_through_json_with_every_field() -> None:
     config = load_config(
         None,
         {
@@ -65,13 +67,38 @@ def test_policy_struct_carries_the_effective_policy_through_json() -> None:
             "MDP_POLICY__BATCHING__MAX_ROWS": "100",
         },
     )
-    policy = msgspec.json.decode(msgspec.json.encode(config.to_policy(7)), type=Policy)
+    published = config.effective_policy(7)
+    policy = EffectivePolicy.model_validate_json(published.model_dump_json())
+    assert policy == published
     assert policy.revision == 7
     assert policy.write_path.dry_run and policy.write_path.enabled
     assert policy.store_sync.mode == "http"
     assert policy.store_sync.http_url == "http://store:8080/v1/bars"
-    assert policy.batching is not None and policy.batching.max_rows == 100
-    assert policy.fallback is not None and policy.fallback.default[-1] == "synthetic"
+    assert policy.batching.max_rows == 100
+    assert policy.fallback.default == ["ibkr", "replay", "synthetic"]
+    assert policy.bars == config.policy.bars  # the config section itself, not a copy
+    shape = json.loads(published.model_dump_json())
+    assert shape == {
+        "write_path": {"enabled": True, "dry_run": True, "max_runtime_seconds": 0.0},
+        "store_sync": {
+            "mode": "http",
+            "http_url": "http://store:8080/v1/bars",
+            "http_timeout_seconds": 10.0,
+        },
+        "batching": {"max_rows": 100, "max_bytes": 1_000_000, "max_delay_ms": 200},
+        "bars": {
+            "intervals": ["1s", "1m"],
+            "grace_ms": 500,
+            "revise_window_seconds": 60.0,
+            "price_type": "LAST",
+        },
+        "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {}},
+        "revision": 7,
+    }
+    # A partial value (an older writer, a test) decodes with the defaults; a bad one is refused.
+    assert EffectivePolicy.model_validate_json(b'{"revision": 3}').store_sync.mode == "bus"
+    with pytest.raises(ValidationError):
+        EffectivePolicy.model_validate_json(b'{"store_sync": {"mode": "kafka"}}')
 
 
 def test_unknown_key_names_file_path_and_allowed_keys(tmp_path: Path) -> None:
@@ -200,6 +227,9 @@ def test_environment_overrides_nested_keys_with_yaml_values(tmp_path: Path) -> N
     synthetic = config.providers.providers["synthetic"]
     assert synthetic.symbols == ["IBM", "BRK.B"]
     assert synthetic.params.rate == 500  # type: ignore[union-attr]
+    # The section's params are the adapter's own model: one definition, one set of rules.
+    assert type(synthetic.params) is SyntheticAdapter.Params
+    assert type(config.providers.providers["replay"].params) is ReplayAdapter.Params
     assert config.providers.source_order("BTC/USD") == ["synthetic"]
     assert config.providers.source_order("AAPL") == ["ibkr", "replay", "synthetic"]
 
@@ -241,11 +271,16 @@ def test_service_http_settings_from_the_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("MDP_CONTROL__HTTP_PORT", "8091")
     monkeypatch.setenv("MDP_CONTROL__HTTP_TOKEN", "s3cret")
     monkeypatch.setenv("MDP_STORE__HTTP_TOKEN", "other")
-    control = ControlHttpSettings()
+    monkeypatch.setenv("MDP_STORE__WRITE_TIMEOUT_S", "0.25")
+    monkeypatch.delenv("MDP_STORE_URL", raising=False)
+    settings = Settings()
+    control = settings.control
     assert (control.http_port, control.http_token, control.http_host) == (
         8091,
         "s3cret",
         "127.0.0.1",
     )
-    store = StoreHttpSettings()
+    store = settings.store
     assert (store.http_port, store.http_token, store.forward_token) == (0, "other", "")
+    assert store.write_timeout_s == 0.25
+    assert settings.store_url == "sqlite:///var/mdp.db"  # MDP_STORE_URL is not a store key

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import pytest
 
 from services.control.guards import (
@@ -15,6 +18,9 @@ from services.control.guards import (
     parse_start,
     parse_stop,
 )
+from services.provider.adapters.base import AdapterError, AdapterParams, TickSink
+from services.provider.adapters.replay import ReplayAdapter
+from services.provider.adapters.synthetic import SyntheticAdapter
 from shared.config import Config, load_config
 from shared.contract.control import JobSpec, StartRequest
 from shared.contract.records import ProviderState
@@ -141,6 +147,67 @@ def test_params_merge_config_and_request_and_are_checked() -> None:
         config(MDP_PROVIDERS__IBKR__ENABLED="true"),
     )
     assert ibkr.params["port"] == 4002 and ibkr.params["pacing"]["max_messages_per_second"] == 50
+
+
+class PolygonAdapter:
+    """A third-party adapter with its own params model."""
+
+    name: ClassVar[str] = "polygon"
+
+    class Params(AdapterParams):
+        """Its params."""
+
+        api_key_env: str
+
+    def __init__(self, job: JobSpec) -> None:
+        self.job = job
+
+    @property
+    def clock_rate(self) -> float:
+        return 1.0
+
+    async def run(self, sink: TickSink, resume_after: Mapping[str, int] | None = None) -> None:
+        del sink, resume_after
+
+
+class BarePolygonAdapter(PolygonAdapter):
+    """The same adapter without a params model."""
+
+    Params = None  # type: ignore[assignment]
+
+
+def test_params_are_checked_by_the_adapter_model_from_the_registry() -> None:
+    cfg = config(MDP_PROVIDERS__POLYGON__SYMBOLS="[AAPL]")
+    request = parse_start(b'{"provider": "polygon", "params": {"api_key_env": 5}}')
+    with pytest.raises(ControlError) as info:
+        build_job(request, cfg, NOW, {"polygon": PolygonAdapter})
+    assert info.value.code == "invalid_request"
+    assert info.value.message == "polygon: params.api_key_env: Input should be a valid string"
+    request = parse_start(b'{"provider": "polygon", "params": {"api_key_env": "K"}}')
+    assert build_job(request, cfg, NOW, {"polygon": PolygonAdapter}).params == {"api_key_env": "K"}
+    # Without a model (or without an adapter here), the params pass through unchecked.
+    request = parse_start(b'{"provider": "polygon", "params": {"anything": [1]}}')
+    assert build_job(request, cfg, NOW, {"polygon": BarePolygonAdapter}).params == {"anything": [1]}
+    assert build_job(request, cfg, NOW, {}).params == {"anything": [1]}
+
+
+@pytest.mark.parametrize(
+    ("provider", "params"),
+    [
+        ("synthetic", {"rate": 0, "rte": 1}),
+        ("synthetic", {"start_price": 0.01}),
+        ("replay", {"speed": -1, "path": "/x.csv"}),
+        ("replay", {"speed": 2}),
+    ],
+)
+def test_guards_and_adapter_give_the_same_message(provider: str, params: dict[str, Any]) -> None:
+    body = msgspec_body({"provider": provider, "symbols": ["A"], "params": params})
+    with pytest.raises(ControlError) as refused:
+        start(body)
+    adapter = SyntheticAdapter if provider == "synthetic" else ReplayAdapter
+    with pytest.raises(AdapterError) as failed:
+        adapter(JobSpec(job="j", provider=provider, symbols=["A"], params=params))
+    assert refused.value.message == str(failed.value)
 
 
 def test_dry_run_from_request_else_policy() -> None:

@@ -4,18 +4,23 @@ An adapter turns one `JobSpec` into ticks: it validates `job.params` when it is 
 (raising `AdapterError` with a message that says what to fix), then `run` writes per-symbol
 tick lists into a `TickSink` until the source ends (bounded sources) or it is cancelled (live
 ones). The sink owns batching, publishing and backpressure; adapters do no network I/O.
+
+An adapter that declares `Params`, a pydantic model (an `AdapterParams`), has its params checked
+by that one model everywhere: its section of data_providers.yaml, control's start guards (which
+find it through the registry, `params_model`) and its own constructor (`check_params`). The
+params of an adapter without one pass through unchecked until it is constructed.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
-from typing import Any, ClassVar, Protocol, cast, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from shared.contract.control import JobSpec
 from shared.contract.messages import Tick
@@ -132,48 +137,41 @@ def _register(
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter checks shared by adapters, so every message has the same shape:
-# "<adapter>: params.<key> must be <what>, got <value>".
+# Params: one model per adapter, one message shape, "<adapter>: params.<key>: <problem>".
 
 
-def reject_unknown_params(adapter: str, params: Mapping[str, Any], allowed: Iterable[str]) -> None:
-    """Raise `AdapterError` naming any key of `params` not in `allowed` (catches typos)."""
-    allowed = sorted(allowed)
-    unknown = sorted(str(key) for key in params if key not in allowed)
-    if unknown:
-        names = ", ".join(repr(key) for key in unknown)
-        raise AdapterError(
-            f"{adapter}: unknown params {names} (accepted: {', '.join(allowed) or 'none'})"
+class AdapterParams(BaseModel):
+    """Base of an adapter's `Params`: strict types (a `"5"` is not 5), unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    def check_job(self, adapter: str) -> None:
+        """Raise `AdapterError` when a job cannot run with these (complete) params."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def params_model(adapter: type[Adapter]) -> type[AdapterParams] | None:
+    """The adapter class's `Params` model, None when it declares none (params pass through)."""
+    model = getattr(adapter, "Params", None)
+    return model if isinstance(model, type) and issubclass(model, AdapterParams) else None
+
+
+def check_params(adapter: str, model: type[M], params: Mapping[str, Any]) -> M:
+    """A job's `params` validated by `model`; `AdapterError` naming every bad key otherwise."""
+    try:
+        checked = model.model_validate(dict(params))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"params.{'.'.join(str(p) for p in e['loc'] if p not in ('float', 'int'))}: "
+            + ("unknown parameter" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors(include_url=False)
         )
-
-
-def positive_number(adapter: str, key: str, value: Any, what: str) -> float:
-    """`value` as a finite float > 0 (numbers or numeric strings); `AdapterError` otherwise."""
-    number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
-    if number is None or not math.isfinite(number) or number <= 0:
-        raise AdapterError(f"{adapter}: params.{key} must be {what}, got {value!r}")
-    return number
-
-
-def positive_int(adapter: str, key: str, value: Any, what: str) -> int:
-    """`value` as an int >= 1 (ints, integral floats or digit strings); `AdapterError` otherwise."""
-    number: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
-        number = int(value.strip())
-    if number is None or number < 1:
-        raise AdapterError(f"{adapter}: params.{key} must be {what}, got {value!r}")
-    return number
+        raise AdapterError(f"{adapter}: {problems}") from None
+    if isinstance(checked, AdapterParams):
+        checked.check_job(adapter)
+    return checked
 
 
 def job_symbols(job: JobSpec) -> list[str]:

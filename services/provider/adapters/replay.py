@@ -19,7 +19,6 @@ import asyncio
 import csv
 import gzip
 import math
-import os
 import time
 import zlib
 from bisect import bisect_right
@@ -28,14 +27,16 @@ from dataclasses import dataclass
 from itertools import accumulate, compress
 from operator import itemgetter
 from pathlib import Path
-from typing import IO, Any, ClassVar, cast
+from typing import IO, Any, ClassVar, Literal, cast
+
+from pydantic import Field, field_validator
 
 from services.provider.adapters.base import (
     AdapterError,
+    AdapterParams,
     TickSink,
+    check_params,
     job_symbols,
-    positive_number,
-    reject_unknown_params,
 )
 from shared.contract.control import JobSpec
 from shared.contract.messages import Tick
@@ -93,7 +94,26 @@ class ReplayAdapter:
     """Replays a recorded tick CSV in file order; a bounded source that ends with end_of_stream."""
 
     name: ClassVar[str] = "replay"
-    params: ClassVar[tuple[str, ...]] = ("path", "speed")
+
+    class Params(AdapterParams):
+        """A job's `params`, and `replay.params` of data_providers.yaml (which may omit `path`)."""
+
+        path: str | None = Field(None, description="the recorded .csv or .csv.gz file")
+        speed: Literal["max"] | float = "max"
+
+        @field_validator("speed")
+        @classmethod
+        def _speed_positive(cls, value: str | float) -> str | float:
+            if not isinstance(value, str) and not (value > 0 and math.isfinite(value)):
+                raise ValueError('must be "max" or a number > 0 (1 = recorded pace)')
+            return value
+
+        def check_job(self, adapter: str) -> None:
+            """A job needs the file to replay."""
+            if not self.path:
+                raise AdapterError(
+                    f"{adapter}: params.path is required (the .csv or .csv.gz file to replay)"
+                )
 
     def __init__(
         self,
@@ -104,10 +124,10 @@ class ReplayAdapter:
         chunk_bytes: int = 256 * 1024,
         pacing_quantum_s: float = 0.01,
     ) -> None:
-        params = job.params
-        reject_unknown_params(self.name, params, self.params)
-        self.path = _path_param(params.get("path"))
-        self.speed = _speed_param(params.get("speed", "max"))
+        params = check_params(self.name, self.Params, job.params)
+        assert params.path  # check_job
+        self.path = _path_param(params.path)
+        self.speed: float | None = None if params.speed == "max" else float(params.speed)
         symbols = job_symbols(job)
         self.symbols_filter: frozenset[str] | None = frozenset(symbols) if symbols else None
         self._job_symbols = symbols
@@ -467,28 +487,13 @@ class ReplayAdapter:
 # Params and header
 
 
-def _path_param(value: Any) -> Path:
-    if value is None:
-        raise AdapterError("replay: params.path is required (the .csv or .csv.gz file to replay)")
-    if not isinstance(value, str | os.PathLike) or not str(value).strip():
-        raise AdapterError(f"replay: params.path must be a file path string, got {value!r}")
+def _path_param(value: str) -> Path:
     path = Path(value).expanduser()
     if not path.exists():
-        raise AdapterError(f"replay: params.path {str(value)!r} does not exist")
+        raise AdapterError(f"replay: params.path {value!r} does not exist")
     if not path.is_file():
-        raise AdapterError(f"replay: params.path {str(value)!r} is not a regular file")
+        raise AdapterError(f"replay: params.path {value!r} is not a regular file")
     return path
-
-
-def _speed_param(value: Any) -> float | None:
-    if isinstance(value, str) and value.strip().lower() == "max":
-        return None
-    return positive_number(
-        "replay",
-        "speed",
-        value,
-        '"max" or a positive number (1 = recorded pace, 10 = ten times faster)',
-    )
 
 
 def _open(path: Path, gzipped: bool) -> IO[bytes]:

@@ -16,13 +16,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
+from pydantic import Field
+
 from services.provider.adapters.base import (
     AdapterError,
+    AdapterParams,
     TickSink,
+    check_params,
     job_symbols,
-    positive_int,
-    positive_number,
-    reject_unknown_params,
 )
 from shared.contract.control import JobSpec
 from shared.contract.messages import Tick
@@ -30,6 +31,8 @@ from shared.contract.messages import Tick
 DEFAULT_RATE = 100.0
 DEFAULT_SEED = 1
 DEFAULT_START_PRICE = 100.0
+MIN_START_PRICE = 0.02
+"""Two cents: a bid of at least one cent always fits below the price."""
 MAX_RATE = 1_000_000.0
 """Ticks per second per symbol; more than this is a typo, not a load test."""
 
@@ -106,7 +109,16 @@ class SyntheticAdapter:
     """Live random-walk trades with quotes for `job.symbols` at `rate` ticks/s per symbol."""
 
     name: ClassVar[str] = "synthetic"
-    params: ClassVar[tuple[str, ...]] = ("rate", "seed", "start_price", "max_ticks")
+
+    class Params(AdapterParams):
+        """A job's `params`, and `synthetic.params` of data_providers.yaml (None: the default)."""
+
+        rate: float | None = Field(
+            DEFAULT_RATE, gt=0, le=MAX_RATE, allow_inf_nan=False, description="ticks/s per symbol"
+        )
+        seed: int | None = DEFAULT_SEED
+        start_price: float | None = Field(None, ge=MIN_START_PRICE, allow_inf_nan=False)
+        max_ticks: int | None = Field(None, ge=1, description="per symbol, then end of stream")
 
     def __init__(
         self,
@@ -117,42 +129,14 @@ class SyntheticAdapter:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         step_s: float = STEP_S,
     ) -> None:
-        params = job.params
-        reject_unknown_params(self.name, params, self.params)
+        params = check_params(self.name, self.Params, job.params)
         self.symbols = job_symbols(job)
         if not self.symbols:
             raise AdapterError("synthetic: job.symbols is empty; name at least one symbol")
-        self.rate = positive_number(
-            self.name,
-            "rate",
-            params.get("rate", DEFAULT_RATE),
-            "a positive number of ticks per second per symbol",
-        )
-        if self.rate > MAX_RATE:
-            raise AdapterError(
-                f"synthetic: params.rate must be at most {MAX_RATE:g} ticks per second per "
-                f"symbol, got {params['rate']!r}"
-            )
-        self.seed = _int_param(params.get("seed", DEFAULT_SEED))
-        self.start_price = positive_number(
-            self.name,
-            "start_price",
-            params.get("start_price", DEFAULT_START_PRICE),
-            "a positive price",
-        )
-        if self.start_price < 0.02:
-            shown = params["start_price"]
-            raise AdapterError(
-                f"synthetic: params.start_price must be at least 0.02, got {shown!r}"
-            )
-        max_ticks = params.get("max_ticks")
-        self.max_ticks: int | None = (
-            None
-            if max_ticks is None
-            else positive_int(
-                self.name, "max_ticks", max_ticks, "a positive whole number of ticks per symbol"
-            )
-        )
+        self.rate = DEFAULT_RATE if params.rate is None else params.rate
+        self.seed = DEFAULT_SEED if params.seed is None else params.seed
+        self.start_price = DEFAULT_START_PRICE if params.start_price is None else params.start_price
+        self.max_ticks = params.max_ticks
         self._clock = clock
         self._wall_ns = wall_ns
         self._sleep = sleep
@@ -227,18 +211,6 @@ class SyntheticAdapter:
             # point, whose numbering continues where the last run stopped.
             walk = _Walk(self.seed, f"{symbol}@{resume}", self.start_price, self.rate)
         return walk, resume
-
-
-def _int_param(value: Any) -> int:
-    """The seed: an int, or a string of one (from a command line or a YAML file)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise AdapterError(f"synthetic: params.seed must be an integer, got {value!r}")
 
 
 def _spread(after: int, until: int, count: int) -> list[int]:
