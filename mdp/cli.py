@@ -208,13 +208,15 @@ def summarize(verb: str, reply: dict[str, Any]) -> list[str]:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """`mdp config check`: validate both files; print where they came from, or every problem."""
+    from services.provider.adapters.base import load_adapters, params_models
     from shared.config import ConfigError, find_config_dir, load_config
 
     env = dict(os.environ)
     if args.config_dir is not None:
         env["MDP_CONFIG_DIR"] = str(args.config_dir)
     try:
-        config = load_config(find_config_dir(env, Path.cwd()), env)
+        models = params_models(load_adapters())
+        config = load_config(find_config_dir(env, Path.cwd()), env, models)
     except ConfigError as exc:
         print(f"mdp: {exc.message}", file=sys.stderr)
         return 1

@@ -13,8 +13,9 @@ Environment overrides follow the YAML path, `__` between keys, upper case, value
     MDP_PROVIDERS__SYNTHETIC__SYMBOLS='[AAPL, MSFT]' data_providers.yaml: synthetic.symbols
     MDP_PROVIDERS__SYNTHETIC__PARAMS__RATE=500       data_providers.yaml: synthetic.params.rate
 
-The `params:` of `synthetic` and `replay` are those adapters' own models (`SyntheticAdapter.Params`,
-`ReplayAdapter.Params`), the very ones that check a job's params in control and in the adapter.
+A provider's `params:` are checked by its adapter's own `Params` model (`SyntheticAdapter.Params`,
+`ReplayAdapter.Params`), the very one that checks a job's params in control and in the adapter:
+the caller passes those models in (`params_models`), so this module needs no adapter.
 
 Settings of one process that do not belong in a shared file (ports, bearer tokens, timeouts) are
 sections of `shared.settings.Settings` (`MDP_CONTROL__*`, `MDP_STORE__*`).
@@ -38,8 +39,6 @@ from pydantic import (
     field_validator,
 )
 
-from services.provider.adapters.replay import ReplayAdapter
-from services.provider.adapters.synthetic import SyntheticAdapter
 from shared.contract.messages import interval_ns
 from shared.contract.names import escape_symbol
 
@@ -104,16 +103,16 @@ class _ProviderBase(_Model):
 
 
 class SyntheticProvider(_ProviderBase):
-    """`synthetic:` in data_providers.yaml; `params` is the adapter's own model."""
+    """`synthetic:` in data_providers.yaml; `params` are checked by the adapter's model."""
 
-    params: SyntheticAdapter.Params = SyntheticAdapter.Params()
+    params: dict[str, Any] = {"rate": 100.0, "seed": 1}
 
 
 class ReplayProvider(_ProviderBase):
     """`replay:` in data_providers.yaml; its symbols default to every symbol of the file."""
 
     symbols_from_source: bool = True
-    params: ReplayAdapter.Params = ReplayAdapter.Params()
+    params: dict[str, Any] = {}
 
 
 class IbkrProvider(_ProviderBase):
@@ -352,8 +351,15 @@ def find_config_dir(env: Mapping[str, str], cwd: Path) -> Path | None:
     return None
 
 
-def load_config(config_dir: Path | None, env: Mapping[str, str] | None = None) -> Config:
-    """Read, override and validate both files; raise `ConfigError` listing every problem."""
+def load_config(
+    config_dir: Path | None,
+    env: Mapping[str, str] | None = None,
+    params_models: Mapping[str, type[BaseModel]] | None = None,
+) -> Config:
+    """Read, override and validate both files; raise `ConfigError` listing every problem.
+
+    `params_models` check each named provider's `params:` (the adapters' own models).
+    """
     env = os.environ if env is None else env
     problems: list[str] = []
     sources: dict[str, str] = {}
@@ -380,6 +386,11 @@ def load_config(config_dir: Path | None, env: Mapping[str, str] | None = None) -
             models[filename] = model.model_validate(data)
         except ValidationError as exc:
             problems.extend(_explain(exc, source, overrides, model))
+            continue
+        if filename == PROVIDERS_FILE:
+            checked = _check_params(models[filename], params_models or {}, source, overrides)
+            models[filename], params_problems = checked
+            problems.extend(params_problems)
     if problems:
         raise ConfigError(problems)
     config = Config(
@@ -394,10 +405,42 @@ def load_config(config_dir: Path | None, env: Mapping[str, str] | None = None) -
     return config
 
 
-def load_from_environment(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Config:
+def _check_params(
+    providers: BaseModel,
+    models: Mapping[str, type[BaseModel]],
+    source: str,
+    overrides: Mapping[tuple[str, ...], tuple[str, Any]],
+) -> tuple[BaseModel, list[str]]:
+    """Each provider's `params:` validated by its adapter's model, blamed like any key.
+
+    The built-in sections then hold the params as the model reads them, defaults filled in.
+    """
+    assert isinstance(providers, DataProviders)
+    problems: list[str] = []
+    normalised: dict[str, BaseModel] = {}
+    for name, section in providers.providers.items():
+        model = models.get(name)
+        if model is None or not isinstance(section.params, dict):
+            continue
+        try:
+            checked = model.model_validate(section.params)
+        except ValidationError as exc:
+            problems += _explain(exc, source, overrides, model, prefix=(name, "params"))
+            continue
+        if name in DataProviders.model_fields:
+            params = checked.model_dump(exclude_none=True)
+            normalised[name] = section.model_copy(update={"params": params})
+    return providers.model_copy(update=normalised), problems
+
+
+def load_from_environment(
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    params_models: Mapping[str, type[BaseModel]] | None = None,
+) -> Config:
     """Find the config directory and load it, as a service does at start and on reload."""
     env = os.environ if env is None else env
-    return load_config(find_config_dir(env, cwd or Path.cwd()), env)
+    return load_config(find_config_dir(env, cwd or Path.cwd()), env, params_models)
 
 
 def cross_check(config: Config) -> list[str]:
@@ -513,11 +556,13 @@ def _explain(
     source: str,
     overrides: Mapping[tuple[str, ...], tuple[str, Any]],
     model: type[BaseModel],
+    prefix: tuple[str, ...] = (),
 ) -> list[str]:
-    """Turn pydantic errors into `<source>: <key path>: <problem>` lines."""
+    """Turn pydantic errors into `<source>: <key path>: <problem>` lines (`model` at `prefix`)."""
     lines = []
     for error in exc.errors(include_url=False):
-        loc = _clean_loc(error["loc"])
+        inner = _clean_loc(error["loc"])
+        loc = prefix + inner
         blamed = source
         for keys, (name, _value) in overrides.items():
             if tuple(str(p) for p in loc[: len(keys)]) == keys:
@@ -526,7 +571,7 @@ def _explain(
         path = _dotted(loc) or "(top level)"
         problem = _problem(error)
         if error["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc[:-1])
+            allowed = _allowed_keys(model, inner[:-1])
             if allowed:
                 problem += f" (allowed: {', '.join(allowed)})"
         lines.append(f"{blamed}: {path}: {problem}")

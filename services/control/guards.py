@@ -24,8 +24,9 @@ from services.provider.adapters.base import (
     check_params,
     load_adapters,
     params_model,
+    params_models,
 )
-from shared.config import DEFAULT_SYMBOL_PATTERN, Config, ProviderConfig
+from shared.config import DEFAULT_SYMBOL_PATTERN, Config, ProviderConfig, load_from_environment
 from shared.contract.control import JobSpec, StartRequest, StopRequest
 from shared.contract.names import escape_symbol
 from shared.contract.records import ProviderState
@@ -119,6 +120,11 @@ def check_symbols(symbols: list[str], pattern: str = DEFAULT_SYMBOL_PATTERN) -> 
 def _adapters() -> dict[str, type[Adapter]]:
     """The adapter registry, loaded once per process."""
     return load_adapters()
+
+
+def load_checked_config() -> Config:
+    """The config files, each provider's params checked by its adapter's model."""
+    return load_from_environment(params_models=params_models(_adapters()))
 
 
 def job_params(

@@ -30,6 +30,7 @@ from services.control.guards import (
     expired,
     is_live,
     job_state,
+    load_checked_config,
     next_deadline,
     parse_start,
     parse_stop,
@@ -37,7 +38,7 @@ from services.control.guards import (
 from services.control.http import ControlHttp
 from shared.bus.kv import follow, kv_keys
 from shared.bus.publisher import publish_event
-from shared.config import Config, ConfigError, EffectivePolicy, load_from_environment
+from shared.config import Config, ConfigError, EffectivePolicy
 from shared.contract import names
 from shared.contract.control import JobSpec
 from shared.contract.events import (
@@ -97,7 +98,7 @@ class ControlService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # Validated before connecting: a bad file is a clean exit with its message, no traceback.
-        self.config: Config = load_or_exit(load_from_environment)
+        self.config: Config = load_or_exit(load_checked_config)
         self.http_settings = settings.control
         self.policy_revision = 0
         self.lock = asyncio.Lock()
@@ -315,7 +316,7 @@ class ControlService:
         """Re-read both files; an invalid one is refused and the running config kept."""
         del body
         try:
-            config = await asyncio.to_thread(load_from_environment)
+            config = await asyncio.to_thread(load_checked_config)
         except ConfigError as exc:
             self.ctx.log.error("reload_refused", problems=exc.problems)
             await self._event(Failed(time.time_ns(), exc.message, stage="reload"))

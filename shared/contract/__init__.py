@@ -3,7 +3,7 @@
 - `names`: every subject, header, stream, KV bucket and key, and message-id builder;
 - `messages`: market data (`Tick`, `TickBatch`, `Bar`, `BarBatch`, `EndOfStream`, dead letters);
 - `events`: the `ingest.events.*` union and its one decoder;
-- `control`: control requests, the desired jobs (`JobSpec`) and the effective `Policy`;
+- `control`: control requests and replies, the desired jobs (`JobSpec`);
 - `records`: what else lives in KV (provider states, stop records, URLs, leases);
 - `streams`: stream and bucket definitions built from `names`;
 - `codec`: encoding by `Content-Type` (JSON, msgpack).

@@ -8,19 +8,26 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.provider.adapters.replay import ReplayAdapter
+from services.provider.adapters.base import load_adapters, params_models
 from services.provider.adapters.synthetic import SyntheticAdapter
+from shared import config as config_module
 from shared.config import (
     POLICY_FILE,
     PROVIDERS_FILE,
+    Config,
     ConfigError,
     EffectivePolicy,
     find_config_dir,
-    load_config,
 )
 from shared.settings import Settings
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# As control loads them: each provider's params checked by its adapter's own model.
+PARAMS_MODELS = params_models(load_adapters())
+
+
+def load_config(config_dir: Path | None, env: dict[str, str] | None = None) -> Config:
+    return config_module.load_config(config_dir, env, PARAMS_MODELS)
 
 
 def write(directory: Path, name: str, text: str) -> Path:
@@ -226,10 +233,9 @@ def test_environment_overrides_nested_keys_with_yaml_values(tmp_path: Path) -> N
     assert config.policy.write_path.max_runtime_seconds == 90
     synthetic = config.providers.providers["synthetic"]
     assert synthetic.symbols == ["IBM", "BRK.B"]
-    assert synthetic.params.rate == 500  # type: ignore[union-attr]
-    # The section's params are the adapter's own model: one definition, one set of rules.
-    assert type(synthetic.params) is SyntheticAdapter.Params
-    assert type(config.providers.providers["replay"].params) is ReplayAdapter.Params
+    assert synthetic.params == {"rate": 500, "seed": 1}
+    # The section's params are checked by the adapter's own model: one set of rules.
+    assert PARAMS_MODELS["synthetic"] is SyntheticAdapter.Params
     assert config.providers.source_order("BTC/USD") == ["synthetic"]
     assert config.providers.source_order("AAPL") == ["ibkr", "replay", "synthetic"]
 

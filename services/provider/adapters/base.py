@@ -158,6 +158,12 @@ def params_model(adapter: type[Adapter]) -> type[AdapterParams] | None:
     return model if isinstance(model, type) and issubclass(model, AdapterParams) else None
 
 
+def params_models(adapters: Mapping[str, type[Adapter]]) -> dict[str, type[AdapterParams]]:
+    """Every adapter's `Params` by adapter name (for checking the providers file)."""
+    found = {name: params_model(cls) for name, cls in adapters.items()}
+    return {name: model for name, model in found.items() if model is not None}
+
+
 def check_params(adapter: str, model: type[M], params: Mapping[str, Any]) -> M:
     """A job's `params` validated by `model`; `AdapterError` naming every bad key otherwise."""
     try:
