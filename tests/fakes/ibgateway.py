@@ -288,6 +288,7 @@ class FakeGateway:
         self._reopen: asyncio.TimerHandle | None = None
         self._ids_in_use: set[int] = set()
         self._state: dict[int, dict[str, float]] = {}
+        self._unanswered: set[int] = set()
 
     # lifecycle
 
@@ -431,6 +432,22 @@ class FakeGateway:
         self._reopen = None
         if self._server is None:
             self._server = await asyncio.start_server(self._handle, self.host, self.port)
+
+    @property
+    def listening(self) -> bool:
+        """Whether the gateway listens for new clients (see ``refuse_connections``)."""
+        return self._server is not None and self._refuse_mode is None
+
+    def leave_unanswered(self, *msg_ids: int) -> None:
+        """Record but never answer requests of these message ids (e.g. 9, contract details)."""
+        self._unanswered.update(msg_ids)
+
+    def answer_again(self, *msg_ids: int) -> None:
+        """Undo ``leave_unanswered`` for these message ids (all of them when none are given)."""
+        if msg_ids:
+            self._unanswered.difference_update(msg_ids)
+        else:
+            self._unanswered.clear()
 
     def client_id_in_use(self, client_id: int) -> None:
         """Answer startApi for this client id with error 326 and close, as the gateway does."""
@@ -702,6 +719,9 @@ class FakeGateway:
             msg_id = int(fields[0])
             if not conn.ready and msg_id != START_API:
                 log.info("fake gateway: ignoring request %d before startApi", msg_id)
+                continue
+            if msg_id in self._unanswered:
+                log.info("fake gateway: leaving request %d unanswered", msg_id)
                 continue
             handler = self._handlers.get(msg_id)
             if handler is None:

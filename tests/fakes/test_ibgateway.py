@@ -198,13 +198,14 @@ async def test_tick_by_tick_all_last_and_bid_ask(gw: FakeGateway, connect: Conne
 async def test_drop_connections_then_reconnect(gw: FakeGateway, connect: Connect) -> None:
     ib = await connect(client_id=5)
     (aapl,) = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"))
-    ib.reqMktData(aapl)
+    old = ib.reqMktData(aapl)
     await subscribed(gw, 5)
     dropped = asyncio.Event()
     ib.disconnectedEvent += dropped.set
     assert gw.drop_connections() == 1
     await asyncio.wait_for(dropped.wait(), 5)
     assert not ib.isConnected()
+    assert ib.tickers() == []  # ib_async forgets every Ticker on a disconnect
     with pytest.raises(ConnectionError):
         ib.reqMktData(aapl)  # no reqId without a connection
     await ib.connectAsync("127.0.0.1", gw.port, clientId=5, timeout=5)
@@ -216,6 +217,24 @@ async def test_drop_connections_then_reconnect(gw: FakeGateway, connect: Connect
     await subscribed(gw, 5)
     await gw.send_tick("AAPL", price=191.0, size=1)
     await until(lambda: ticker.last == 191.0, what="tick after reconnect")
+    assert ticker is not old and old.last != 191.0  # a new Ticker object
+
+
+async def test_pending_request_fails_on_drop(gw: FakeGateway, connect: Connect) -> None:
+    ib = await connect()
+    gw.leave_unanswered(9)
+    ib.RequestTimeout = 0.2
+    pending = asyncio.ensure_future(ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD")))
+    await until(lambda: gw.messages(msg_id=9), what="the request")
+    # RequestTimeout bounds only the blocking methods; an *Async call waits forever
+    done, _ = await asyncio.wait([pending], timeout=0.5)
+    assert not done
+    gw.drop_connections()
+    with pytest.raises(ConnectionError, match="Socket disconnect"):
+        await asyncio.wait_for(pending, 5)
+    gw.answer_again()
+    await ib.connectAsync("127.0.0.1", gw.port, clientId=1, timeout=5)
+    assert await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD")) != [None]
 
 
 async def test_client_id_in_use_fails_connect_while_another_id_connects(
@@ -375,7 +394,8 @@ async def test_refuse_connections(gw: FakeGateway) -> None:
     with pytest.raises(TimeoutError):
         await ib.connectAsync("127.0.0.1", gw.port, clientId=1, timeout=0.5)
     gw.refuse_connections(seconds=0.3)
-    await until(lambda: gw._server is not None, what="listening again")
+    assert not gw.listening
+    await until(lambda: gw.listening, what="listening again")
     await ib.connectAsync("127.0.0.1", gw.port, clientId=1, timeout=5)
     assert ib.isConnected()
     ib.disconnect()
