@@ -243,11 +243,16 @@ async def test_client_id_in_use_fails_connect_while_another_id_connects(
     gw.client_id_in_use(7)
     ib = IB()
     errors = record_errors(ib)
+    api_errors: list[str] = []
+    ib.client.apiError += api_errors.append
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         await ib.connectAsync("127.0.0.1", gw.port, clientId=7, timeout=1)
     assert time.monotonic() - started >= 0.9  # only the timeout ends it
+    # the 326 and the closed socket are seen at once, but connect() waits for its timeout
+    # (with timeout=None it never returns): an adapter should watch errorEvent for 326
     assert (-1, 326) in {(r, c) for r, c, _m, _ct in errors}
+    assert "Peer closed connection. clientId 7 already in use?" in api_errors
     assert not ib.isConnected()
     other = await connect(client_id=8)
     assert other.isConnected() and gw.client_ids == [8]
@@ -438,3 +443,36 @@ async def test_ticker_is_keyed_by_contract(gw: FakeGateway, connect: Connect) ->
     t2 = ib2.reqMktData(aapl)
     await until(lambda: t2.bid == 10.0, what="state replayed to the new subscriber")
     assert ticker.bid == 10.0
+
+
+async def test_snapshot_gets_the_last_values_and_ends(gw: FakeGateway, connect: Connect) -> None:
+    ib = await connect()
+    (msft,) = await ib.qualifyContractsAsync(Stock("MSFT", "SMART", "USD"))
+    assert msft is not None
+    await gw.send_tick("MSFT", bid=420.1, bid_size=5, ask=420.2, ask_size=6, price=420.15, size=1)
+    (ticker,) = await asyncio.wait_for(ib.reqTickersAsync(msft), 5)
+    assert (ticker.bid, ticker.ask, ticker.last) == (420.1, 420.2, 420.15)
+    assert gw.subscriptions == {1: []}  # a snapshot is no subscription
+
+
+async def test_subscription_caps() -> None:
+    async with FakeGateway(max_tickers=1, max_tick_by_tick=1) as gateway:
+        ib = IB()
+        errors = record_errors(ib)
+        await ib.connectAsync("127.0.0.1", gateway.port, clientId=1, timeout=5)
+        try:
+            aapl, msft = await ib.qualifyContractsAsync(
+                Stock("AAPL", "SMART", "USD"), Stock("MSFT")
+            )
+            assert aapl is not None and msft is not None
+            ib.reqMktData(aapl)
+            ib.reqMktData(msft)
+            ib.reqTickByTickData(aapl, "AllLast")
+            ib.reqTickByTickData(msft, "BidAsk")
+            await until(lambda: {101, 10190} <= {code for _r, code, _m, _c in errors})
+            assert {(s.kind, s.key) for s in gateway.subscriptions[1]} == {
+                ("mktdata", "AAPL"),
+                ("tbt", "AAPL"),
+            }
+        finally:
+            ib.disconnect()
