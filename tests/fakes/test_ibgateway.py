@@ -14,7 +14,7 @@ import pytest
 from tests.fakes.ibgateway import SERVER_VERSION, FakeGateway
 
 ib_async = pytest.importorskip("ib_async")
-from ib_async import IB, Forex, Future, Index, Stock, Ticker  # noqa: E402
+from ib_async import IB, Contract, Forex, Future, Index, Stock, Ticker  # noqa: E402
 
 ErrorLog = list[tuple[int, int, str, Any]]
 Connect = Callable[..., Awaitable[IB]]
@@ -36,6 +36,13 @@ def record_errors(ib: IB) -> ErrorLog:
         (req_id, code, msg, contract)
     )
     return errors
+
+
+async def qualified(ib: IB, *contracts: Contract) -> list[Contract]:
+    """Qualify contracts that the fake knows, failing on any that does not qualify."""
+    result = await ib.qualifyContractsAsync(*contracts)
+    assert all(isinstance(c, Contract) for c in result), result
+    return [c for c in result if isinstance(c, Contract)]
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +137,7 @@ async def test_unknown_symbol_is_error_200_and_the_others_qualify(
 
 async def test_market_data_ticks_fill_the_ticker(gw: FakeGateway, connect: Connect) -> None:
     ib = await connect()
-    (aapl,) = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"))
+    (aapl,) = await qualified(ib, Stock("AAPL", "SMART", "USD"))
     ticker = ib.reqMktData(aapl)
     await subscribed(gw, 1)
     await until(lambda: ticker.marketDataType == 1, what="marketDataType")
@@ -153,10 +160,10 @@ async def test_market_data_ticks_fill_the_ticker(gw: FakeGateway, connect: Conne
 
 async def test_fx_future_and_index_ticks(gw: FakeGateway, connect: Connect) -> None:
     ib = await connect()
-    contracts = await ib.qualifyContractsAsync(
-        Forex("EURUSD"), Future("ES", "202412", "CME"), Index("SPX", "CBOE")
+    contracts = await qualified(
+        ib, Forex("EURUSD"), Future("ES", "202412", "CME"), Index("SPX", "CBOE")
     )
-    fx, es, spx = (ib.reqMktData(c) for c in contracts if c is not None)
+    fx, es, spx = (ib.reqMktData(c) for c in contracts)
     await subscribed(gw, 1, 3)
     await gw.send_tick("EUR.USD", bid=1.08515, ask=1.0852, bid_size=1e6, ask_size=2e6)
     await gw.send_tick("ES", price=6010.25, size=3)
@@ -168,8 +175,7 @@ async def test_fx_future_and_index_ticks(gw: FakeGateway, connect: Connect) -> N
 
 async def test_tick_by_tick_all_last_and_bid_ask(gw: FakeGateway, connect: Connect) -> None:
     ib = await connect()
-    aapl, msft = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"), Stock("MSFT"))
-    assert aapl is not None and msft is not None
+    aapl, msft = await qualified(ib, Stock("AAPL", "SMART", "USD"), Stock("MSFT"))
     trades, quotes = ib.reqTickByTickData(aapl, "AllLast"), ib.reqTickByTickData(msft, "BidAsk")
     seen: list[Any] = []
     for ticker in (trades, quotes):
@@ -197,7 +203,7 @@ async def test_tick_by_tick_all_last_and_bid_ask(gw: FakeGateway, connect: Conne
 
 async def test_drop_connections_then_reconnect(gw: FakeGateway, connect: Connect) -> None:
     ib = await connect(client_id=5)
-    (aapl,) = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"))
+    (aapl,) = await qualified(ib, Stock("AAPL", "SMART", "USD"))
     old = ib.reqMktData(aapl)
     await subscribed(gw, 5)
     dropped = asyncio.Event()
@@ -267,7 +273,7 @@ async def test_10182_arrives_with_the_subscription_req_id(
 ) -> None:
     ib = await connect()
     errors = record_errors(ib)
-    (aapl,) = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"))
+    (aapl,) = await qualified(ib, Stock("AAPL", "SMART", "USD"))
     ticker = ib.reqMktData(aapl)
     await subscribed(gw, 1)
     (sub,) = gw.subscriptions[1]
@@ -298,7 +304,7 @@ async def test_1100_stops_data_and_1101_drops_subscriptions(
     gw: FakeGateway, connect: Connect
 ) -> None:
     ib = await connect()
-    (aapl,) = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"))
+    (aapl,) = await qualified(ib, Stock("AAPL", "SMART", "USD"))
     ticker = ib.reqMktData(aapl)
     await subscribed(gw, 1)
     await gw.send_error(1100, "Connectivity between IB and Trader Workstation has been lost.")
@@ -312,8 +318,7 @@ async def test_1100_stops_data_and_1101_drops_subscriptions(
 
 async def test_silence_and_stop_ticks_keep_the_socket_up(gw: FakeGateway, connect: Connect) -> None:
     ib = await connect()
-    aapl, msft = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"), Stock("MSFT"))
-    assert aapl is not None and msft is not None
+    aapl, msft = await qualified(ib, Stock("AAPL", "SMART", "USD"), Stock("MSFT"))
     ta, tm = ib.reqMktData(aapl), ib.reqMktData(msft)
     await subscribed(gw, 1, 2)
     gw.silence("AAPL")
@@ -333,8 +338,7 @@ async def test_silence_and_stop_ticks_keep_the_socket_up(gw: FakeGateway, connec
 async def test_delayed_market_data(gw: FakeGateway, connect: Connect) -> None:
     ib = await connect()
     errors = record_errors(ib)
-    aapl, msft = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"), Stock("MSFT"))
-    assert aapl is not None and msft is not None
+    aapl, msft = await qualified(ib, Stock("AAPL", "SMART", "USD"), Stock("MSFT"))
     live = ib.reqMktData(msft)
     await subscribed(gw, 1)
     await until(lambda: live.marketDataType == 1)
@@ -433,7 +437,7 @@ async def test_survives_broken_clients(gw: FakeGateway, connect: Connect) -> Non
 
 async def test_ticker_is_keyed_by_contract(gw: FakeGateway, connect: Connect) -> None:
     ib = await connect()
-    (aapl,) = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"))
+    (aapl,) = await qualified(ib, Stock("AAPL", "SMART", "USD"))
     ticker = ib.reqMktData(aapl)
     assert isinstance(ticker, Ticker)
     await subscribed(gw, 1)
@@ -447,8 +451,7 @@ async def test_ticker_is_keyed_by_contract(gw: FakeGateway, connect: Connect) ->
 
 async def test_snapshot_gets_the_last_values_and_ends(gw: FakeGateway, connect: Connect) -> None:
     ib = await connect()
-    (msft,) = await ib.qualifyContractsAsync(Stock("MSFT", "SMART", "USD"))
-    assert msft is not None
+    (msft,) = await qualified(ib, Stock("MSFT", "SMART", "USD"))
     await gw.send_tick("MSFT", bid=420.1, bid_size=5, ask=420.2, ask_size=6, price=420.15, size=1)
     (ticker,) = await asyncio.wait_for(ib.reqTickersAsync(msft), 5)
     assert (ticker.bid, ticker.ask, ticker.last) == (420.1, 420.2, 420.15)
@@ -461,10 +464,7 @@ async def test_subscription_caps() -> None:
         errors = record_errors(ib)
         await ib.connectAsync("127.0.0.1", gateway.port, clientId=1, timeout=5)
         try:
-            aapl, msft = await ib.qualifyContractsAsync(
-                Stock("AAPL", "SMART", "USD"), Stock("MSFT")
-            )
-            assert aapl is not None and msft is not None
+            aapl, msft = await qualified(ib, Stock("AAPL", "SMART", "USD"), Stock("MSFT"))
             ib.reqMktData(aapl)
             ib.reqMktData(msft)
             ib.reqTickByTickData(aapl, "AllLast")
