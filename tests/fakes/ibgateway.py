@@ -893,9 +893,7 @@ class FakeGateway:
         if contract is None or self._rejects(contract):
             self._send_error(conn, req_id, 200, MSG_NO_SECDEF)
             return
-        rest = fields[15:]
-        if contract.sec_type == "BAG":  # pragma: no cover - the fake knows no combos
-            return
+        rest = fields[15:]  # the fake knows no combos (BAG), so no leg fields follow
         if rest and rest[0] == "1":  # delta-neutral contract: three more fields
             rest = rest[3:]
         generic, snapshot = rest[1], rest[2] == "1"
