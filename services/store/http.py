@@ -26,8 +26,9 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from services.store.writers import InvalidBarError, StoreError
-from shared.contract.codec import CONTENT_TYPE, JSON, MSGPACK, Codec, DecodeError
+from shared.contract.codec import JSON, MSGPACK, Codec, DecodeError
 from shared.contract.messages import Bar, BarBatch
+from shared.contract.names import CONTENT_TYPE
 from shared.http import serve_app
 from shared.settings import StoreSettings
 

@@ -17,9 +17,9 @@ from aiohttp import web
 
 from services.store.writers import read_bars
 from shared.config import EffectivePolicy, StoreSyncConfig
-from shared.contract.codec import CONTENT_TYPE, JSON, MSGPACK
+from shared.contract.codec import JSON, MSGPACK
 from shared.contract.messages import Bar, BarBatch, EndOfStream
-from shared.contract.names import END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY
+from shared.contract.names import CONTENT_TYPE, END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY
 from shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 from tests.conftest_control import (  # noqa: F401 (fixtures)

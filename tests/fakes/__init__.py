@@ -1,0 +1,1 @@
+"""Test doubles of outside systems (an IB gateway speaking the TWS API); never for production."""
