@@ -11,67 +11,30 @@ wants `Authorization: Bearer <token>` and answers 401 without it.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
-from shared.http import serve_app
+from shared.http import HttpServer, bearer_ok, json_response, unauthorized
 from shared.settings import ControlSettings
 
 Dispatch = Callable[[str, bytes], Awaitable[tuple[int, dict[str, Any]]]]
 
-MAX_BODY = 1024 * 1024
 
-
-def bearer_ok(header: str | None, token: str) -> bool:
-    """Whether an `Authorization` header carries `token` (always true without a token)."""
-    if not token:
-        return True
-    scheme, _, value = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), token)
-
-
-def unauthorized() -> web.Response:
-    """401 with the control reply shape, so clients parse every failure the same way."""
-    return web.json_response(
-        {"ok": False, "error": {"code": "unauthorized", "message": "a bearer token is required"}},
-        status=401,
-        headers={"WWW-Authenticate": 'Bearer realm="mdp-control"'},
-    )
-
-
-class ControlHttp:
+class ControlHttp(HttpServer):
     """An aiohttp server in the control process, calling the same dispatch as NATS."""
 
-    def __init__(self, dispatch: Dispatch, settings: ControlSettings, log: Any) -> None:
+    def __init__(self, dispatch: Dispatch, settings: ControlSettings) -> None:
+        super().__init__(settings.http_host, settings.http_port)
         self.dispatch = dispatch
-        self.settings = settings
-        self.log = log
-        self.runner: web.AppRunner | None = None
-        self.url = ""
+        self.token = settings.http_token
 
-    def app(self) -> web.Application:
-        """The routes."""
-        app = web.Application(client_max_size=MAX_BODY)
+    def routes(self, app: web.Application) -> None:
+        """The facade's routes."""
         app.router.add_get("/runtime/ingest/status", self._status)
         app.router.add_post("/runtime/ingest/{verb:start|stop|reload}", self._post)
         app.router.add_get("/healthz", self._health)
-        return app
-
-    async def start(self) -> str:
-        """Listen; return the base URL (the real port when 0 was asked for)."""
-        self.runner, self.url = await serve_app(
-            self.app(), self.settings.http_host, self.settings.http_port
-        )
-        return self.url
-
-    async def stop(self) -> None:
-        """Stop listening."""
-        if self.runner is not None:
-            await self.runner.cleanup()
 
     async def _status(self, request: web.Request) -> web.Response:
         return await self._call(request, "status", b"")
@@ -80,15 +43,12 @@ class ControlHttp:
         return await self._call(request, request.match_info["verb"], None)
 
     async def _call(self, request: web.Request, verb: str, body: bytes | None) -> web.Response:
-        if not bearer_ok(request.headers.get("Authorization"), self.settings.http_token):
-            return unauthorized()
+        if not bearer_ok(request.headers.get("Authorization"), self.token):
+            return unauthorized("mdp-control")
         data = await request.read() if body is None else body
         status, reply = await self.dispatch(verb, data)
-        # The bytes NATS replies with, so both faces answer identically.
-        return web.Response(
-            body=msgspec.json.encode(reply), status=status, content_type="application/json"
-        )
+        return json_response(reply, status)  # the same JSON as on NATS
 
     async def _health(self, request: web.Request) -> web.Response:
         del request
-        return web.json_response({"ok": True})
+        return json_response({"ok": True})

@@ -141,7 +141,7 @@ class ControlService:
         self.handlers = handlers
         for verb in VERBS:
             await ctx.add_endpoint(verb, names.control(verb), functools.partial(self.answer, verb))
-        self.http = ControlHttp(self.dispatch, self.http_settings, ctx.log)
+        self.http = ControlHttp(self.dispatch, self.http_settings)
         url = await self.http.start()
         await self.state_kv.put(names.HTTP_CONTROL_KEY, msgspec.json.encode(ServiceUrl(url)))
         ctx.log.info("http_listening", url=url)

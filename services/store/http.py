@@ -14,22 +14,20 @@ this process's own API) and reports the outcome; the service acknowledges only a
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
-import msgspec
 from aiohttp import web
 from prometheus_client import Counter, Histogram
+from structlog.typing import FilteringBoundLogger
 
 from services.store.writers import InvalidBarError, StoreError
 from shared.contract.codec import JSON, MSGPACK, Codec, DecodeError
 from shared.contract.messages import Bar, BarBatch
 from shared.contract.names import CONTENT_TYPE
-from shared.http import serve_app
+from shared.http import HttpServer, bearer_ok, error_response, json_response, unauthorized
 from shared.settings import StoreSettings
 
 INGEST_PATH = "/v1/bars"
@@ -52,58 +50,32 @@ PERMANENT = frozenset({400, 404, 405, 410, 413, 415, 422})
 Write = Callable[[list[Bar]], Awaitable[None]]
 
 
-def bearer_ok(header: str | None, token: str) -> bool:
-    """Whether an `Authorization` header carries `token` (always true without a token)."""
-    if not token:
-        return True
-    scheme, _, value = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), token)
-
-
 def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
     API_REQUESTS.labels(str(status)).inc()
-    body = msgspec.json.encode({"ok": False, "error": {"code": code, "message": message}})
-    return web.Response(body=body, status=status, content_type=JSON, headers=headers or None)
+    return error_response(status, code, message, **headers)
 
 
-class IngestApi:
+class IngestApi(HttpServer):
     """`POST /v1/bars` and `GET /v1/health`, served from the store process."""
 
-    def __init__(self, write: Write, settings: StoreSettings, log: Any) -> None:
+    max_body = MAX_BODY
+
+    def __init__(self, write: Write, settings: StoreSettings, log: FilteringBoundLogger) -> None:
+        super().__init__(settings.http_host, settings.http_port)
         self.write = write
-        self.settings = settings
+        self.token = settings.http_token
         self.log = log
         self.codec = Codec(BarBatch)
-        self.runner: web.AppRunner | None = None
-        self.base_url = ""
 
-    def app(self) -> web.Application:
-        """The routes."""
-        app = web.Application(client_max_size=MAX_BODY)
+    def routes(self, app: web.Application) -> None:
+        """The ingest API's routes."""
         app.router.add_post(INGEST_PATH, self._post_bars)
         app.router.add_get("/v1/health", self._health)
-        return app
-
-    async def start(self) -> str:
-        """Listen; return the base URL (the real port when 0 was asked for)."""
-        self.runner, self.base_url = await serve_app(
-            self.app(), self.settings.http_host, self.settings.http_port
-        )
-        return self.base_url
-
-    async def stop(self) -> None:
-        """Stop listening (requests in progress finish first)."""
-        if self.runner is not None:
-            await self.runner.cleanup()
 
     async def _post_bars(self, request: web.Request) -> web.Response:
-        if not bearer_ok(request.headers.get("Authorization"), self.settings.http_token):
-            return _error(
-                401,
-                "unauthorized",
-                "a bearer token is required",
-                **{"WWW-Authenticate": 'Bearer realm="mdp-store"'},
-            )
+        if not bearer_ok(request.headers.get("Authorization"), self.token):
+            API_REQUESTS.labels("401").inc()
+            return unauthorized("mdp-store")
         ctype = request.headers.get(CONTENT_TYPE, JSON)
         if not ctype.startswith((JSON, MSGPACK)):
             return _error(415, "invalid_request", f"Content-Type {ctype!r}: send {JSON}")
@@ -120,12 +92,11 @@ class IngestApi:
             self.log.warning("ingest_api_store_error", batch_id=batch.batch_id, error=str(exc))
             return _error(503, "internal", f"store unavailable: {exc}", **{"Retry-After": "1"})
         API_REQUESTS.labels("200").inc()
-        reply = {"ok": True, "batch_id": batch.batch_id, "rows": len(batch.bars)}
-        return web.Response(body=msgspec.json.encode(reply), content_type=JSON)
+        return json_response({"ok": True, "batch_id": batch.batch_id, "rows": len(batch.bars)})
 
     async def _health(self, request: web.Request) -> web.Response:
         del request
-        return web.Response(body=b'{"ok":true}', content_type=JSON)
+        return json_response({"ok": True})
 
 
 class RetryableForwardError(Exception):

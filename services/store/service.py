@@ -158,7 +158,7 @@ class StoreService:
         """POST every batch of the group; raise (so the group is retried) unless all got 2xx."""
         store_sync = self.policy.store_sync
         own = not store_sync.http_url
-        url = store_sync.http_url or (self.api.base_url + INGEST_PATH if self.api else "")
+        url = store_sync.http_url or (self.api.url + INGEST_PATH if self.api else "")
         # Our own token goes only to our own API; a third-party URL gets the forward token.
         token = self.http_settings.http_token if own else self.http_settings.forward_token
         markers: list[str] = []
