@@ -39,3 +39,19 @@ class SeenSeqs(msgspec.Struct):
         self.floor = floor
         self.above = sorted(above)
         return out, len(ticks) - len(out)
+
+
+def fresh_ticks(
+    sources: dict[str, SeenSeqs], symbol: str, run: str, ticks: list[Tick]
+) -> tuple[list[Tick], int]:
+    """The ticks of `symbol`'s `run` not folded before, and how many were duplicates.
+
+    Without a run (a source that does not number its runs) every tick is fresh; a new run of
+    the symbol starts its record afresh.
+    """
+    if not run:
+        return ticks, 0
+    seen = sources.get(symbol)
+    if seen is None or seen.run != run:
+        seen = sources[symbol] = SeenSeqs(run)
+    return seen.fresh(ticks)
