@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.contract.messages import interval_ns
+from shared.contract.messages import check_intervals, interval_ns
 
 
 class ProviderSettings(BaseModel):
@@ -59,11 +59,7 @@ class AggregatorSettings(BaseModel):
     @field_validator("intervals")
     @classmethod
     def _intervals_parse(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("at least one interval is needed")
-        for interval in value:
-            interval_ns(interval)
-        return sorted(set(value), key=interval_ns)
+        return check_intervals(value)
 
 
 class StreamSettings(BaseModel):

@@ -13,7 +13,7 @@ import functools
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from pydantic import BaseModel
@@ -55,7 +55,10 @@ class ControlError(ServiceError):
         super().__init__(code, message, HTTP_STATUS.get(code, 500))
 
 
-def _decode(body: bytes, typ: type[Any], what: str) -> Any:
+R = TypeVar("R")
+
+
+def _decode(body: bytes, typ: type[R], what: str) -> R:
     try:
         return msgspec.json.decode(body, type=typ)
     except msgspec.ValidationError as exc:

@@ -12,14 +12,13 @@ wants `Authorization: Bearer <token>` and answers 401 without it.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
-from shared.http import HttpServer, bearer_ok, json_response, unauthorized
+from shared.http import JSON, HttpServer, bearer_ok, json_response, unauthorized
 from shared.settings import ControlSettings
 
-Dispatch = Callable[[str, bytes], Awaitable[tuple[int, dict[str, Any]]]]
+Dispatch = Callable[[str, bytes], Awaitable[tuple[int, bytes]]]
 
 
 class ControlHttp(HttpServer):
@@ -47,7 +46,8 @@ class ControlHttp(HttpServer):
             return unauthorized("mdp-control")
         data = await request.read() if body is None else body
         status, reply = await self.dispatch(verb, data)
-        return json_response(reply, status)  # the same JSON as on NATS
+        # The bytes NATS replies with, so both faces answer identically.
+        return web.Response(body=reply, status=status, content_type=JSON)
 
     async def _health(self, request: web.Request) -> web.Response:
         del request

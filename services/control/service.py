@@ -14,9 +14,10 @@ import functools
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import msgspec
+from msgspec import UNSET
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -40,7 +41,19 @@ from shared.bus.kv import follow, kv_keys
 from shared.bus.publisher import publish_event
 from shared.config import Config, ConfigError, EffectivePolicy
 from shared.contract import names
-from shared.contract.control import JobSpec
+from shared.contract.control import (
+    JobSpec,
+    JobStatus,
+    JobView,
+    Limits,
+    ProviderInfo,
+    ProviderReport,
+    ReloadReply,
+    Reply,
+    StartReply,
+    StatusReply,
+    StopReply,
+)
 from shared.contract.events import (
     Event,
     Failed,
@@ -76,17 +89,15 @@ for _reason in SUPPRESSION_REASONS:
 AUTO_STOP_REASON = "auto_duration_reached"
 VERBS = ("start", "stop", "status", "reload")
 
-Handler = Callable[[bytes], Awaitable[dict[str, Any]]]
+Handler = Callable[[bytes], Awaitable[Reply]]
 
 
-def load_or_exit(loader: Callable[[], Any]) -> Any:
+def load_or_exit(loader: Callable[[], Config]) -> Config:
     """Run a configuration loader; on an invalid configuration print why and exit 2."""
     try:
         return loader()
     except ConfigError as exc:
         print(f"mdp control: {exc.message}", file=sys.stderr)
-    except ValidationError as exc:  # the MDP_CONTROL__* environment settings
-        print(f"mdp control: invalid settings: {exc}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -164,18 +175,17 @@ class ControlService:
             error = ControlError("internal", f"{verb} failed: {exc!r}")
             await self._event(Failed(time.time_ns(), error.message, stage=verb))
         else:
-            return msgspec.json.encode({"ok": True, **reply})
+            return msgspec.json.encode(reply)
         INGEST_ERRORS.labels(self._provider_label(body), verb).inc()
         self.ctx.log.info("refused", verb=verb, code=error.code, message=error.message)
         raise error
 
-    async def dispatch(self, verb: str, body: bytes) -> tuple[int, dict[str, Any]]:
-        """`answer` for the HTTP facade: the status and the decoded reply."""
+    async def dispatch(self, verb: str, body: bytes) -> tuple[int, bytes]:
+        """`answer` for the HTTP facade: the status and the same JSON as on NATS."""
         try:
-            reply: dict[str, Any] = msgspec.json.decode(await self.answer(verb, body))
+            return 200, await self.answer(verb, body)
         except ServiceError as exc:
-            return exc.status, msgspec.to_builtins(exc.reply)
-        return 200, reply
+            return exc.status, msgspec.json.encode(exc.reply)
 
     def _provider_label(self, body: bytes) -> str:
         # Only configured names become label values: a client must not mint time series.
@@ -188,7 +198,7 @@ class ControlService:
             return "none"
         return name if name in self.config.providers.providers else "unknown"
 
-    async def start_job(self, body: bytes) -> dict[str, Any]:
+    async def start_job(self, body: bytes) -> StartReply:
         """Validate, apply the guards, write the job, announce it."""
         request = parse_start(body)
         async with self.lock:
@@ -222,21 +232,16 @@ class ControlService:
             )
         )
         self.ctx.log.info("job_started", job=spec.job, run=spec.run, provider=spec.provider)
-        return {"status": "running", "job": _job_view(spec)}
+        return StartReply(job=_job_view(spec))
 
-    async def stop_job(self, body: bytes) -> dict[str, Any]:
+    async def stop_job(self, body: bytes) -> StopReply:
         """Remove the job from the desired state; stopping an idle job is not an error."""
         request = parse_stop(body)
         async with self.lock:
             stopped = await self._stop(request.job, request.reason)
         if stopped is None:
-            return {"status": "idle", "job": request.job}
-        return {
-            "status": "stopped",
-            "job": request.job,
-            "run": stopped.run,
-            "reason": request.reason,
-        }
+            return StopReply(status="idle", job=request.job)
+        return StopReply(status="stopped", job=request.job, run=stopped.run, reason=request.reason)
 
     async def _stop(self, job: str, reason: str, run: str | None = None) -> JobSpec | None:
         """Delete `job` (only run `run` when given); record and announce it. Lock held."""
@@ -260,10 +265,10 @@ class ControlService:
         self.ctx.log.info("job_stopped", job=job, run=spec.run, reason=reason)
         return spec
 
-    async def status(self, body: bytes) -> dict[str, Any]:
+    async def status(self, body: bytes) -> StatusReply:
         """Jobs with their state and counters, the providers, the policy, recent stops."""
         del body
-        jobs = []
+        jobs: list[JobStatus] = []
         now = time.time_ns()
         for key in sorted(await kv_keys(self.ctx.js, names.KV_JOBS)):
             entry = await self._entry(key)
@@ -271,15 +276,20 @@ class ControlService:
                 continue
             spec = entry[0]
             provider_state = await self._provider_state(spec.job)
-            view = _job_view(spec)
-            view["state"] = job_state(spec, provider_state)
-            view["provider_state"] = (
-                _report(provider_state)
-                if provider_state is not None and view["state"] != "pending"
-                else {}
+            state = job_state(spec, provider_state)
+            report = ProviderReport()
+            if provider_state is not None and state != "pending":
+                report = ProviderReport(
+                    provider_state.state,
+                    provider_state.updated_ns,
+                    provider_state.ticks,
+                    UNSET if provider_state.error is None else provider_state.error,
+                )
+            view = JobStatus(
+                **msgspec.structs.asdict(_job_view(spec)), state=state, provider_state=report
             )
             if spec.deadline_ns:
-                view["remaining_s"] = round(max(0, spec.deadline_ns - now) / 1e9, 3)
+                view.remaining_s = round(max(0, spec.deadline_ns - now) / 1e9, 3)
             jobs.append(view)
         stopped: list[StopRecord] = []
         for key in await kv_keys(self.ctx.js, names.KV_STATE, names.STOPPED_PREFIX):
@@ -288,31 +298,23 @@ class ControlService:
                 if entry_value:
                     stopped.append(msgspec.json.decode(entry_value, type=StopRecord))
         stopped.sort(key=lambda record: -record.stopped_ns)
-        running = sum(1 for j in jobs if is_live(j["state"]))
+        running = sum(1 for job in jobs if is_live(job.state))
         providers = {
-            name: {
-                "enabled": p.enabled,
-                "symbols": list(p.symbols),
-                "symbols_from_source": p.symbols_from_source,
-                "circuit": "closed",
-            }
+            name: ProviderInfo(p.enabled, list(p.symbols), p.symbols_from_source, "closed")
             for name, p in sorted(self.config.providers.providers.items())
         }
-        return {
-            "jobs": jobs,
-            "providers": providers,
-            "policy": self.config.policy.model_dump(),
-            "policy_revision": self.policy_revision,
-            "limits": {
-                "running": running,
-                "max_concurrent_jobs": self.config.policy.guards.max_concurrent_jobs,
-            },
-            "stopped": msgspec.to_builtins(stopped[:20]),
-            "config": dict(self.config.sources),
-            "http": self.http.url if self.http is not None else None,
-        }
+        return StatusReply(
+            jobs=jobs,
+            providers=providers,
+            policy=self.config.policy.model_dump(),
+            policy_revision=self.policy_revision,
+            limits=Limits(running, self.config.policy.guards.max_concurrent_jobs),
+            stopped=stopped[:20],
+            config=dict(self.config.sources),
+            http=self.http.url if self.http is not None else None,
+        )
 
-    async def reload(self, body: bytes) -> dict[str, Any]:
+    async def reload(self, body: bytes) -> ReloadReply:
         """Re-read both files; an invalid one is refused and the running config kept."""
         del body
         try:
@@ -332,13 +334,12 @@ class ControlService:
             Reloaded(time.time_ns(), self.policy_revision, enabled, dict(config.sources))
         )
         self.ctx.log.info("reloaded", revision=self.policy_revision)
-        return {
-            "status": "reloaded",
-            "policy_revision": self.policy_revision,
-            "policy": config.policy.model_dump(),
-            "providers": enabled,
-            "config": dict(config.sources),
-        }
+        return ReloadReply(
+            policy_revision=self.policy_revision,
+            policy=config.policy.model_dump(),
+            providers=enabled,
+            config=dict(config.sources),
+        )
 
     # -- background ------------------------------------------------------------------------------
 
@@ -462,18 +463,5 @@ class ControlService:
         await self.ctx.publisher.flush()
 
 
-def _job_view(spec: JobSpec) -> dict[str, Any]:
-    view: dict[str, Any] = msgspec.to_builtins(spec)
-    view.setdefault("dry_run", False)
-    view.setdefault("deadline_ns", 0)
-    view.setdefault("params", {})
-    return view
-
-
-def _report(state: ProviderState) -> dict[str, Any]:
-    """The provider's report as status shows it (without its per-symbol resume positions)."""
-    view: dict[str, Any] = {"state": state.state, "updated_ns": state.updated_ns}
-    view["ticks"] = state.ticks
-    if state.error is not None:
-        view["error"] = state.error
-    return view
+def _job_view(spec: JobSpec) -> JobView:
+    return JobView(**msgspec.structs.asdict(spec))

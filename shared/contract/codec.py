@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import msgspec
 
@@ -42,7 +42,7 @@ _json_enc = msgspec.json.Encoder()
 _msgpack_enc = msgspec.msgpack.Encoder()
 
 
-def encode(obj: Any, content_type: str = JSON) -> bytes:
+def encode(obj: object, content_type: str = JSON) -> bytes:
     """Encode a message in the given wire format."""
     if content_type == MSGPACK:
         return _msgpack_enc.encode(obj)

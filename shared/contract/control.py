@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from msgspec import Struct
+from msgspec import UNSET, Struct, UnsetType
+
+from shared.contract.records import StopRecord
 
 
 class StartRequest(Struct, forbid_unknown_fields=True):
@@ -52,3 +54,90 @@ class ErrorReply(Struct):
 
     error: ErrorBody
     ok: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Successful replies (`{"ok": true, ...}`)
+
+
+class JobView(JobSpec, omit_defaults=False):
+    """A job as replies show it: every field of its JobSpec, defaults included."""
+
+
+class ProviderReport(Struct):
+    """What the job's provider reported on this run (`{}` while the job is pending)."""
+
+    state: str | UnsetType = UNSET
+    updated_ns: int | UnsetType = UNSET
+    ticks: int | UnsetType = UNSET
+    error: str | UnsetType = UNSET
+
+
+class JobStatus(JobView, kw_only=True):
+    """A job in `status`: its spec, its state, the provider's report, time left (if due)."""
+
+    state: str
+    provider_state: ProviderReport
+    remaining_s: float | UnsetType = UNSET
+
+
+class ProviderInfo(Struct):
+    """A configured provider in `status`."""
+
+    enabled: bool
+    symbols: list[str]
+    symbols_from_source: bool
+    circuit: str
+
+
+class Limits(Struct):
+    """How many jobs run, against the limit."""
+
+    running: int
+    max_concurrent_jobs: int
+
+
+class StartReply(Struct, kw_only=True):
+    """`start` succeeded: the job is in the desired state."""
+
+    ok: bool = True
+    status: str = "running"
+    job: JobView
+
+
+class StopReply(Struct, kw_only=True):
+    """`stop`: `stopped` with the run and reason, or `idle` when the job was not running."""
+
+    ok: bool = True
+    status: str
+    job: str
+    run: str | UnsetType = UNSET
+    reason: str | UnsetType = UNSET
+
+
+class StatusReply(Struct, kw_only=True):
+    """`status`: jobs, providers, the policy as the files say, recent stops, where things are."""
+
+    ok: bool = True
+    jobs: list[JobStatus]
+    providers: dict[str, ProviderInfo]
+    policy: dict[str, object]
+    policy_revision: int
+    limits: Limits
+    stopped: list[StopRecord]
+    config: dict[str, str]
+    http: str | None
+
+
+class ReloadReply(Struct, kw_only=True):
+    """`reload` succeeded: the new policy revision and what is in force."""
+
+    ok: bool = True
+    status: str = "reloaded"
+    policy_revision: int
+    policy: dict[str, object]
+    providers: list[str]
+    config: dict[str, str]
+
+
+Reply = StartReply | StopReply | StatusReply | ReloadReply

@@ -83,6 +83,13 @@ def interval_ns(interval: str) -> int:
     return int(match.group(1)) * _UNIT_NS[match.group(2)]
 
 
+def check_intervals(intervals: list[str]) -> list[str]:
+    """Intervals de-duplicated, narrowest first; ValueError for none or one that does not parse."""
+    if not intervals:
+        raise ValueError("at least one interval is needed")
+    return sorted(set(intervals), key=interval_ns)
+
+
 class EndOfStream(Struct, omit_defaults=True):
     """Marks that a bounded source has delivered every tick of `symbol` for run `run`."""
 
