@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     service = sub.add_parser("service", help="run one service in the foreground")
     _common(service)
     service.add_argument("name", choices=sorted(SERVICES))
+    service.add_argument(
+        "--adapters",
+        help="provider only: adapters to host, comma-separated names or module:Class "
+        "(env MDP_PROVIDER__ADAPTERS; default: every registered adapter)",
+    )
 
     replay = sub.add_parser("replay", help="run a recorded CSV(.gz) through the whole system")
     _common(replay)
@@ -104,6 +109,11 @@ def _apply_overrides(args: argparse.Namespace) -> None:
         os.environ["MDP_NATS_URL"] = args.nats
     if getattr(args, "store", None):
         os.environ["MDP_STORE_URL"] = args.store
+    if getattr(args, "adapters", None):
+        if args.name != "provider":
+            print(f"mdp: --adapters is for the provider service, not {args.name}", file=sys.stderr)
+            raise SystemExit(2)
+        os.environ["MDP_PROVIDER__ADAPTERS"] = args.adapters
 
 
 def _nats_url() -> str:

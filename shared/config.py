@@ -259,8 +259,18 @@ class BarsConfig(_Model):
         return value  # as written: the policy shows what the operator wrote
 
 
+class IngestConfig(_Model):
+    """`ingest:`: how control treats jobs no provider process takes on."""
+
+    host_timeout_seconds: float = Field(
+        10, gt=0, description="a job no running provider can host fails after this"
+    )
+
+
 class IngestionPolicy(_Model):
     """ingestion_policy.yaml."""
+
+    ingest: IngestConfig = IngestConfig()
 
     write_path: WritePathConfig = WritePathConfig()
     store_sync: StoreSyncConfig = StoreSyncConfig()

@@ -29,8 +29,7 @@ from shared.contract.control import ErrorBody, ErrorReply
 from shared.logging import configure_logging
 from shared.metrics import serve_metrics
 from shared.settings import Settings
-
-VERSION = "0.1.0"
+from shared.version import VERSION
 
 RequestHandler = Callable[[bytes], Awaitable[bytes]]
 

@@ -7,20 +7,33 @@ process: `shared.config` loads them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.contract.messages import check_intervals, interval_ns
 
 
 class ProviderSettings(BaseModel):
-    """How providers batch ticks before publishing."""
+    """Which adapters a provider process hosts, and how it batches ticks before publishing."""
+
+    adapters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="adapter names or module:Class to host, comma-separated; empty: every one",
+    )
+    host_ttl_s: float = Field(6.0, gt=0, description="a host record older than this is dead")
 
     batch_max_ticks: int = Field(1000, ge=1, le=100_000)
     batch_max_delay_ms: int = Field(50, ge=1, le=10_000)
     max_in_flight: int = Field(256, ge=1, description="unacknowledged publishes per provider")
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
 
 class RouterSettings(BaseModel):

@@ -29,7 +29,7 @@ from services.provider.adapters.base import (
 from shared.config import DEFAULT_SYMBOL_PATTERN, Config, ProviderConfig, load_from_environment
 from shared.contract.control import JobSpec, StartRequest, StopRequest
 from shared.contract.names import escape_symbol
-from shared.contract.records import ProviderState
+from shared.contract.records import ProviderHost, ProviderState
 from shared.runtime import ServiceError
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -245,6 +245,11 @@ def job_state(spec: JobSpec, provider_state: ProviderState | None) -> str:
     if provider_state is None or provider_state.run != spec.run:
         return "pending"
     return provider_state.state
+
+
+def live_host(host: ProviderHost, now_ns: int) -> bool:
+    """Whether a provider process's record is fresh (its heartbeat within its ttl)."""
+    return now_ns - host.heartbeat_ns <= host.ttl_s * 1e9
 
 
 def is_live(state: str) -> bool:

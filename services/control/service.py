@@ -31,6 +31,7 @@ from services.control.guards import (
     expired,
     is_live,
     job_state,
+    live_host,
     load_checked_config,
     next_deadline,
     parse_start,
@@ -63,7 +64,7 @@ from shared.contract.events import (
     Suppressed,
     decode_event,
 )
-from shared.contract.records import ProviderState, ServiceUrl, StopRecord
+from shared.contract.records import ProviderHost, ProviderState, ServiceUrl, StopRecord
 from shared.runtime import Context, ServiceError
 from shared.settings import Settings
 
@@ -87,6 +88,8 @@ for _reason in SUPPRESSION_REASONS:
     BARS_SUPPRESSED.labels(_reason)
 
 AUTO_STOP_REASON = "auto_duration_reached"
+NO_HOST = "no_adapter_host"
+HOST_CHECK_PERIOD_S = 1.0
 VERBS = ("start", "stop", "status", "reload")
 
 Handler = Callable[[bytes], Awaitable[Reply]]
@@ -115,6 +118,7 @@ class ControlService:
         self.lock = asyncio.Lock()
         self.jobs: dict[str, JobSpec] = {}  # as last seen in `ingest_jobs` (for the timer)
         self.provider_states: dict[str, ProviderState] = {}
+        self.hosts: dict[str, ProviderHost] = {}  # provider processes, by instance
         self.failed_runs: set[str] = set()
         self.changed = asyncio.Event()
         self.http: ControlHttp | None = None
@@ -134,6 +138,8 @@ class ControlService:
         ctx.spawn(self._watch_jobs(), "watch-jobs")
         ctx.spawn(self._watch_provider_states(), "watch-provider-states")
         ctx.spawn(self._auto_stop(), "auto-stop")
+        ctx.spawn(self._watch_hosts(), "watch-hosts")
+        ctx.spawn(self._fail_unhosted(), "fail-unhosted")
         suppressed = names.event("suppressed")
         await ctx.consume(
             names.STREAM_EVENTS,
@@ -312,6 +318,7 @@ class ControlService:
             stopped=stopped[:20],
             config=dict(self.config.sources),
             http=self.http.url if self.http is not None else None,
+            hosts=sorted(self._live_hosts(now), key=lambda host: host.instance),
         )
 
     async def reload(self, body: bytes) -> ReloadReply:
@@ -379,13 +386,58 @@ class ControlService:
                     INGEST_ERRORS.labels(self._known(state.provider), "provider").inc()
             self._update_active()
 
+    async def _watch_hosts(self) -> None:
+        """Follow which provider processes run, and what each hosts."""
+        async for key, host in follow(
+            self.state_kv, ProviderHost, self.ctx.log, names.HOSTS_PREFIX + ">"
+        ):
+            instance = key.removeprefix(names.HOSTS_PREFIX)
+            if host is None:
+                self.hosts.pop(instance, None)
+            else:
+                self.hosts[instance] = host
+
+    def _live_hosts(self, now_ns: int) -> list[ProviderHost]:
+        return [h for h in self.hosts.values() if live_host(h, now_ns)]
+
+    async def _fail_unhosted(self) -> None:
+        """Fail a pending job no running provider process can host (`no_adapter_host`)."""
+        while True:
+            await asyncio.sleep(HOST_CHECK_PERIOD_S)
+            now = time.time_ns()
+            timeout = self.config.policy.ingest.host_timeout_seconds
+            hosted = {a.name for host in self._live_hosts(now) for a in host.adapters}
+            for spec in list(self.jobs.values()):
+                if spec.provider in hosted or now - spec.started_ns < timeout * 1e9:
+                    continue
+                if job_state(spec, self.provider_states.get(spec.job)) != "pending":
+                    continue
+                try:
+                    await self._fail_pending(spec, hosted, timeout)
+                except Exception as exc:  # retried on the next turn
+                    self.ctx.log.warning("fail_unhosted_failed", job=spec.job, error=repr(exc))
+
+    async def _fail_pending(self, spec: JobSpec, hosted: set[str], timeout: float) -> None:
+        offered = ", ".join(sorted(hosted)) or "none"
+        error = (
+            f"no_adapter_host: no running provider process hosts adapter {spec.provider!r} "
+            f"(hosted: {offered}); started {timeout:g} s ago. Run `mdp service provider "
+            f"--adapters {spec.provider}`, or install the adapter's package"
+        )
+        state = ProviderState(spec.job, spec.run, spec.provider, "failed", time.time_ns(), 0, error)
+        await self.state_kv.put(names.provider_state_key(spec.job), msgspec.json.encode(state))
+        failed = Failed(time.time_ns(), error, spec.job, spec.run, spec.provider, code=NO_HOST)
+        await self._event(failed)
+        self.ctx.log.error("job_unhosted", job=spec.job, provider=spec.provider)
+
     def _known(self, provider: str) -> str:
         return provider if provider in self.config.providers.providers else "unknown"
 
     def _update_active(self) -> None:
         counts = dict.fromkeys(self.config.providers.providers, 0)
         for spec in self.jobs.values():
-            if is_live(job_state(spec, self.provider_states.get(spec.job))):
+            # A pending job counts once a provider runs it: it may never be hosted.
+            if job_state(spec, self.provider_states.get(spec.job)) == "running":
                 key = self._known(spec.provider)
                 counts[key] = counts.get(key, 0) + 1
         for provider, count in counts.items():

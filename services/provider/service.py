@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import sys
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -14,7 +18,7 @@ from nats.js.errors import KeyNotFoundError
 from prometheus_client import Counter, Gauge
 from structlog.typing import FilteringBoundLogger
 
-from services.provider.adapters.base import Adapter, AdapterError, load_adapters
+from services.provider.adapters.base import Adapter, AdapterError, load_adapters, resolve_hosted
 from services.provider.batching import TickBatcher
 from shared.bus.kv import follow, kv_keys
 from shared.bus.publisher import publish_event
@@ -23,7 +27,7 @@ from shared.contract.codec import JSON, encode
 from shared.contract.control import JobSpec
 from shared.contract.events import Failed, Stopped
 from shared.contract.messages import BadRow, EndOfStream, Tick, TickBatch
-from shared.contract.records import JobState, ProviderState
+from shared.contract.records import AdapterInfo, JobState, ProviderHost, ProviderState
 from shared.runtime import Context
 from shared.settings import Settings
 
@@ -118,7 +122,14 @@ class ProviderService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.adapters = load_adapters()
+        self.origins: dict[str, AdapterInfo] = {}
+        try:
+            registry = load_adapters(origins=self.origins)
+            self.adapters = resolve_hosted(settings.provider.adapters, registry, self.origins)
+        except AdapterError as exc:
+            print(f"mdp provider: MDP_PROVIDER__ADAPTERS / --adapters: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.jobs: dict[str, RunningJob] = {}
         self.jobs_lock = asyncio.Lock()
 
@@ -130,12 +141,34 @@ class ProviderService:
         ctx.spawn(self._watch_jobs(), "watch-jobs")
         ctx.spawn(self._reconcile_loop(), "reconcile-jobs")
         ctx.spawn(self._flush_loop(), "flush-due")
-        ctx.log.info("adapters", names=sorted(self.adapters))
+        await self._announce_host()
+        ctx.spawn(self._host_heartbeat(), "host-heartbeat")
+        ctx.log.info("adapters", names=sorted(self.adapters), instance=self.instance)
 
     async def stop(self) -> None:
         """Stop every job and publish what is buffered."""
         for job in list(self.jobs.values()):
             await self._stop_job(job, state="interrupted")
+        with contextlib.suppress(Exception):  # a dead record expires anyway
+            await self.state_kv.delete(names.host_key(self.instance))
+
+    async def _announce_host(self) -> None:
+        """Say which adapters this process hosts (control fails jobs nobody can host)."""
+        record = ProviderHost(
+            self.instance,
+            [self.origins[name] for name in sorted(self.adapters) if name in self.origins],
+            time.time_ns(),
+            self.settings.provider.host_ttl_s,
+        )
+        await self.state_kv.put(names.host_key(self.instance), msgspec.json.encode(record))
+
+    async def _host_heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.provider.host_ttl_s / 3)
+            try:
+                await self._announce_host()
+            except Exception as exc:  # an outage: the next beat tries again
+                self.ctx.log.warning("host_heartbeat_failed", error=repr(exc))
 
     async def _watch_jobs(self) -> None:
         async for name, spec in follow(self.jobs_kv, JobSpec, self.ctx.log):

@@ -9,7 +9,7 @@ from typing import Any
 
 from msgspec import UNSET, Struct, UnsetType
 
-from shared.contract.records import StopRecord
+from shared.contract.records import ProviderHost, StopRecord
 
 
 class StartRequest(Struct, forbid_unknown_fields=True):
@@ -127,6 +127,7 @@ class StatusReply(Struct, kw_only=True):
     stopped: list[StopRecord]
     config: dict[str, str]
     http: str | None
+    hosts: list[ProviderHost]  # the live provider processes and the adapters each hosts
 
 
 class ReloadReply(Struct, kw_only=True):

@@ -47,6 +47,7 @@ class Failed(Struct, omit_defaults=True):
     run: str | None = None
     provider: str | None = None
     stage: str | None = None
+    code: str | None = None  # a stable code when there is one (e.g. `no_adapter_host`)
 
 
 class Reloaded(Struct):

@@ -161,6 +161,14 @@ def stopped_key(job: str) -> str:
     return STOPPED_PREFIX + job
 
 
+HOSTS_PREFIX = "hosts."  # KV_STATE: one ProviderHost per running provider process
+
+
+def host_key(instance: str) -> str:
+    """KV_STATE key of a provider process's ProviderHost record."""
+    return HOSTS_PREFIX + instance
+
+
 def checkpoint_key(durable: str) -> str:
     """KV_CHECKPOINTS key of a consumer's checkpoint."""
     return f"aggregator.{durable}"

@@ -48,3 +48,26 @@ class LeaseRecord(Struct):
 
     owner: str
     expires_ns: int
+
+
+class AdapterInfo(Struct):
+    """An adapter a provider process hosts: its name, version and where it came from.
+
+    `origin` is `builtin`, `entry-point:<distribution>`, `module:<module:Class>` or `registered`.
+    """
+
+    name: str
+    version: str
+    origin: str
+
+
+class ProviderHost(Struct):
+    """A running provider process and what it hosts (`ingest_state`, key `hosts.<instance>`).
+
+    Renewed every few seconds; a record older than `ttl_s` is a process that died.
+    """
+
+    instance: str
+    adapters: list[AdapterInfo]
+    heartbeat_ns: int
+    ttl_s: float

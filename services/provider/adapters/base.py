@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from shared.contract.control import JobSpec
 from shared.contract.messages import Tick
+from shared.contract.records import AdapterInfo
+from shared.version import VERSION
 
 ENTRY_POINT_GROUP = "mdp.adapters"
 
@@ -75,27 +77,86 @@ class Adapter(Protocol):
         ...
 
 
-def load_adapters(errors: dict[str, str] | None = None) -> dict[str, type[Adapter]]:
-    """Every adapter registered under the `mdp.adapters` entry points, by entry-point name.
+# Adapters registered in code (tests, embedding): they win over entry points of the same name.
+_REGISTERED: dict[str, type[Adapter]] = {}
+
+
+def register(name: str, cls: type[Adapter]) -> None:
+    """Register an adapter class under `name` for this process (tests and embedding)."""
+    if not (isinstance(cls, type) and callable(getattr(cls, "run", None))):
+        raise AdapterError(f"{cls!r} is not an adapter class (it needs a run method)")
+    _REGISTERED[name] = cls
+
+
+def load_adapters(
+    errors: dict[str, str] | None = None, origins: dict[str, AdapterInfo] | None = None
+) -> dict[str, type[Adapter]]:
+    """Every adapter registered in code or under the `mdp.adapters` entry points, by name.
 
     An entry point that fails to import (say an optional dependency is missing) is left out with
     a warning, and its reason is stored in `errors` when given, so one broken plugin cannot keep
     the provider from starting. The built-in adapters are added directly when the distribution
-    metadata does not list them.
+    metadata does not list them. `origins`, when given, receives each adapter's version and
+    where it came from.
     """
-    found: dict[str, type[Adapter]] = {}
+    found: dict[str, type[Adapter]] = dict(_REGISTERED)
     failed: dict[str, str] = {}
+    seen: dict[str, AdapterInfo] = {n: AdapterInfo(n, VERSION, "registered") for n in found}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in found or ep.name in failed:
-            log.warning("adapter_duplicate", adapter=ep.name, ignored=ep.value)
+            if ep.name not in _REGISTERED:
+                log.warning("adapter_duplicate", adapter=ep.name, ignored=ep.value)
             continue
         _register(found, failed, ep.name, ep.value, ep.load)
+        dist = ep.dist
+        seen[ep.name] = AdapterInfo(
+            ep.name,
+            dist.version if dist is not None else "",
+            f"entry-point:{dist.name}" if dist is not None else "entry-point",
+        )
     for name, target in BUILTIN_ADAPTERS.items():
         if name not in found and name not in failed:
             _register(found, failed, name, target, functools.partial(_import, target))
+            seen[name] = AdapterInfo(name, VERSION, "builtin")
     if errors is not None:
         errors.update(failed)
+    if origins is not None:
+        origins.update({name: info for name, info in seen.items() if name in found})
     return found
+
+
+def resolve_hosted(
+    wanted: Sequence[str],
+    registry: Mapping[str, type[Adapter]],
+    origins: dict[str, AdapterInfo] | None = None,
+) -> dict[str, type[Adapter]]:
+    """The adapters a provider process hosts: names from `registry`, or `module:Class` specs.
+
+    Empty `wanted` means every registered adapter. `AdapterError` names what cannot be hosted.
+    """
+    if not wanted:
+        return dict(registry)
+    hosted: dict[str, type[Adapter]] = {}
+    for spec in wanted:
+        if ":" in spec:
+            try:
+                cls = _import(spec)
+            except Exception as exc:
+                raise AdapterError(f"adapter {spec!r} cannot be loaded: {exc!r}") from None
+            name = getattr(cls, "name", None)
+            if not isinstance(cls, type) or not callable(getattr(cls, "run", None)):
+                raise AdapterError(f"{spec!r} is not an adapter class (it needs a run method)")
+            if not isinstance(name, str) or not name:
+                raise AdapterError(f"{spec!r} has no `name` class attribute")
+            hosted[name] = cast(type[Adapter], cls)
+            if origins is not None:
+                origins[name] = AdapterInfo(name, VERSION, f"module:{spec}")
+            continue
+        if spec not in registry:
+            known = ", ".join(sorted(registry)) or "none"
+            raise AdapterError(f"unknown adapter {spec!r} (registered: {known})")
+        hosted[spec] = registry[spec]
+    return hosted
 
 
 def get_adapter(name: str, adapters: Mapping[str, type[Adapter]] | None = None) -> type[Adapter]:
