@@ -290,6 +290,7 @@ class ControlService:
                     provider_state.updated_ns,
                     provider_state.ticks,
                     UNSET if provider_state.error is None else provider_state.error,
+                    provider_state.owner or UNSET,
                 )
             view = JobStatus(
                 **msgspec.structs.asdict(_job_view(spec)), state=state, provider_state=report

@@ -28,6 +28,7 @@ from shared.contract.control import JobSpec
 from shared.contract.events import Failed, Stopped
 from shared.contract.messages import BadRow, EndOfStream, Tick, TickBatch
 from shared.contract.records import AdapterInfo, JobState, ProviderHost, ProviderState
+from shared.lease import Lease, LeaseLost
 from shared.runtime import Context
 from shared.settings import Settings
 
@@ -40,6 +41,7 @@ BATCHES_PUBLISHED = Counter(
 BAD_ROWS = Counter("provider_bad_rows_total", "Source rows rejected by an adapter", ["provider"])
 JOBS_RUNNING = Gauge("provider_jobs_running", "Jobs this process runs", ["provider"])
 RECONCILE_PERIOD_S = 2.0
+JOB_LEASE_TTL_S = 5.0  # a killed owner's jobs move to a standby within about this long
 
 
 @dataclass
@@ -113,6 +115,8 @@ class RunningJob:
     adapter: Adapter
     sink: JobSink
     task: asyncio.Task[None]
+    lease: Lease
+    keeper: asyncio.Task[None] | None = None
 
 
 class ProviderService:
@@ -131,6 +135,8 @@ class ProviderService:
             raise SystemExit(2) from None
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.jobs: dict[str, RunningJob] = {}
+        # Jobs this process could run but another owns: waiting for the lease, by job name.
+        self.claims: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self.jobs_lock = asyncio.Lock()
 
     async def start(self, ctx: Context) -> None:
@@ -138,6 +144,7 @@ class ProviderService:
         self.ctx = ctx
         self.jobs_kv = await ctx.js.key_value(names.KV_JOBS)
         self.state_kv = await ctx.js.key_value(names.KV_STATE)
+        self.lease_kv = await ctx.js.key_value(names.KV_CHECKPOINTS)
         ctx.spawn(self._watch_jobs(), "watch-jobs")
         ctx.spawn(self._reconcile_loop(), "reconcile-jobs")
         ctx.spawn(self._flush_loop(), "flush-due")
@@ -147,6 +154,8 @@ class ProviderService:
 
     async def stop(self) -> None:
         """Stop every job and publish what is buffered."""
+        for name in list(self.claims):
+            self._drop_claim(name)
         for job in list(self.jobs.values()):
             await self._stop_job(job, state="interrupted")
         with contextlib.suppress(Exception):  # a dead record expires anyway
@@ -175,6 +184,7 @@ class ProviderService:
             if spec is not None:
                 await self._ensure_job(spec)
                 continue
+            self._drop_claim(name)
             job = self.jobs.get(name)
             if job is not None:
                 async with self.jobs_lock:
@@ -198,6 +208,8 @@ class ProviderService:
             except Exception as exc:
                 self.ctx.log.warning("reconcile_failed", error=repr(exc))
                 continue
+            for name in [n for n in self.claims if n not in wanted]:
+                self._drop_claim(name)
             for name, job in list(self.jobs.items()):
                 if name not in wanted:
                     async with self.jobs_lock:
@@ -215,12 +227,57 @@ class ProviderService:
             if current.spec.run == spec.run:
                 return
             await self._stop_job(current, state="replaced")
-        adapter_cls = self.adapters.get(spec.provider)
-        if adapter_cls is None:
+        if spec.provider not in self.adapters:
             return  # another provider process hosts it
+        claim = self.claims.get(spec.job)
+        if claim is not None:
+            if claim[0] == spec.run:
+                return  # already waiting for this run's lease
+            self._drop_claim(spec.job)
+        task = asyncio.create_task(self._claim(spec), name=f"claim-{spec.job}")
+        self.claims[spec.job] = (spec.run, task)
+
+    def _drop_claim(self, name: str) -> None:
+        claim = self.claims.pop(name, None)
+        if claim is not None:
+            claim[1].cancel()
+
+    async def _claim(self, spec: JobSpec) -> None:
+        """Own the job through its lease (waiting as a standby while another process runs it).
+
+        One process per job: a second one hosting the same adapter takes the job over, resuming
+        from the progress the first recorded, once the first's lease expires (a `kill -9`).
+        """
+        lease = Lease(
+            self.lease_kv,
+            names.job_lease_key(spec.job),
+            self.instance,
+            ttl_s=JOB_LEASE_TTL_S,
+            log=self.ctx.log,
+        )
+        try:
+            await lease.acquire()
+            async with self.jobs_lock:
+                if self.claims.get(spec.job, ("", None))[0] != spec.run:
+                    await lease.release()
+                    return  # the job changed or went while we waited
+                del self.claims[spec.job]
+                started = await self._start_job_locked(spec, lease)
+            if not started:
+                await lease.release()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # e.g. the bucket without a leader: the reconciler retries
+            self.ctx.log.warning("job_claim_failed", job=spec.job, error=repr(exc))
+            if self.claims.get(spec.job, ("", None))[0] == spec.run:
+                del self.claims[spec.job]
+
+    async def _start_job_locked(self, spec: JobSpec, lease: Lease) -> bool:
+        """Start the job this process now owns; False when there is nothing to run."""
+        adapter_cls = self.adapters[spec.provider]
         previous = await self._previous_state(spec)
         if previous is not None and previous.state in ("completed", "failed"):
-            return  # this run ended already; a new start makes a new run
+            return False  # this run ended already; a new start makes a new run
         log = self.ctx.log.bind(job=spec.job, run=spec.run, provider=spec.provider)
         try:
             adapter = adapter_cls(spec)
@@ -228,7 +285,7 @@ class ProviderService:
             log.error("job_rejected", error=str(exc))
             await self._record(spec, "failed", error=str(exc))
             await self._failed(spec, str(exc))
-            return
+            return False
         batcher = TickBatcher(
             self.settings.provider.batch_max_ticks,
             self.settings.provider.batch_max_delay_ms * 1_000_000,
@@ -240,10 +297,22 @@ class ProviderService:
         task = asyncio.create_task(
             self._run(spec, adapter, sink, log, resume or None), name=f"job-{spec.job}"
         )
-        self.jobs[spec.job] = RunningJob(spec, adapter, sink, task)
+        job = RunningJob(spec, adapter, sink, task, lease)
+        job.keeper = asyncio.create_task(self._keep_lease(job), name=f"lease-{spec.job}")
+        self.jobs[spec.job] = job
         JOBS_RUNNING.labels(spec.provider).inc()
-        await self._record(spec, "running")
+        await self._record(spec, "running", ticks=sink.ticks, resume=resume)
         log.info("job_started", symbols=spec.symbols, params=spec.params, resumed=bool(resume))
+        return True
+
+    async def _keep_lease(self, job: RunningJob) -> None:
+        """Renew the job's lease; once another process holds it, stop here without a word."""
+        try:
+            await job.lease.keep()
+        except LeaseLost:
+            self.ctx.log.error("job_lease_lost", job=job.spec.job, run=job.spec.run)
+            job.task.cancel()
+            self._forget(job.spec)
 
     async def _run(
         self,
@@ -261,14 +330,23 @@ class ProviderService:
             log.error("job_failed", error=repr(exc))
             await self._record(spec, "failed", error=repr(exc), ticks=sink.ticks)
             await self._failed(spec, repr(exc))
-            self._forget(spec)
+            await self._finish(spec)
             return
         await self._report_bad_rows(spec, adapter)
         await self._record(spec, "completed", ticks=sink.ticks)
         event = Stopped(time.time_ns(), spec.job, spec.run, spec.provider, "completed", sink.ticks)
         await publish_event(self.ctx.publisher, event)
         log.info("job_completed", ticks=sink.ticks)
-        self._forget(spec)
+        await self._finish(spec)
+
+    async def _finish(self, spec: JobSpec) -> None:
+        """A run that ended by itself: give its lease up (a standby sees it ended) and forget it."""
+        job = self.jobs.get(spec.job)
+        if job is not None and job.spec.run == spec.run:
+            if job.keeper is not None:
+                job.keeper.cancel()
+            self._forget(spec)
+            await job.lease.release()
 
     def _forget(self, spec: JobSpec) -> None:
         job = self.jobs.get(spec.job)
@@ -280,6 +358,8 @@ class ProviderService:
         job.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await job.task
+        if job.keeper is not None:
+            job.keeper.cancel()
         for sym, batch in job.sink.batcher.flush():
             await job.sink.publish(sym, batch)
         await self.ctx.publisher.flush()
@@ -287,6 +367,7 @@ class ProviderService:
         await self._record(
             job.spec, state, ticks=job.sink.ticks, resume=dict(job.sink.published_seq)
         )
+        await job.lease.release()
         self.ctx.log.info("job_stopped", job=job.spec.job, state=state, ticks=job.sink.ticks)
 
     async def _flush_loop(self) -> None:
@@ -346,7 +427,15 @@ class ProviderService:
         resume: dict[str, int] | None = None,
     ) -> None:
         record = ProviderState(
-            spec.job, spec.run, spec.provider, state, time.time_ns(), ticks, error, resume or {}
+            spec.job,
+            spec.run,
+            spec.provider,
+            state,
+            time.time_ns(),
+            ticks,
+            error,
+            resume or {},
+            self.instance,
         )
         try:
             await self.state_kv.put(names.provider_state_key(spec.job), msgspec.json.encode(record))

@@ -71,6 +71,7 @@ class ProviderReport(Struct):
     updated_ns: int | UnsetType = UNSET
     ticks: int | UnsetType = UNSET
     error: str | UnsetType = UNSET
+    owner: str | UnsetType = UNSET
 
 
 class JobStatus(JobView, kw_only=True):

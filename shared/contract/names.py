@@ -174,6 +174,11 @@ def checkpoint_key(durable: str) -> str:
     return f"aggregator.{durable}"
 
 
+def job_lease_key(job: str) -> str:
+    """KV_CHECKPOINTS key of the lease that makes one provider process a job's owner."""
+    return f"job.{job}"
+
+
 def lease_key(durable: str) -> str:
     """KV_CHECKPOINTS key of a consumer's lease."""
     return f"lease.{durable}"

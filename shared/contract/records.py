@@ -24,6 +24,7 @@ class ProviderState(Struct, omit_defaults=True):
     ticks: int = 0
     error: str | None = None
     resume: dict[str, int] = {}
+    owner: str = ""  # the provider process (its instance) that runs the job
 
 
 class StopRecord(Struct):
