@@ -291,6 +291,8 @@ class ControlService:
                     provider_state.ticks,
                     UNSET if provider_state.error is None else provider_state.error,
                     provider_state.owner or UNSET,
+                    provider_state.attempts or UNSET,
+                    provider_state.next_attempt_ns or UNSET,
                 )
             view = JobStatus(
                 **msgspec.structs.asdict(_job_view(spec)), state=state, provider_state=report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import sys
 import time
@@ -20,6 +21,7 @@ from structlog.typing import FilteringBoundLogger
 
 from services.provider.adapters.base import Adapter, AdapterError, load_adapters, resolve_hosted
 from services.provider.batching import TickBatcher
+from services.provider.retry import Backoff
 from shared.bus.kv import follow, kv_keys
 from shared.bus.publisher import publish_event
 from shared.contract import names
@@ -41,6 +43,10 @@ BATCHES_PUBLISHED = Counter(
 BAD_ROWS = Counter("provider_bad_rows_total", "Source rows rejected by an adapter", ["provider"])
 JOBS_RUNNING = Gauge("provider_jobs_running", "Jobs this process runs", ["provider"])
 RECONCILE_PERIOD_S = 2.0
+JOB_RETRIES = Counter(
+    "provider_job_retries_total", "Live jobs restarted after their adapter failed", ["provider"]
+)
+RETRY = Backoff()
 JOB_LEASE_TTL_S = 5.0  # a killed owner's jobs move to a standby within about this long
 
 
@@ -54,6 +60,7 @@ class JobSink:
     batcher: TickBatcher
     ticks: int = 0
     published_seq: dict[str, int] = field(default_factory=dict)
+    attempts: int = 0  # retries of a live job since it last ran healthily
 
     async def put(self, symbol: str, ticks: list[Tick]) -> None:
         """Buffer ticks; publish every batch that became full."""
@@ -322,16 +329,49 @@ class ProviderService:
         log: FilteringBoundLogger,
         resume: dict[str, int] | None,
     ) -> None:
-        try:
-            await adapter.run(sink, resume)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.error("job_failed", error=repr(exc))
-            await self._record(spec, "failed", error=repr(exc), ticks=sink.ticks)
-            await self._failed(spec, repr(exc))
-            await self._finish(spec)
-            return
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await adapter.run(sink, resume)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = repr(exc)
+            if not getattr(adapter, "live", False):
+                # A bounded input (a replay) that failed ends here: retrying reads it again.
+                log.error("job_failed", error=error)
+                await self._record(spec, "failed", error=error, ticks=sink.ticks)
+                await self._failed(spec, error)
+                await self._finish(spec)
+                return
+            attempt = sink.attempts = RETRY.next_attempt(attempt, time.monotonic() - started)
+            delay = RETRY.delay_s(attempt, random.random())
+            log.warning("job_retrying", error=error, attempt=attempt, retry_in_s=round(delay, 3))
+            JOB_RETRIES.labels(spec.provider).inc()
+            for symbol, batch in sink.batcher.flush():
+                await sink.publish(symbol, batch)
+            await self.ctx.publisher.flush()
+            resume = dict(sink.published_seq)
+            await self._record(
+                spec,
+                "retrying",
+                error=error,
+                ticks=sink.ticks,
+                resume=resume,
+                attempts=attempt,
+                next_attempt_ns=time.time_ns() + int(delay * 1e9),
+            )
+            await asyncio.sleep(delay)
+            try:
+                adapter = type(adapter)(spec)
+            except AdapterError as exc:
+                await self._record(spec, "failed", error=str(exc), ticks=sink.ticks)
+                await self._failed(spec, str(exc))
+                await self._finish(spec)
+                return
+            await self._record(spec, "running", ticks=sink.ticks, resume=resume, attempts=attempt)
         await self._report_bad_rows(spec, adapter)
         await self._record(spec, "completed", ticks=sink.ticks)
         event = Stopped(time.time_ns(), spec.job, spec.run, spec.provider, "completed", sink.ticks)
@@ -391,7 +431,9 @@ class ProviderService:
         await self.ctx.publisher.flush()  # everything in the snapshots is now stored
         for job, resume, ticks in snapshots:
             if self.jobs.get(job.spec.job) is job:
-                await self._record(job.spec, "running", ticks=ticks, resume=resume)
+                await self._record(
+                    job.spec, "running", ticks=ticks, resume=resume, attempts=job.sink.attempts
+                )
 
     async def _report_bad_rows(self, spec: JobSpec, adapter: Adapter) -> None:
         bad_rows = getattr(adapter, "bad_rows", None) or []
@@ -425,6 +467,8 @@ class ProviderService:
         ticks: int = 0,
         error: str | None = None,
         resume: dict[str, int] | None = None,
+        attempts: int = 0,
+        next_attempt_ns: int = 0,
     ) -> None:
         record = ProviderState(
             spec.job,
@@ -436,6 +480,8 @@ class ProviderService:
             error,
             resume or {},
             self.instance,
+            attempts,
+            next_attempt_ns,
         )
         try:
             await self.state_kv.put(names.provider_state_key(spec.job), msgspec.json.encode(record))

@@ -72,6 +72,8 @@ class ProviderReport(Struct):
     ticks: int | UnsetType = UNSET
     error: str | UnsetType = UNSET
     owner: str | UnsetType = UNSET
+    attempts: int | UnsetType = UNSET
+    next_attempt_ns: int | UnsetType = UNSET
 
 
 class JobStatus(JobView, kw_only=True):

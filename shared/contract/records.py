@@ -6,7 +6,9 @@ from typing import Literal
 
 from msgspec import Struct
 
-JobState = Literal["running", "completed", "failed", "stopped", "interrupted", "replaced"]
+JobState = Literal[
+    "running", "retrying", "completed", "failed", "stopped", "interrupted", "replaced"
+]
 
 
 class ProviderState(Struct, omit_defaults=True):
@@ -25,6 +27,8 @@ class ProviderState(Struct, omit_defaults=True):
     error: str | None = None
     resume: dict[str, int] = {}
     owner: str = ""  # the provider process (its instance) that runs the job
+    attempts: int = 0  # retries of a live job since it last ran healthily
+    next_attempt_ns: int = 0  # while `retrying`: when the next attempt starts
 
 
 class StopRecord(Struct):

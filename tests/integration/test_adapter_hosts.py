@@ -22,6 +22,8 @@ __all__ = ["module_nats_fixture"]
 
 pytestmark = pytest.mark.integration
 
+FLAKY = "tests.flaky_adapter:FlakyAdapter"
+
 PLUGIN = '''
 """A third-party adapter: a few ticks per symbol, then the end of its bounded stream."""
 
@@ -75,7 +77,8 @@ async def hosts_system_fixture(
         ("provider", "control"),
         env={
             "PYTHONPATH": os.pathsep.join([str(tmp / "site"), str(REPO)]),
-            "MDP_PROVIDER__ADAPTERS": "synthetic,tiny",
+            "MDP_PROVIDER__ADAPTERS": f"synthetic,tiny,{FLAKY}",
+            "MDP_PROVIDERS__FLAKY__SYMBOLS": "[F1]",
             "MDP_PROVIDERS__IBKR__ENABLED": "true",
             "MDP_PROVIDERS__TINY__SYMBOLS": "[T1, T.2]",
             "MDP_POLICY__INGEST__HOST_TIMEOUT_SECONDS": "2",
@@ -99,7 +102,8 @@ async def test_status_lists_the_hosted_adapters_with_version_and_origin(
     await wait_for(hosts, 15, "the provider to announce itself")
     [host] = await hosts()
     adapters = {a["name"]: a for a in host["adapters"]}
-    assert set(adapters) == {"synthetic", "tiny"}
+    assert set(adapters) == {"synthetic", "tiny", "flaky"}
+    assert adapters["flaky"]["origin"] == f"module:{FLAKY}"
     assert adapters["tiny"]["origin"] == "entry-point:mdp-tiny-adapter"
     assert adapters["tiny"]["version"] == "1.2.3"
 
@@ -157,3 +161,33 @@ def test_an_unknown_adapter_refuses_to_start_the_provider() -> None:
     )
     assert result.returncode == 2
     assert "unknown adapter 'nope' (registered: replay, synthetic" in result.stderr
+
+
+async def test_a_failing_live_job_retries_with_backoff_and_resumes(hosts_system: System) -> None:
+    await hosts_system.ok("start", {"provider": "flaky", "job": "flaky"})
+    seen: list[dict[str, Any]] = []
+
+    async def retrying() -> bool:
+        view = await job_view(hosts_system, "flaky")
+        if view is not None and view["state"] == "retrying":
+            seen.append(view["provider_state"])
+        return bool(seen)
+
+    await wait_for(retrying, 15, "the job to report retrying")
+    report = seen[0]
+    assert "feed dropped" in report["error"] and report["attempts"] >= 1
+    assert report["next_attempt_ns"] > report["updated_ns"]
+
+    async def healthy_again() -> bool:
+        view = await job_view(hosts_system, "flaky")
+        return (
+            view is not None and view["state"] == "running" and view["provider_state"]["ticks"] > 20
+        )
+
+    await wait_for(healthy_again, 20, "the job to run again after its retries")
+    view = await job_view(hosts_system, "flaky")
+    assert view is not None and view["provider_state"]["attempts"] == 2
+    assert (
+        await hosts_system.metric("provider", "provider_job_retries_total", provider="flaky") == 2
+    )
+    await hosts_system.ok("stop", {"job": "flaky"})

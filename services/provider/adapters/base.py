@@ -59,7 +59,11 @@ class TickSink(Protocol):
 
 
 class Adapter(Protocol):
-    """A source of ticks for one job."""
+    """A source of ticks for one job.
+
+    A class attribute `live = True` marks a live feed: when `run` fails the provider retries it
+    with backoff; a bounded source (the default) that fails ends its job as `failed`.
+    """
 
     name: ClassVar[str]
 

@@ -109,6 +109,7 @@ class SyntheticAdapter:
     """Live random-walk trades with quotes for `job.symbols` at `rate` ticks/s per symbol."""
 
     name: ClassVar[str] = "synthetic"
+    live: ClassVar[bool] = True  # a failure is retried with backoff, not the end of the job
 
     class Params(AdapterParams):
         """A job's `params`, and `synthetic.params` of data_providers.yaml (None: the default)."""
