@@ -123,9 +123,20 @@ def _nats_url() -> str:
     return url
 
 
+CONNECT_TIMEOUT_S = 10.0
+
+
 async def _connect(url: str) -> NATS:
+    """Connect, reconnecting later without limit; an unreachable server fails in seconds."""
     try:
-        return await nats.connect(url.split(","), max_reconnect_attempts=-1, connect_timeout=3)
+        return await asyncio.wait_for(
+            nats.connect(url.split(","), max_reconnect_attempts=-1, connect_timeout=3),
+            CONNECT_TIMEOUT_S,
+        )
+    except TimeoutError:
+        raise CliError(
+            f"cannot connect to NATS at {url} within {CONNECT_TIMEOUT_S:g} s: is it running?"
+        ) from None
     except Exception as exc:
         raise CliError(f"cannot connect to NATS at {url}: {exc}") from None
 

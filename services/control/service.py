@@ -202,6 +202,8 @@ class ControlService:
         name = value.get("provider") if isinstance(value, dict) else None
         if name is None:
             return "none"
+        if not isinstance(name, str):  # a list, a number: refused as invalid_request anyway
+            return "unknown"
         return name if name in self.config.providers.providers else "unknown"
 
     async def start_job(self, body: bytes) -> StartReply:

@@ -101,3 +101,11 @@ def test_bad_arguments_get_clear_errors(tmp_path: Path) -> None:
     assert speed.returncode == 1 and "--speed 'fast'" in speed.stderr
     no_nats = mdp("ingest", "status", cwd=tmp_path)
     assert no_nats.returncode == 1 and "MDP_NATS_URL" in no_nats.stderr
+
+
+def test_an_unreachable_nats_server_fails_in_seconds_with_a_clear_message(
+    tmp_path: Path,
+) -> None:
+    result = mdp("ingest", "status", "--nats", "nats://127.0.0.1:1", cwd=tmp_path, timeout=30)
+    assert result.returncode == 1
+    assert "cannot connect to NATS at nats://127.0.0.1:1" in result.stderr

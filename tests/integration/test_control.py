@@ -70,6 +70,8 @@ async def test_every_error_code_through_nats(control_system: System) -> None:
     try:
         cases: list[tuple[bytes | dict[str, Any], str]] = [
             (b"{not json", "invalid_request"),
+            ({"provider": ["x"]}, "invalid_request"),
+            ({"provider": 5, "symbols": {"a": 1}}, "invalid_request"),
             ({"provider": "synthetic", "symbols": "AAPL"}, "invalid_request"),
             (
                 {"provider": "synthetic", "symbols": ["AAPL"], "params": {"rate": "x"}},
