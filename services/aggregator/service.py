@@ -39,7 +39,7 @@ from services.aggregator.checkpoint import (
 from services.aggregator.dedup import SeenSeqs, fresh_ticks
 from services.aggregator.eos import BadMarker, EndOfStreamTracker
 from services.aggregator.outputs import Outgoing, OutputRouter
-from shared.bus.consumer import PullConsumer, StopConsuming, stream_sequence
+from shared.bus.consumer import StopConsuming, stream_sequence
 from shared.bus.deadletter import dead_letter
 from shared.bus.kv import follow
 from shared.config import EffectivePolicy, StoreSyncConfig
@@ -107,18 +107,13 @@ class AggregatorService:
         self.router.reset()
         self.last_seq = 0
         await self._restore()
-        self.consumer = PullConsumer(
-            ctx.nc,
-            ctx.js,
+        self.consumer = await ctx.consume(
             names.STREAM_QUOTES,
             self.durable,
             [names.quote_partition(self.settings.aggregator.partition)],
             self.handle,
-            self.log,
+            resume_at=self.last_seq + 1 if self.last_seq else None,
         )
-        await self.consumer.ensure()
-        await self.consumer.rewind(self.last_seq + 1 if self.last_seq else None)
-        await self.consumer.start()
         self.active.set()
         self.log.info("active", durable=self.durable, resume_after_seq=self.last_seq)
         ctx.spawn(keep_lease(self.lease, ctx.stopping, self.log), "lease")

@@ -16,22 +16,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from structlog.typing import FilteringBoundLogger
 
 
-def _ack_tokens(msg: Msg) -> list[str]:
-    # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-    # v2: $JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>
-    #     .<pending>[.<token>]: normalised here to the v1 positions.
-    tokens = msg.reply.split(".")
-    return tokens if len(tokens) == 9 else tokens[:2] + tokens[4:11]
-
-
 def stream_sequence(msg: Msg) -> int:
-    """The stream sequence of a JetStream message, read from its ack subject."""
-    return int(_ack_tokens(msg)[5])
+    """The stream sequence of a JetStream message (parsed once from its ack subject)."""
+    return msg.metadata.sequence.stream
 
 
 def consumer_sequence(msg: Msg) -> int:
     """The consumer's delivery sequence of a JetStream message (one more per delivery)."""
-    return int(_ack_tokens(msg)[6])
+    return msg.metadata.sequence.consumer
 
 
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
