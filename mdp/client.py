@@ -100,6 +100,7 @@ class PipelineRuntime:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._closing = False
+        self._feeds: set[_Feed] = set()
 
     # -- connection ------------------------------------------------------------------------
 
@@ -133,6 +134,9 @@ class PipelineRuntime:
     async def close(self) -> None:
         """End the feeds (their iterators finish) and close the connection."""
         self._closing = True
+        for feed in list(self._feeds):  # iterators left suspended (a `break` does not close)
+            await feed.close()
+        self._feeds.clear()
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
@@ -266,12 +270,12 @@ class PipelineRuntime:
             raise ValueError("at least one symbol is needed")
         feed = _Feed(self, stream, filters, durable, since_ns)
         await feed.open()
-        msgs: list[Msg] = []
+        self._feeds.add(feed)
         try:
             while not self._closing:
-                msgs = await feed.next_batch()
-                while msgs:
-                    msg = msgs.pop(0)
+                feed.pending = await feed.next_batch()
+                while feed.pending and not self._closing:
+                    msg = feed.pending.pop(0)
                     try:
                         item = codec.decode(msg.data, msg.headers)
                     except DecodeError as exc:
@@ -281,19 +285,14 @@ class PipelineRuntime:
                     if keep is not None and not keep(item):
                         await feed.ack(msg)
                         continue
-                    try:
-                        yield item
-                    except GeneratorExit:
-                        # The caller took this item and closed: ack it, hand the rest back.
-                        await feed.ack(msg, sync=True)
-                        await feed.nak(msgs)
-                        msgs = []
-                        raise
+                    # Taken once yielded: acked when the caller asks for the next item, closes
+                    # the iterator, or closes the runtime (even after a bare `break`).
+                    feed.taken = msg
+                    yield item
+                    feed.taken = None
                     await feed.ack(msg)
-                    if self._closing:
-                        break
         finally:
-            await feed.nak(msgs)  # fetched but not taken (the runtime is closing)
+            self._feeds.discard(feed)
             await feed.close()
 
 
@@ -350,6 +349,9 @@ class _Feed:
         self.last_seq = 0  # the last stream sequence handed over
         self.last_cseq = 0  # ephemeral: the last consumer sequence (gap detection)
         self.checked_at = time.monotonic()
+        self.taken: Msg | None = None  # yielded to the caller, not yet acked
+        self.pending: list[Msg] = []  # fetched, not yet yielded
+        self.closed = False
 
     async def open(self) -> None:
         """Create or bind the consumer (ephemeral: from the stream's end unless `since_ns`)."""
@@ -501,8 +503,13 @@ class _Feed:
                 await self.rt.js.delete_consumer(self.stream, self.name)
 
     async def close(self) -> None:
-        """Unsubscribe; an ephemeral consumer is deleted, a durable one kept for resuming."""
+        """Ack what was taken, hand back what was not; delete an ephemeral consumer (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        taken, self.taken = self.taken, None
+        pending, self.pending = self.pending, []
+        if taken is not None:
+            await self.ack(taken, sync=True)
+        await self.nak(pending)
         await self._drop_sub(delete=self.durable is None)
-        if self.rt._nc is not None and self.durable is not None:
-            with contextlib.suppress(Exception):
-                await self.rt.nc.flush(timeout=2)
