@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import pytest
 
-from mdp.client import ControlRequestError, PipelineRuntime
+from mdp.client import ControlRequestError, PipelineRuntime, _highest_rev_only
 from shared.contract.control import StartReply, StatusReply, StopReply
 from shared.contract.messages import Bar, TickBatch
 from shared.natsserver import EmbeddedNats
@@ -52,9 +52,8 @@ async def test_control_quotes_bars_and_the_example(
             await rt.start("no-such-provider", symbols=["AAPL"])
         assert refused.value.code == "unknown_provider"
 
-        quotes = rt.stream_quotes(SYMBOLS)
+        quotes = rt.stream_quotes(SYMBOLS)  # new messages only, from the first `anext`
         bars = rt.stream_bars(SYMBOLS, interval="1s")
-        # Open both consumers (new messages only) before the job starts; nothing is there yet.
         started = await rt.start("synthetic", symbols=SYMBOLS, params={"rate": 100})
         assert isinstance(started, StartReply)
         assert started.job.symbols == SYMBOLS
@@ -139,24 +138,40 @@ async def test_quotes_continue_across_a_server_restart_with_partitions(
     async with PipelineRuntime(nats_server.url) as rt:
         info = await rt.js.stream_info("MD_QUOTES")
         assert info.config.subject_transform is not None  # partitioned
-        quotes = rt.stream_quotes(SYMBOLS)
+        feeds = {
+            "ordered": rt.stream_quotes(SYMBOLS),
+            "durable": rt.stream_quotes(SYMBOLS, durable="across-restart"),
+        }
         await rt.start("synthetic", symbols=SYMBOLS, params={"rate": 50})
-        before = await take(quotes, 6)
-        assert {b.symbol for b in before} == set(SYMBOLS)
+        got: dict[str, list[TickBatch]] = {kind: [] for kind in feeds}
+        for kind, feed in feeds.items():
+            got[kind] = await take(feed, 6)
+            assert {b.symbol for b in got[kind]} == set(SYMBOLS), kind
 
         nats_server.stop()
         restarted_ns = time.time_ns()
         nats_server.start()  # the same port and store directory
 
-        after: list[TickBatch] = []
         deadline = time.monotonic() + 60
-        while not any(b.ticks[0].recv > restarted_ns for b in after):
-            assert time.monotonic() < deadline, "no quotes after the server restart"
-            after += await take(quotes, 1, timeout=deadline - time.monotonic())
-        for symbol in SYMBOLS:
-            mine = seqs([b for b in before + after if b.symbol == symbol])
-            assert mine == sorted(set(mine)), f"{symbol}: doubled or out of order"
+        for kind, feed in feeds.items():
+            while not any(b.ticks[0].recv > restarted_ns for b in got[kind]):
+                assert time.monotonic() < deadline, f"{kind}: no quotes after the server restart"
+                got[kind] += await take(feed, 1, timeout=deadline - time.monotonic())
+            for symbol in SYMBOLS:
+                mine = seqs([b for b in got[kind] if b.symbol == symbol])
+                assert mine == sorted(set(mine)), f"{kind} {symbol}: doubled or out of order"
         await wait_for(lambda: _stop_ok(rt), timeout=30, what="stop after the restart")
+
+
+def test_bars_keep_only_a_higher_rev() -> None:
+    """The revision filter of `stream_bars`: higher rev passes again, lower or equal never."""
+    keep = _highest_rev_only()
+
+    def bar(symbol: str, start: int, rev: int) -> Bar:
+        return Bar(symbol, "1s", start, start + 1, 1, 1, 1, 1, 1, 1, 1.0, "synthetic", rev)
+
+    sequence = [("A", 1, 0), ("A", 1, 0), ("A", 1, 2), ("A", 1, 1), ("A", 2, 0), ("B", 1, 0)]
+    assert [keep(bar(*args)) for args in sequence] == [True, False, True, False, True, True]
 
 
 async def _stop_ok(rt: PipelineRuntime) -> bool:
