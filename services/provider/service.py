@@ -155,7 +155,6 @@ class ProviderService:
         ctx.spawn(self._watch_jobs(), "watch-jobs")
         ctx.spawn(self._reconcile_loop(), "reconcile-jobs")
         ctx.spawn(self._flush_loop(), "flush-due")
-        await self._announce_host()
         ctx.spawn(self._host_heartbeat(), "host-heartbeat")
         ctx.log.info("adapters", names=sorted(self.adapters), instance=self.instance)
 
@@ -180,11 +179,11 @@ class ProviderService:
 
     async def _host_heartbeat(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.provider.host_ttl_s / 3)
             try:
                 await self._announce_host()
-            except Exception as exc:  # an outage: the next beat tries again
+            except Exception as exc:  # an outage, a permission: the next beat tries again
                 self.ctx.log.warning("host_heartbeat_failed", error=repr(exc))
+            await asyncio.sleep(self.settings.provider.host_ttl_s / 3)
 
     async def _watch_jobs(self) -> None:
         async for name, spec in follow(self.jobs_kv, JobSpec, self.ctx.log):
