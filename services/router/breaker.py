@@ -3,9 +3,11 @@
 CLOSED -> OPEN when `failure_threshold` failures fall inside the sliding `window_ns` ending at
 the latest failure. OPEN -> HALF_OPEN once `recovery_ns` has passed since opening (reported by
 the next `state(now)` / `allow(now)`). HALF_OPEN grants at most `half_open_max_probes`
-concurrent probes; a success closes the breaker (failures cleared), a failure reopens it and
-restarts the recovery timer. `reset(now)` closes it by hand. Every change of state yields a
-`Transition`, returned by the call that caused it and also queued for `take_transitions()`.
+concurrent probes (a probe with no reported outcome after `recovery_ns` is presumed lost, so a
+crashed caller cannot wedge the breaker half open); a success closes the breaker (failures
+cleared), a failure reopens it and restarts the recovery timer. `reset(now)` closes it by hand.
+Every change of state yields a `Transition`, returned by the call that caused it and also
+queued for `take_transitions()`.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class BreakerSnapshot(msgspec.Struct, frozen=True):
     state: BreakerState
     failures_ns: list[int]
     opened_at_ns: int | None
-    probes_in_flight: int
+    probes_started_ns: list[int]
 
 
 class CircuitBreaker:
@@ -83,7 +85,7 @@ class CircuitBreaker:
         self._state: BreakerState = "closed"
         self._failures: deque[int] = deque()  # failure times inside the window, oldest first
         self._opened_at_ns: int | None = None
-        self._probes_in_flight = 0
+        self._probes: list[int] = []  # start times of the half-open probes in flight
         self._pending: list[Transition] = []
 
     def _move(self, to_state: BreakerState, reason: TransitionReason, now_ns: int) -> Transition:
@@ -104,7 +106,7 @@ class CircuitBreaker:
             and self._opened_at_ns is not None
             and now_ns - self._opened_at_ns >= self.config.recovery_ns
         ):
-            self._probes_in_flight = 0
+            self._probes = []
             return self._move("half_open", "recovery_elapsed", now_ns)
         return None
 
@@ -118,10 +120,11 @@ class CircuitBreaker:
         self._advance(now_ns)
         if self._state == "closed":
             return True
-        if self._state == "half_open" and (
-            self._probes_in_flight < self.config.half_open_max_probes
-        ):
-            self._probes_in_flight += 1
+        if self._state != "half_open":
+            return False
+        self._probes = [t for t in self._probes if now_ns - t < self.config.recovery_ns]
+        if len(self._probes) < self.config.half_open_max_probes:
+            self._probes.append(now_ns)
             return True
         return False
 
@@ -131,7 +134,7 @@ class CircuitBreaker:
         self._advance(now_ns)
         if self._state == "half_open":
             self._opened_at_ns = now_ns
-            self._probes_in_flight = 0
+            self._probes = []
             return self._move("open", "probe_failed", now_ns)
         if self._state == "open":
             return None  # already open: a straggler failure must not extend recovery
@@ -160,7 +163,7 @@ class CircuitBreaker:
     def _close(self, reason: TransitionReason, now_ns: int) -> Transition:
         self._failures.clear()
         self._opened_at_ns = None
-        self._probes_in_flight = 0
+        self._probes = []
         return self._move("closed", reason, now_ns)
 
     def failures_in_window(self, now_ns: int) -> int:
@@ -180,7 +183,7 @@ class CircuitBreaker:
             state=self._state,
             failures_ns=list(self._failures),
             opened_at_ns=self._opened_at_ns,
-            probes_in_flight=self._probes_in_flight,
+            probes_started_ns=list(self._probes),
         )
 
     @classmethod
@@ -190,5 +193,5 @@ class CircuitBreaker:
         breaker._state = snap.state
         breaker._failures = deque(sorted(snap.failures_ns))
         breaker._opened_at_ns = snap.opened_at_ns
-        breaker._probes_in_flight = snap.probes_in_flight
+        breaker._probes = list(snap.probes_started_ns)
         return breaker

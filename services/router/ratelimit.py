@@ -219,9 +219,15 @@ class Budget:
         self._per_contract: dict[str, SlidingWindowLimit] = {}
         self._blocks: list[Block] = []
 
-    def _contract(self, contract: str) -> SlidingWindowLimit:
+    def _contract(self, contract: str, now_ns: int) -> SlidingWindowLimit:
         limit = self._per_contract.get(contract)
         if limit is None:
+            # Forget contracts whose window has emptied, so the map tracks only recent ones.
+            idle = [
+                c for c, w in self._per_contract.items() if not w.wait_ns(w.max_requests, now_ns)
+            ]
+            for c in idle:
+                del self._per_contract[c]
             window_ns = int(self.config.per_contract_window_s * _NS_PER_S)
             limit = SlidingWindowLimit(self.config.per_contract_requests, window_ns)
             self._per_contract[contract] = limit
@@ -245,7 +251,7 @@ class Budget:
         if key is not None:
             waits.append(self.identical.wait_ns(key, now_ns))
         if contract is not None:
-            waits.append(self._contract(contract).wait_ns(1, now_ns))
+            waits.append(self._contract(contract, now_ns).wait_ns(1, now_ns))
         if historical:
             waits.append(self.historical.wait_ns(1, now_ns))
         retry = max(waits)
@@ -256,7 +262,7 @@ class Budget:
         if key is not None:
             self.identical.commit(key, now_ns)
         if contract is not None:
-            self._contract(contract).commit(1, now_ns)
+            self._contract(contract, now_ns).commit(1, now_ns)
         if historical:
             self.historical.commit(1, now_ns)
         return Grant(True, 0)

@@ -80,6 +80,14 @@ def test_half_open_grants_one_probe_at_a_time() -> None:
     assert not b.allow(now + 1)
 
 
+def test_a_lost_probe_frees_its_slot_after_recovery() -> None:
+    b = CircuitBreaker("ibkr", CFG)
+    _open(b)
+    assert b.allow(10 * S)
+    assert not b.allow(15 * S - 1)
+    assert b.allow(15 * S)  # no outcome for recovery_ns: presumed lost (its caller crashed)
+
+
 def test_more_probes_when_configured() -> None:
     b = CircuitBreaker(
         "ibkr", BreakerConfig(failure_threshold=1, recovery_s=1, half_open_max_probes=2)
