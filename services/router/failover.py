@@ -1,7 +1,9 @@
 """Per-symbol source selection with failover, failback and a handover buffer (pure).
 
 Health. A provider is *healthy* for a symbol at `now` when it is not marked down and its last
-batch for the symbol arrived less than `detect_ns` ago (`now - last < detect_ns`). Its current
+*advancing* batch for the symbol (one whose `last_ts` exceeds every `last_ts` it sent for the
+symbol before; a redelivery or a late batch is no sign of a live feed) arrived less than
+`detect_ns` ago (`now - last < detect_ns`). Its current
 *run* starts at the first batch after a silence of at least `detect_ns`, after a `mark_down`, or
 at its first batch ever; batches that arrive while it is marked down never count.
 
@@ -75,9 +77,10 @@ class _Buffered(msgspec.Struct, frozen=True):
 class _Source:
     """One provider's health for one symbol."""
 
-    __slots__ = ("buffer", "last_ns", "run_start_ns")
+    __slots__ = ("buffer", "last_ns", "max_ts", "run_start_ns")
 
     def __init__(self, buffer_max: int) -> None:
+        self.max_ts: int | None = None
         self.last_ns: int | None = None
         self.run_start_ns: int | None = None
         self.buffer: deque[_Buffered] = deque(maxlen=buffer_max)
@@ -171,9 +174,11 @@ class FailoverSelector:
         self._latency[provider] = (
             sample if previous is None else previous + self.latency_alpha * (sample - previous)
         )
+        advancing = src.max_ts is None or last_ts > src.max_ts
+        src.max_ts = last_ts if src.max_ts is None else max(src.max_ts, last_ts)
         if provider in self._down:
             src.run_start_ns = None  # deliveries while down never count as health
-        else:
+        elif advancing:
             silent = src.last_ns is None or now_ns - src.last_ns >= self.detect_ns
             if silent or src.run_start_ns is None:
                 src.run_start_ns = now_ns

@@ -158,7 +158,7 @@ def test_lowest_latency_prefers_the_fastest_ewma() -> None:
 DETECT, HYST = 3, 10
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(
     steps=st.lists(
         st.tuples(
@@ -229,3 +229,12 @@ def test_property_no_duplicates_no_gaps_and_hysteresis(
                 break
             start = earlier
         assert at - start >= HYST, f"failback at {at} after only {at - start}"
+
+
+def test_a_redelivery_is_no_sign_of_health() -> None:
+    sel = _sel()
+    _obs(sel, "ibkr", 0)
+    sel.observe("AAPL", "ibkr", "ibkr:0", 0, 0, 0, 2 * S)  # redelivered: old event time
+    _obs(sel, "synthetic", 2 * S)
+    [switch] = sel.tick(3 * S)
+    assert (switch.reason, switch.forward) == ("stale", ("synthetic:2000000000",))
