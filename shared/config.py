@@ -271,7 +271,6 @@ class IngestionPolicy(_Model):
     """ingestion_policy.yaml."""
 
     ingest: IngestConfig = IngestConfig()
-
     write_path: WritePathConfig = WritePathConfig()
     store_sync: StoreSyncConfig = StoreSyncConfig()
     guards: GuardsConfig = GuardsConfig()
