@@ -202,7 +202,8 @@ async def serve(service: Service, settings: Settings) -> int:
         for consumer in reversed(ctx.consumers):
             await consumer.stop()
         await service.stop()
-        await asyncio.wait_for(publisher.flush(), timeout=30)
+        # Flush and drain together stay well under a supervisor's 30 s before SIGKILL.
+        await asyncio.wait_for(publisher.flush(), timeout=15)
     except Exception as exc:
         log.error("stop_failed", error=repr(exc))
         code = 1

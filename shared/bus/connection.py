@@ -47,5 +47,8 @@ async def connect(
         reconnected_cb=on_reconnected,
         closed_cb=on_closed,
         pending_size=64 * 1024 * 1024,
+        # Bounded: a subscription whose reader was cancelled at shutdown never drains, and
+        # nats-py's default (30 s) equals a supervisor's patience before SIGKILL.
+        drain_timeout=5,
     )
     return nc
