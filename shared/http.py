@@ -9,9 +9,8 @@ from typing import cast
 import msgspec
 from aiohttp import web
 
+from shared.contract.codec import JSON
 from shared.contract.control import ErrorBody, ErrorReply
-
-JSON = "application/json"
 
 
 class HttpServer:

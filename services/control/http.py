@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from shared.http import JSON, HttpServer, bearer_ok, json_response, unauthorized
+from shared.contract.codec import JSON
+from shared.http import HttpServer, bearer_ok, json_response, unauthorized
 from shared.settings import ControlSettings
 
 Dispatch = Callable[[str, bytes], Awaitable[tuple[int, bytes]]]
