@@ -126,4 +126,4 @@ class RouterService:
         await ctx.publisher.flush()
 
     async def _source_changed(self, symbol: str, provider: str) -> None:
-        await publish_event(self.ctx.publisher, Failover(time.time_ns(), symbol, provider))
+        await publish_event(self.ctx.publisher, Failover(time.time_ns(), symbol, None, provider))

@@ -13,6 +13,7 @@ from msgspec import Struct
 
 from shared.contract import names
 from shared.contract.messages import EndOfStream
+from shared.contract.records import CircuitState
 
 
 class Started(Struct):
@@ -59,12 +60,36 @@ class Reloaded(Struct):
     config: dict[str, str]
 
 
-class Failover(Struct):
-    """The router switched a symbol to another source."""
+FailoverReason = Literal["first_source", "stale", "provider_down", "failback"]
+
+
+class Failover(Struct, frozen=True):
+    """The router switched a symbol's source (`from` is None for its first source).
+
+    `reason`: `first_source`, `stale` (silent for the detection time), `provider_down` (its
+    breaker opened or its job failed or is retrying), `failback` (the preferred source has been
+    healthy for the hysteresis period).
+    """
 
     ts: int
     symbol: str
+    from_provider: str | None = msgspec.field(name="from")
+    to_provider: str = msgspec.field(name="to")
+    reason: FailoverReason = "first_source"
+
+
+class Circuit(Struct, frozen=True):
+    """A provider's circuit breaker changed state.
+
+    `reason`: `failure_threshold`, `recovery_elapsed`, `probe_succeeded`, `probe_failed`,
+    `manual_reset`.
+    """
+
+    ts: int
     provider: str
+    from_state: CircuitState
+    to_state: CircuitState
+    reason: str
 
 
 GapState = Literal["opened", "closed"]
@@ -106,7 +131,7 @@ class Suppressed(Struct):
 # `completed`: every bar of a symbol's bounded run is stored; the body is its EndOfStream.
 Completed = EndOfStream
 
-Event = Started | Stopped | Failed | Reloaded | Failover | Gap | Suppressed | Completed
+Event = Started | Stopped | Failed | Reloaded | Failover | Circuit | Gap | Suppressed | Completed
 
 EVENT_NAMES: dict[type[Event], str] = {
     Started: "started",
@@ -114,6 +139,7 @@ EVENT_NAMES: dict[type[Event], str] = {
     Failed: "failed",
     Reloaded: "reloaded",
     Failover: "failover",
+    Circuit: "circuit",
     Gap: "gap",
     Suppressed: "suppressed",
     Completed: "completed",

@@ -162,11 +162,17 @@ def stopped_key(job: str) -> str:
 
 
 HOSTS_PREFIX = "hosts."  # KV_STATE: one ProviderHost per running provider process
+CIRCUIT_PREFIX = "circuit."  # KV_STATE: one CircuitRecord per provider with a breaker
 
 
 def host_key(instance: str) -> str:
     """KV_STATE key of a provider process's ProviderHost record."""
     return HOSTS_PREFIX + instance
+
+
+def circuit_key(provider: str) -> str:
+    """`ingest_state` key of a provider's circuit breaker (a CircuitRecord)."""
+    return CIRCUIT_PREFIX + _check_name("provider", provider)
 
 
 def checkpoint_key(durable: str) -> str:

@@ -6,6 +6,8 @@ from typing import Literal
 
 from msgspec import Struct
 
+CircuitState = Literal["closed", "open", "half_open"]
+
 JobState = Literal[
     "running", "retrying", "completed", "failed", "stopped", "interrupted", "replaced"
 ]
@@ -76,3 +78,19 @@ class ProviderHost(Struct):
     adapters: list[AdapterInfo]
     heartbeat_ns: int
     ttl_s: float
+
+
+class CircuitRecord(Struct):
+    """A provider's circuit breaker (`ingest_state`, key `circuit.<provider>`).
+
+    Written with compare-and-swap by whoever changes it (the provider process that saw a
+    failure or a success, control on `reset`); `state` is as of `updated_ns`: an `open` record
+    whose recovery has elapsed reads as `half_open` (the breaker core computes it).
+    """
+
+    provider: str
+    state: CircuitState
+    failures_ns: list[int]
+    opened_at_ns: int | None
+    probes_started_ns: list[int]
+    updated_ns: int
