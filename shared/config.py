@@ -140,6 +140,13 @@ class FallbackConfig(_Model):
         None, description="unset: the configured providers, ibkr before replay before synthetic"
     )
     symbols: dict[str, list[str]] = {}
+    strategy: Literal["first_available", "round_robin", "lowest_latency"] = "first_available"
+    detect_seconds: float = Field(
+        3.0, gt=0, le=3600, description="a source silent this long is stale: fail over"
+    )
+    hysteresis_seconds: float = Field(
+        10.0, ge=0, le=86400, description="a preferred source healthy this long: fail back"
+    )
 
 
 class DataProviders(_Model):
@@ -290,7 +297,9 @@ class EffectivePolicy(_Model):
          "batching": {"max_rows": 5000, "max_bytes": 1000000, "max_delay_ms": 200},
          "bars": {"intervals": ["1s", "1m"], "grace_ms": 500, "revise_window_seconds": 60.0,
                   "price_type": "LAST"},
-         "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {}},
+         "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {},
+                      "strategy": "first_available", "detect_seconds": 3.0,
+                      "hysteresis_seconds": 10.0},
          "revision": 1}
     """
 
@@ -331,9 +340,7 @@ class Config:
             store_sync=policy.store_sync,
             batching=policy.batching,
             bars=policy.bars,
-            fallback=FallbackConfig(
-                default=providers.default_order, symbols=dict(providers.fallback.symbols)
-            ),
+            fallback=providers.fallback.model_copy(update={"default": providers.default_order}),
             revision=revision,
         )
 

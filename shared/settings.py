@@ -37,10 +37,11 @@ class ProviderSettings(BaseModel):
 
 
 class RouterSettings(BaseModel):
-    """Per-symbol source selection."""
+    """The router's own knobs; the source order and timing are the policy's `fallback`."""
 
-    source_order: list[str] = ["ibkr", "replay", "synthetic"]
-    stale_after_s: float = Field(5.0, gt=0, description="a source silent this long is unavailable")
+    handover_batches: int = Field(
+        64, ge=1, le=10_000, description="backup batches kept per symbol and source for a switch"
+    )
 
 
 class AggregatorSettings(BaseModel):

@@ -158,9 +158,15 @@ async def start_system(
     services: tuple[str, ...],
     env: dict[str, str] | None = None,
     store_url: str | None = None,
+    configs: dict[str, str] | None = None,
 ) -> System:
-    """Start `services` against `server` with a private config directory."""
+    """Start `services` against `server` with a private config directory.
+
+    `configs` replaces shipped config files by name before anything starts.
+    """
     config_dir = default_configs(tmp / "configs")
+    for name, text in (configs or {}).items():
+        (config_dir / name).write_text(text)
     sup = Supervisor(
         data_dir=tmp / "pipeline",
         store_url=store_url or f"sqlite:///{tmp / 'mdp.db'}",

@@ -135,6 +135,12 @@ class FailoverSelector:
 
     # -- configuration ---------------------------------------------------------------------
 
+    def configure(self, *, strategy: Strategy, detect_ns: int, hysteresis_ns: int) -> None:
+        """Replace the timing and strategy (a policy reload); takes effect at the next call."""
+        if detect_ns < 1 or hysteresis_ns < 0:
+            raise ValueError("detect_ns must be positive and hysteresis_ns >= 0")
+        self.strategy, self.detect_ns, self.hysteresis_ns = strategy, detect_ns, hysteresis_ns
+
     def set_order(self, default: Sequence[str], per_symbol: Mapping[str, Sequence[str]]) -> None:
         """Replace the source order (the policy's `fallback`); takes effect at the next call."""
         self._default = list(default)

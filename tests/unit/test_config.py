@@ -99,7 +99,13 @@ def test_the_effective_policy_travels_through_json_with_every_field() -> None:
             "revise_window_seconds": 60.0,
             "price_type": "LAST",
         },
-        "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {}},
+        "fallback": {
+            "default": ["ibkr", "replay", "synthetic"],
+            "symbols": {},
+            "strategy": "first_available",
+            "detect_seconds": 3.0,
+            "hysteresis_seconds": 10.0,
+        },
         "revision": 7,
     }
     # A partial value (an older writer, a test) decodes with the defaults; a bad one is refused.
