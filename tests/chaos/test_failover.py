@@ -9,6 +9,7 @@ fails back. A reload that reverses the order switches again, without a restart.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
@@ -143,10 +144,10 @@ async def test_sigstop_fails_over_within_the_detection_time_and_fails_back(
         assert stamps == sorted(stamps), "event time went back at a switch"
         # The handover fills the detection window: no hole in event time near the detection
         # time (50 ticks/s: a tick every 20 ms; a batch boundary may drop a few of them).
-        holes = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        holes = [b - a for a, b in itertools.pairwise(stamps)]
         assert max(holes) < DETECT_S * 1e9 / 2, f"a hole of {max(holes) / 1e9:.2f} s"
         # Arrival: the only pause is the detection itself.
-        pauses = [b.arrived - a.arrived for a, b in zip(quotes, quotes[1:], strict=False)]
+        pauses = [b.arrived - a.arrived for a, b in itertools.pairwise(quotes)]
         assert max(pauses) < DETECT_S + 1.0, f"quotes paused {max(pauses):.2f} s"
         print(
             f"failover after SIGSTOP: {failover_s:.2f} s (detect {DETECT_S} s); "
