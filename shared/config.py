@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -454,6 +455,20 @@ def load_from_environment(
     """Find the config directory and load it, as a service does at start and on reload."""
     env = os.environ if env is None else env
     return load_config(find_config_dir(env, cwd or Path.cwd()), env, params_models)
+
+
+def local_policy(service: str) -> EffectivePolicy:
+    """The policy from this process's own config files and environment (revision 0).
+
+    A service follows control's published policy; this is what it applies until that arrives
+    (or when no control runs), from the same files and `MDP_*` overrides, so there is one model.
+    An invalid configuration exits the process with the problems, as control does.
+    """
+    try:
+        return load_from_environment().effective_policy(0)
+    except ConfigError as exc:
+        print(f"mdp {service}: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cross_check(config: Config) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from shared.contract.messages import check_intervals, interval_ns
+from shared.contract.messages import interval_ns
 
 
 class ProviderSettings(BaseModel):
@@ -45,16 +45,8 @@ class RouterSettings(BaseModel):
 
 
 class AggregatorSettings(BaseModel):
-    """Bars and the hybrid batcher that carries them to the store."""
+    """The aggregator's process knobs; bars and batching are the policy's (`bars`, `batching`)."""
 
-    intervals: list[str] = ["1s", "1m"]
-    grace_ms: int = Field(500, ge=0)
-    revise_window_s: float = Field(60.0, ge=0)
-    price_type: Literal["LAST", "MID"] = "LAST"
-    batch_max_rows: int = Field(5000, ge=1)
-    batch_max_bytes: int = Field(1_000_000, ge=1024)
-    batch_max_delay_ms: int = Field(200, ge=1)
-    store_sync_mode: Literal["bus", "http", "none"] = "bus"
     partition: int | None = Field(
         None, ge=0, description="consume only this quote partition (one replica per partition)"
     )
@@ -69,11 +61,6 @@ class AggregatorSettings(BaseModel):
         if value:
             interval_ns(value)
         return value
-
-    @field_validator("intervals")
-    @classmethod
-    def _intervals_parse(cls, value: list[str]) -> list[str]:
-        return check_intervals(value)
 
 
 class StreamSettings(BaseModel):

@@ -37,6 +37,12 @@ class BarBatcher:
         self._bytes = 0
         self._oldest_ns = 0  # when the first pending bar was added
 
+    def retune(self, max_rows: int, max_bytes: int, max_delay_ns: int) -> None:
+        """New limits (a policy reload); a batch already beyond them is cut at the next bar."""
+        if max_rows < 1 or max_bytes < 1 or max_delay_ns < 0:
+            raise ValueError("max_rows and max_bytes must be >= 1, max_delay_ns >= 0")
+        self._max_rows, self._max_bytes, self._max_delay = max_rows, max_bytes, max_delay_ns
+
     @property
     def pending_rows(self) -> int:
         """Bars waiting in the current batch."""

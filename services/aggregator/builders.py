@@ -1,44 +1,53 @@
-"""The aggregator's pure parts built from its settings, new or from a checkpoint's snapshot."""
+"""The aggregator's pure parts built from the policy and settings, new or from a snapshot."""
 
 from __future__ import annotations
 
 from services.aggregator.bars import BarEngine
 from services.aggregator.batcher import BarBatcher
 from services.aggregator.gaps import GapDetector
+from shared.config import BarsConfig, BatchingConfig
+from shared.contract.messages import interval_ns
 from shared.settings import AggregatorSettings
 
 __all__ = ["new_batcher", "new_engine", "new_gaps"]
 
 
-def new_engine(cfg: AggregatorSettings, snapshot: bytes | None = None) -> BarEngine:
-    """A bar engine, empty or restored from `snapshot`."""
-    grace_ns, revise_window_ns = cfg.grace_ms * 1_000_000, int(cfg.revise_window_s * 1e9)
+def new_engine(bars: BarsConfig, snapshot: bytes | None = None) -> BarEngine:
+    """A bar engine for the policy's `bars`, empty or restored from `snapshot`.
+
+    From a snapshot, a changed grace or revise window applies from now on, an added interval
+    starts empty (its first bar begins at the next tick), a removed one is dropped, and a
+    changed price type raises ValueError (it would mix prices in open bars).
+    """
+    grace_ns, revise_window_ns = bars.grace_ms * 1_000_000, int(bars.revise_window_seconds * 1e9)
     if snapshot is None:
         return BarEngine(
-            cfg.intervals,
+            bars.intervals,
             grace_ns=grace_ns,
             revise_window_ns=revise_window_ns,
-            price_type=cfg.price_type,
+            price_type=bars.price_type,
         )
     return BarEngine.restore(
         snapshot,
-        intervals=cfg.intervals,
+        intervals=bars.intervals,
         grace_ns=grace_ns,
         revise_window_ns=revise_window_ns,
-        price_type=cfg.price_type,
+        price_type=bars.price_type,
     )
 
 
-def new_gaps(cfg: AggregatorSettings, snapshot: bytes = b"") -> GapDetector | None:
+def new_gaps(
+    cfg: AggregatorSettings, bars: BarsConfig, snapshot: bytes = b""
+) -> GapDetector | None:
     """A gap detector (restored from a non-empty `snapshot`), or None when gaps are off."""
     if not cfg.gap_intervals:
         return None
-    interval = cfg.gap_interval or cfg.intervals[0]
+    interval = cfg.gap_interval or min(bars.intervals, key=interval_ns)
     if snapshot:
         return GapDetector.restore(snapshot, interval=interval, missing_intervals=cfg.gap_intervals)
     return GapDetector(interval, cfg.gap_intervals)
 
 
-def new_batcher(cfg: AggregatorSettings) -> BarBatcher:
-    """An empty batcher towards the store, cut by the configured rows, bytes and delay."""
-    return BarBatcher(cfg.batch_max_rows, cfg.batch_max_bytes, cfg.batch_max_delay_ms * 1_000_000)
+def new_batcher(batching: BatchingConfig) -> BarBatcher:
+    """An empty batcher towards the store, cut by the policy's rows, bytes and delay."""
+    return BarBatcher(batching.max_rows, batching.max_bytes, batching.max_delay_ms * 1_000_000)

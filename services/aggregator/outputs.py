@@ -10,13 +10,14 @@ are announced as `suppressed` events. The shell publishes the lists and awaits t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import Counter
 
 from services.aggregator.bars import Emitted
 from services.aggregator.batcher import BarBatcher
+from services.aggregator.builders import new_batcher
 from shared.config import EffectivePolicy
 from shared.contract import names
 from shared.contract.codec import JSON, encode
@@ -59,7 +60,6 @@ class OutputRouter:
 
     def __init__(
         self,
-        new_batcher: Callable[[], BarBatcher],
         policy: EffectivePolicy,
         content_type: str,
         producer: str,
@@ -67,13 +67,22 @@ class OutputRouter:
     ) -> None:
         self.policy = policy  # replaced by the shell whenever control publishes a new one
         self.dry_run: set[str] = set()  # symbols whose latest tick batch was marked dry-run
-        self._new_batcher = new_batcher
         self._content_type = content_type
         self._producer = producer
         self._service = service
-        self._batcher = new_batcher()
+        self._batcher = new_batcher(policy.batching)
         self._suppressed: dict[str, BarBatcher] = {}
         self._notices: list[Suppressed] = []
+
+    def apply(self, policy: EffectivePolicy) -> None:
+        """Follow a new policy; changed batching limits apply to the batches being filled too."""
+        batching = policy.batching
+        if batching != self.policy.batching:
+            for batcher in (self._batcher, *self._suppressed.values()):
+                batcher.retune(
+                    batching.max_rows, batching.max_bytes, batching.max_delay_ms * 1_000_000
+                )
+        self.policy = policy
 
     def mark_dry_run(self, symbol: str, dry_run: bool) -> None:
         """Record whether the latest tick batch of `symbol` was marked dry-run."""
@@ -86,7 +95,7 @@ class OutputRouter:
 
     def reset(self) -> None:
         """Empty every batcher (before a restore); the policy, dry-run marks and notices stay."""
-        self._batcher = self._new_batcher()
+        self._batcher = new_batcher(self.policy.batching)
         self._suppressed = {}
 
     @property
@@ -214,7 +223,7 @@ class OutputRouter:
     def _suppressed_batcher(self, reason: str) -> BarBatcher:
         batcher = self._suppressed.get(reason)
         if batcher is None:
-            batcher = self._suppressed[reason] = self._new_batcher()
+            batcher = self._suppressed[reason] = new_batcher(self.policy.batching)
         return batcher
 
     def _count_suppressed(self, reason: str, batches: list[BarBatch]) -> None:

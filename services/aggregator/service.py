@@ -29,7 +29,7 @@ from prometheus_client import Counter
 from structlog.typing import FilteringBoundLogger
 
 from services.aggregator.activation import activate_with_retries, keep_lease
-from services.aggregator.builders import new_batcher, new_engine, new_gaps
+from services.aggregator.builders import new_engine, new_gaps
 from services.aggregator.checkpoint import (
     CHECKPOINT_MAX_PENDING,
     Checkpoint,
@@ -42,7 +42,7 @@ from services.aggregator.outputs import Outgoing, OutputRouter
 from shared.bus.consumer import StopConsuming, stream_sequence
 from shared.bus.deadletter import dead_letter
 from shared.bus.kv import follow
-from shared.config import EffectivePolicy, StoreSyncConfig
+from shared.config import EffectivePolicy, local_policy
 from shared.contract import names
 from shared.contract.codec import Codec, DecodeError
 from shared.contract.control import JobSpec
@@ -67,11 +67,14 @@ class AggregatorService:
         cfg = settings.aggregator
         self.settings = settings
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.engine = new_engine(cfg)
-        # Until control's policy is read, the configured store path applies.
-        policy = EffectivePolicy(store_sync=StoreSyncConfig(mode=cfg.store_sync_mode))
+        # Until control's policy is read, the one from our own files and environment applies.
+        policy = local_policy(self.name)
+        self.engine = new_engine(policy.bars)
         self.router = OutputRouter(
-            lambda: new_batcher(cfg), policy, settings.content_type, self.instance, self.name
+            policy,
+            settings.content_type,
+            self.instance,
+            self.name,
         )
         self.codec = Codec(TickBatch)
         self.lock = asyncio.Lock()
@@ -79,7 +82,7 @@ class AggregatorService:
         # resumes after a crash may send some again, in differently cut batches.
         self.sources: dict[str, SeenSeqs] = {}
         self.eos = EndOfStreamTracker()
-        self.gaps = new_gaps(cfg)
+        self.gaps = new_gaps(cfg, policy.bars)
         self.jobs: dict[str, JobSpec] = {}
         self.last_seq = 0
         self.durable = "aggregator" if cfg.partition is None else f"aggregator-p{cfg.partition}"
@@ -103,7 +106,7 @@ class AggregatorService:
         if not await self.lease.acquire(ctx.stopping):
             return
         # A retried activation starts from the checkpoint again, not from a half restore.
-        self.engine = new_engine(self.settings.aggregator)
+        self.engine = new_engine(self.router.policy.bars)
         self.router.reset()
         self.last_seq = 0
         await self._restore()
@@ -232,14 +235,15 @@ class AggregatorService:
         if checkpoint is None:
             return
         cfg = self.settings.aggregator
-        self.engine = new_engine(cfg, checkpoint.engine)
+        bars = self.router.policy.bars
+        self.engine = new_engine(bars, checkpoint.engine)
         now = time.monotonic_ns()
         await self._publish(self.router.restore(checkpoint.pending, checkpoint.suppressed, now))
         self.sources = checkpoint.sources
         self.router.dry_run = set(checkpoint.dry_run)
         self.eos = EndOfStreamTracker(checkpoint.waiting_eos)
         if checkpoint.gaps:
-            self.gaps = new_gaps(cfg, checkpoint.gaps)
+            self.gaps = new_gaps(cfg, bars, checkpoint.gaps)
         self.last_seq = checkpoint.last_seq
         self.log.info(
             "checkpoint_restored", last_seq=self.last_seq, pending=len(checkpoint.pending)
@@ -253,8 +257,19 @@ class AggregatorService:
             if policy is None:
                 continue
             async with self.lock:
-                self.router.policy = policy
-            self.log.info("policy", policy=policy.model_dump())
+                self._apply(policy)
+            self.log.info("policy", policy=self.router.policy.model_dump())
+
+    def _apply(self, policy: EffectivePolicy) -> None:
+        """Follow a new policy: bars from now on (open bars kept), batching from the next batch."""
+        current = self.router.policy
+        if policy.bars != current.bars:
+            try:
+                self.engine = new_engine(policy.bars, self.engine.snapshot())
+            except ValueError as exc:  # a changed price type: the running bars stay as they are
+                self.log.error("policy_bars_refused", error=str(exc), kept=current.bars)
+                policy = policy.model_copy(update={"bars": current.bars})
+        self.router.apply(policy)
 
     async def _watch_jobs(self) -> None:
         """Follow the live subscriptions: a replay is bounded, its end is not a gap."""

@@ -324,6 +324,7 @@ class ControlService:
             config=dict(self.config.sources),
             http=self.http.url if self.http is not None else None,
             hosts=sorted(self._live_hosts(now), key=lambda host: host.instance),
+            effective=self.config.effective_policy(self.policy_revision).model_dump(),
         )
 
     async def reload(self, body: bytes) -> ReloadReply:

@@ -20,7 +20,7 @@ from shared.bus.consumer import stream_sequence
 from shared.bus.deadletter import dead_letter
 from shared.bus.kv import follow
 from shared.bus.publisher import publish_event
-from shared.config import EffectivePolicy, FallbackConfig
+from shared.config import EffectivePolicy, FallbackConfig, local_policy
 from shared.contract import names
 from shared.contract.codec import JSON, Codec, DecodeError
 from shared.contract.events import Failover
@@ -124,7 +124,8 @@ class RouterService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.selector = FailoverSelector(buffer_max=settings.router.handover_batches)
-        self._apply(FallbackConfig(default=list(EffectivePolicy().fallback.default or [])))
+        # Until control's policy is read, the one from our own files and environment applies.
+        self._apply(local_policy(self.name).fallback)
         self.health = SourceHealth()
         self.down: dict[str, str | None] = {}  # the last reason acted on, per provider
         self.held: dict[str, _Held] = {}  # batch id -> payload, while a handover may need it

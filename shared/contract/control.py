@@ -119,7 +119,7 @@ class StopReply(Struct, kw_only=True):
 
 
 class StatusReply(Struct, kw_only=True):
-    """`status`: jobs, providers, the policy as the files say, recent stops, where things are."""
+    """`status`: jobs, providers, the policy (as the files say, and as published), recent stops."""
 
     ok: bool = True
     jobs: list[JobStatus]
@@ -131,6 +131,8 @@ class StatusReply(Struct, kw_only=True):
     config: dict[str, str]
     http: str | None
     hosts: list[ProviderHost]  # the live provider processes and the adapters each hosts
+    # The published policy the other services follow (bars, batching, fallback, ...).
+    effective: dict[str, object] = {}
 
 
 class ReloadReply(Struct, kw_only=True):

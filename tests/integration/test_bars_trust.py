@@ -292,8 +292,8 @@ async def test_late_ticks_beyond_the_window_are_counted_and_dead_lettered(
     store_url = f"sqlite:///{tmp_path / 'bars.db'}"
     env = {
         "MDP_PROVIDER__BATCH_MAX_TICKS": str(BATCH),
-        "MDP_AGGREGATOR__REVISE_WINDOW_S": "5",
-        "MDP_AGGREGATOR__GRACE_MS": "0",
+        "MDP_POLICY__BARS__REVISE_WINDOW_SECONDS": "5",
+        "MDP_POLICY__BARS__GRACE_MS": "0",
     }
     sup = pipeline(store_url=store_url, env=env)
     await sup.wait_ready()

@@ -47,7 +47,7 @@ async def pipeline_system_fixture(
         tmp,
         ("provider", "router", "aggregator", "store", "control"),
         env={
-            "MDP_AGGREGATOR__INTERVALS": '["1s"]',
+            "MDP_POLICY__BARS__INTERVALS": '["1s"]',
             "MDP_STORE__FORWARD_TOKEN": FORWARD_TOKEN,
         },
         store_url=f"sqlite:///{tmp / 'bars.db'}",

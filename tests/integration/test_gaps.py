@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 async def test_silent_subscribed_symbol_opens_then_closes_a_gap(
     pipeline: PipelineFactory, nc: NATS
 ) -> None:
-    sup = pipeline(env={"MDP_AGGREGATOR__GAP_INTERVALS": "2", "MDP_AGGREGATOR__GRACE_MS": "100"})
+    sup = pipeline(env={"MDP_AGGREGATOR__GAP_INTERVALS": "2", "MDP_POLICY__BARS__GRACE_MS": "100"})
     await sup.wait_ready()
     js = nc.jetstream()
     gaps: list[dict[str, Any]] = []

@@ -5,9 +5,8 @@ from __future__ import annotations
 import msgspec
 
 from services.aggregator.bars import Emitted, InvalidTick, LateTick
-from services.aggregator.batcher import BarBatcher
 from services.aggregator.outputs import Outgoing, OutputRouter
-from shared.config import EffectivePolicy, StoreSyncConfig, WritePathConfig
+from shared.config import BatchingConfig, EffectivePolicy, StoreSyncConfig, WritePathConfig
 from shared.contract import names
 from shared.contract.codec import JSON, MSGPACK
 from shared.contract.events import Gap, Suppressed
@@ -36,10 +35,11 @@ def router(
     max_rows: int = 2,
 ) -> OutputRouter:
     policy = EffectivePolicy(
-        write_path=WritePathConfig(enabled=enabled), store_sync=StoreSyncConfig(mode=mode)
+        write_path=WritePathConfig(enabled=enabled),
+        store_sync=StoreSyncConfig(mode=mode),
+        batching=BatchingConfig(max_rows=max_rows, max_bytes=1_000_000, max_delay_ms=200),
     )
     return OutputRouter(
-        lambda: BarBatcher(max_rows, 1_000_000, 200 * MS),
         policy,
         content_type,
         PRODUCER,
@@ -227,3 +227,20 @@ def test_restore_refills_the_batchers() -> None:
     assert r.suppressed_pending == {"dry_run": [bar(3)]}
     r.reset()
     assert r.pending == [] and r.suppressed_pending == {}
+
+
+def test_a_new_policy_retunes_the_batch_being_filled() -> None:
+    r = router(max_rows=10)
+    r.route(Emitted(bars=[bar(0), bar(1), bar(2)]), NOW)
+    assert r.pending_rows == 3
+    smaller = r.policy.model_copy(
+        update={"batching": BatchingConfig(max_rows=2, max_bytes=1_000_000, max_delay_ms=50)}
+    )
+    r.apply(smaller)
+    assert r.policy is smaller
+    # The next bar cuts the batch that is now over the limit, and the new delay applies.
+    out = r.route(Emitted(bars=[bar(3)]), NOW)
+    batches = of(out, "store.sync.bus")
+    assert [len(msgspec.json.decode(b.data, type=BarBatch).bars) for b in batches] == [4]
+    r.route(Emitted(bars=[bar(4)]), NOW)
+    assert r.is_due(NOW + 50 * MS) and not r.is_due(NOW + 49 * MS)

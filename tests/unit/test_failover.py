@@ -238,3 +238,25 @@ def test_a_redelivery_is_no_sign_of_health() -> None:
     _obs(sel, "synthetic", 2 * S)
     [switch] = sel.tick(3 * S)
     assert (switch.reason, switch.forward) == ("stale", ("synthetic:2000000000",))
+
+
+def test_source_health_from_circuits_and_job_states() -> None:
+    from services.router.service import SourceHealth
+
+    health = SourceHealth()
+    assert health.down_reason("ibkr") is None  # nothing known: up
+    health.circuits["ibkr"] = "open"
+    assert health.down_reason("ibkr") == "circuit_open"
+    health.circuits["ibkr"] = "half_open"  # a probe runs: not yet trusted
+    assert health.down_reason("ibkr") == "circuit_half_open"
+    health.circuits["ibkr"] = "closed"
+    health.jobs["provider.a"] = ("ibkr", "retrying")
+    assert health.down_reason("ibkr") == "job_retrying"
+    health.jobs["provider.b"] = ("ibkr", "running")  # another job of it still delivers
+    assert health.down_reason("ibkr") is None
+    health.jobs["provider.b"] = ("ibkr", "stopped")
+    health.jobs["provider.a"] = ("ibkr", "failed")
+    assert health.down_reason("ibkr") == "job_failed"
+    health.jobs["provider.a"] = ("ibkr", "completed")  # a replay that ended is not down
+    assert health.down_reason("ibkr") is None
+    assert health.down_reason("synthetic") is None
