@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from typing import Any, TypeVar
 
 import msgspec
@@ -209,6 +209,65 @@ def build_job(
         deadline_ns=now_ns + int(max_runtime_s * 1e9) if max_runtime_s > 0 else 0,
         run=f"{request.job}-{now_ns:x}",
     )
+
+
+def standby_jobs(
+    spec: JobSpec,
+    config: Config,
+    live_adapters: Set[str],
+    adapters: Mapping[str, type[Adapter]] | None = None,
+) -> list[JobSpec]:
+    """The hot standbys of a live job: one job per other source in its symbols' fallback order.
+
+    A source qualifies when it is configured, enabled and hosted as a live adapter by a running
+    provider process (`live_adapters`); it backs up the symbols whose order names it. Each
+    standby runs with its provider's configured params, and stops with the job.
+    """
+    if spec.provider not in live_adapters:
+        raise ControlError(
+            "invalid_request",
+            f"standby: provider {spec.provider!r} is not a live feed hosted by a running "
+            "provider process; only a live job can have hot standbys",
+        )
+    providers = config.providers.providers
+    symbols_of: dict[str, list[str]] = {}
+    for symbol in spec.symbols:
+        for name in config.providers.source_order(symbol):
+            candidate = providers.get(name)
+            if name == spec.provider or candidate is None or not candidate.enabled:
+                continue
+            if name in live_adapters:
+                symbols_of.setdefault(name, []).append(symbol)
+    if not symbols_of:
+        orders = sorted({" > ".join(config.providers.source_order(s)) for s in spec.symbols})
+        raise ControlError(
+            "no_fallback",
+            f"standby: nothing can back up {spec.provider!r}: the fallback order of its symbols "
+            f"is {'; '.join(orders)} (data_providers.yaml: fallback.default, fallback.symbols), "
+            "and a standby needs another configured, enabled provider there that a running "
+            "provider process hosts as a live adapter",
+        )
+    standbys = []
+    for name, symbols in symbols_of.items():
+        job = f"{spec.job}-standby-{name}"
+        if not JOB_NAME.match(job):
+            raise ControlError(
+                "invalid_request",
+                f"standby job name {job!r} is longer than 64 characters; use a shorter job name",
+            )
+        params = job_params(name, providers[name], {}, adapters)
+        standbys.append(
+            msgspec.structs.replace(
+                spec,
+                job=job,
+                provider=name,
+                symbols=symbols,
+                params=params,
+                run=f"{job}-{spec.started_ns:x}",
+                standby_of=spec.job,
+            )
+        )
+    return standbys
 
 
 def check_capacity(spec: JobSpec, live: Mapping[str, JobSpec], max_jobs: int) -> None:

@@ -36,6 +36,7 @@ from services.control.guards import (
     next_deadline,
     parse_start,
     parse_stop,
+    standby_jobs,
 )
 from services.control.http import ControlHttp
 from shared.bus.kv import follow, kv_keys
@@ -211,42 +212,71 @@ class ControlService:
         request = parse_start(body)
         async with self.lock:
             spec = build_job(request, self.config, time.time_ns())
+            standbys: list[JobSpec] = []
+            if request.standby:
+                live_adapters = {
+                    adapter.name
+                    for host in self._live_hosts(time.time_ns())
+                    for adapter in host.adapters
+                    if adapter.live
+                }
+                standbys = standby_jobs(spec, self.config, live_adapters)
             live = await self._live_jobs()
-            check_capacity(spec, live, self.config.policy.guards.max_concurrent_jobs)
-            try:
-                await self.jobs_kv.create(spec.job, msgspec.json.encode(spec))
-            except KeyWrongLastSequenceError:
-                # A finished run of the same name is replaced; a live one raced us (a replica).
-                entry = await self._entry(spec.job)
-                if entry is not None and spec.job in await self._live_jobs():
-                    raise ControlError(
-                        "already_running", f"job {spec.job!r} was started concurrently"
-                    ) from None
-                await self.jobs_kv.update(
-                    spec.job, msgspec.json.encode(spec), last=entry[1] if entry else 0
-                )
-            self.jobs[spec.job] = spec
+            max_jobs = self.config.policy.guards.max_concurrent_jobs
+            for job in (spec, *standbys):
+                check_capacity(job, live, max_jobs)
+                live[job.job] = job  # the standbys count against the limit too
+            for job in (spec, *standbys):
+                await self._write_job(job)
             self._wake()
-        INGEST_STARTS.labels(spec.provider).inc()
-        await self._event(
-            Started(
+        for job in (spec, *standbys):
+            INGEST_STARTS.labels(job.provider).inc()
+            event = Started(
                 time.time_ns(),
-                spec.job,
-                spec.run,
-                spec.provider,
-                spec.symbols,
-                spec.dry_run,
-                spec.deadline_ns,
+                job.job,
+                job.run,
+                job.provider,
+                job.symbols,
+                job.dry_run,
+                job.deadline_ns,
             )
-        )
-        self.ctx.log.info("job_started", job=spec.job, run=spec.run, provider=spec.provider)
-        return StartReply(job=_job_view(spec))
+            await self._event(event)
+            self.ctx.log.info(
+                "job_started",
+                job=job.job,
+                run=job.run,
+                provider=job.provider,
+                standby_of=job.standby_of or None,
+            )
+        reply = StartReply(job=_job_view(spec))
+        if request.standby:
+            reply.standbys = [_job_view(job) for job in standbys]
+        return reply
+
+    async def _write_job(self, spec: JobSpec) -> None:
+        """Put a job into the desired state (replacing a finished run of the same name)."""
+        try:
+            await self.jobs_kv.create(spec.job, msgspec.json.encode(spec))
+        except KeyWrongLastSequenceError:
+            # A finished run of the same name is replaced; a live one raced us (a replica).
+            entry = await self._entry(spec.job)
+            if entry is not None and spec.job in await self._live_jobs():
+                raise ControlError(
+                    "already_running", f"job {spec.job!r} was started concurrently"
+                ) from None
+            await self.jobs_kv.update(
+                spec.job, msgspec.json.encode(spec), last=entry[1] if entry else 0
+            )
+        self.jobs[spec.job] = spec
 
     async def stop_job(self, body: bytes) -> StopReply:
         """Remove the job from the desired state; stopping an idle job is not an error."""
         request = parse_stop(body)
         async with self.lock:
             stopped = await self._stop(request.job, request.reason)
+            # Its hot standbys stop with it.
+            for standby in [s for s in self.jobs.values() if s.standby_of == request.job]:
+                await self._stop(standby.job, request.reason)
         if stopped is None:
             return StopReply(status="idle", job=request.job)
         return StopReply(status="stopped", job=request.job, run=stopped.run, reason=request.reason)

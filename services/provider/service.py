@@ -171,7 +171,13 @@ class ProviderService:
         """Say which adapters this process hosts (control fails jobs nobody can host)."""
         record = ProviderHost(
             self.instance,
-            [self.origins[name] for name in sorted(self.adapters) if name in self.origins],
+            [
+                msgspec.structs.replace(
+                    self.origins[name], live=bool(getattr(self.adapters[name], "live", False))
+                )
+                for name in sorted(self.adapters)
+                if name in self.origins
+            ],
             time.time_ns(),
             self.settings.provider.host_ttl_s,
         )

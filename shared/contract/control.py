@@ -20,6 +20,8 @@ class StartRequest(Struct, forbid_unknown_fields=True):
     dry_run: bool | None = None
     job: str = "default"
     params: dict[str, Any] = {}
+    # Also start the job's fallback sources (data_providers.yaml `fallback`) as hot standbys.
+    standby: bool = False
 
 
 class StopRequest(Struct, forbid_unknown_fields=True):
@@ -40,6 +42,7 @@ class JobSpec(Struct, omit_defaults=True):
     started_ns: int = 0
     deadline_ns: int = 0
     run: str = ""
+    standby_of: str = ""  # a hot standby: the job whose symbols it backs up (stops with it)
 
 
 class ErrorBody(Struct):
@@ -106,6 +109,7 @@ class StartReply(Struct, kw_only=True):
     ok: bool = True
     status: str = "running"
     job: JobView
+    standbys: list[JobView] | UnsetType = UNSET  # started with `"standby": true`
 
 
 class StopReply(Struct, kw_only=True):

@@ -66,6 +66,7 @@ class AdapterInfo(Struct):
     name: str
     version: str
     origin: str
+    live: bool = False  # a live feed (retried, may be a hot standby), not a bounded input
 
 
 class ProviderHost(Struct):

@@ -17,6 +17,7 @@ from services.control.guards import (
     next_deadline,
     parse_start,
     parse_stop,
+    standby_jobs,
 )
 from services.provider.adapters.base import AdapterError, AdapterParams, TickSink
 from services.provider.adapters.replay import ReplayAdapter
@@ -294,3 +295,21 @@ def test_http_status_per_code() -> None:
 
 def test_start_request_type_is_the_contract() -> None:
     assert StartRequest(provider="synthetic").job == "default"
+
+
+def test_standbys_follow_the_fallback_order_of_each_symbol() -> None:
+    cfg = config(
+        MDP_PROVIDERS__FALLBACK__DEFAULT="[replay, synthetic, ibkr]",
+        MDP_PROVIDERS__FALLBACK__SYMBOLS='{"BTC/USD": [synthetic]}',
+        MDP_PROVIDERS__IBKR__ENABLED="true",
+    )
+    spec = start(b'{"provider": "synthetic", "symbols": ["AAPL", "BTC/USD"]}', cfg)
+    # replay is not a live adapter; ibkr backs up AAPL only (BTC/USD names synthetic alone).
+    [ibkr] = standby_jobs(spec, cfg, {"synthetic", "ibkr"})
+    assert (ibkr.job, ibkr.provider, ibkr.symbols) == ("default-standby-ibkr", "ibkr", ["AAPL"])
+    assert ibkr.standby_of == "default" and ibkr.deadline_ns == spec.deadline_ns
+    assert ibkr.params["port"] == 7497  # the provider's own configured params
+    assert code_of(standby_jobs, spec, cfg, {"synthetic"}) == "no_fallback"
+    assert code_of(standby_jobs, spec, cfg, {"ibkr"}) == "invalid_request"  # not a live job
+    disabled = config(MDP_PROVIDERS__FALLBACK__DEFAULT="[synthetic, ibkr]")
+    assert code_of(standby_jobs, spec, disabled, {"synthetic", "ibkr"}) == "no_fallback"
