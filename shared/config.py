@@ -259,6 +259,9 @@ class BarsConfig(_Model):
     grace_ms: int = Field(500, ge=0)
     revise_window_seconds: float = Field(60.0, ge=0)
     price_type: Literal["LAST", "MID"] = "LAST"
+    max_jump_seconds: float = Field(
+        600.0, ge=0, description="a tick this far ahead of its symbol waits for confirmation"
+    )
 
     @field_validator("intervals")
     @classmethod
@@ -297,7 +300,7 @@ class EffectivePolicy(_Model):
          "store_sync": {"mode": "bus", "http_url": "", "http_timeout_seconds": 10.0},
          "batching": {"max_rows": 5000, "max_bytes": 1000000, "max_delay_ms": 200},
          "bars": {"intervals": ["1s", "1m"], "grace_ms": 500, "revise_window_seconds": 60.0,
-                  "price_type": "LAST"},
+                  "price_type": "LAST", "max_jump_seconds": 600.0},
          "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {},
                       "strategy": "first_available", "detect_seconds": 3.0,
                       "hysteresis_seconds": 10.0},

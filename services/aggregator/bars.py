@@ -39,7 +39,23 @@ data, therefore always revises and is never dropped, whatever the clock rate. La
 per interval. Closed bars are kept only while `end + revise_window >= max_ts`, so memory stays
 bounded (about `revise_window / width` closed bars per symbol and interval).
 
-Ticks with a non-finite price or size are left out and reported in `Emitted.invalid`.
+Ticks with a non-finite price or size, or whose `price * size` overflows, are left out and
+reported in `Emitted.invalid`. Sums stay representable: volume is an exact integer of units at
+any magnitude (checkpoints encode units beyond 64 bits as decimal strings), and a tick that
+would make its bar's volume or `price * size` sum overflow a float64 is reported invalid
+instead of folded (`volume overflow`), so no bar ever carries an infinite or NaN value.
+
+No outlier moves a watermark (`max_jump_ns`, 0 turns it off). A tick is *suspect* when its
+symbol has no tick folded yet, or when it lies more than `max_jump_ns` ahead of the symbol's
+watermark (its wall-clock advance included, so a live feed resuming after a halt is no jump).
+A suspect is held, not folded, and each later tick of the symbol judges it: one at or beyond
+`suspect.ts - max_jump_ns` confirms it (time really moved there: a halt, a weekend, an open;
+it is folded, before that later tick), one behind that contradicts it; after `REJECT_AFTER`
+contradictions it is reported invalid as `unconfirmed jump` and never touches a bar. At the end
+of a stream an uncontradicted suspect is folded (nothing says it is wrong) and a contradicted
+one is reported. A live symbol (`clock_rate == 1`) also confirms on `advance()` a suspect whose
+time the wall clock has reached (`ts <= now + max_jump_ns`). So a single outlier followed by
+any tick leaves every other bar exactly as the stream without it (the property tests prove it).
 
 Every call is deterministic: the same sequence of calls with the same arguments (`now_ns`
 included) produces the same output. The bars of one call are ordered by
@@ -65,7 +81,16 @@ SIZE_UNITS = 1_000_000_000
 PriceType = Literal["LAST", "MID"]
 
 _FAR_PAST = -(1 << 62)  # "nothing closed yet": below any event time
-_SNAPSHOT_VERSION = 1
+_SNAPSHOT_VERSION = 2  # 2: held suspects; units beyond 64 bits as strings
+
+REJECT_AFTER = 3
+"""A suspect tick contradicted by this many later ticks is rejected as an unconfirmed jump."""
+
+_MAX_FLOAT = 1.7976931348623157e308
+_MAX_UNITS = int(_MAX_FLOAT) * SIZE_UNITS  # beyond, `units / SIZE_UNITS` is not a float
+# A batch whose sums stay below these cannot overflow a bar, so it skips the per-tick check.
+_BIG_PV = 1e300
+_BIG_UNITS = 10**300
 
 # One prepared tick: (ts, price, size units, price * size, the tick itself).
 _Row = tuple[int, float, int, float, Tick]
@@ -187,10 +212,21 @@ class _Series:
         self.cur: _Acc | None = None  # the open bar the last tick went to: the fast path
 
 
-class _Symbol:
-    """Per-symbol state: the watermark and one series per interval."""
+class _Suspect:
+    """A tick held back as a possible outlier, with how many later ticks contradicted it."""
 
-    __slots__ = ("anchor_now", "anchor_ts", "max_ts", "rate", "series", "symbol", "wm")
+    __slots__ = ("behind", "provider", "row")
+
+    def __init__(self, row: _Row, provider: str, behind: int = 0) -> None:
+        self.row = row
+        self.provider = provider
+        self.behind = behind
+
+
+class _Symbol:
+    """Per-symbol state: the watermark, one series per interval, the suspects held back."""
+
+    __slots__ = ("anchor_now", "anchor_ts", "held", "max_ts", "rate", "series", "symbol", "wm")
 
     def __init__(self, symbol: str, series: list[_Series], now_ns: int, rate: float) -> None:
         self.symbol = symbol
@@ -202,6 +238,7 @@ class _Symbol:
         self.anchor_ts = 0
         self.anchor_now = now_ns
         self.rate = rate
+        self.held: list[_Suspect] = []
 
     def peek(self, now_ns: int) -> int:
         """The watermark at `now_ns`, without recording it."""
@@ -228,11 +265,17 @@ class _AccState(msgspec.Struct, array_like=True):
     close: float
     open_ts: int
     close_ts: int
-    units: int
+    units: int | str  # a str beyond 64 bits (msgpack integers stop there)
     pv: float
     count: int
     rev: int
     provider: str
+
+
+class _SuspectState(msgspec.Struct, array_like=True):
+    tick: Tick
+    provider: str
+    behind: int
 
 
 class _SeriesState(msgspec.Struct, array_like=True):
@@ -250,6 +293,7 @@ class _SymbolState(msgspec.Struct, array_like=True):
     rate: float
     max_ts: int
     series: list[_SeriesState]
+    held: list[_SuspectState] = []
 
 
 class _EngineState(msgspec.Struct):
@@ -259,6 +303,7 @@ class _EngineState(msgspec.Struct):
     revise_window_ns: int
     price_type: str
     symbols: list[_SymbolState]
+    max_jump_ns: int = 0
 
 
 _EXACT_LIMIT = 2**53 / SIZE_UNITS  # above this, size * 1e9 is no longer an exact integer
@@ -277,7 +322,8 @@ def _units(size: float) -> int:
 def _acc_state(acc: _Acc) -> _AccState:
     return _AccState(
         acc.start, acc.open, acc.high, acc.low, acc.close, acc.open_ts, acc.close_ts,
-        acc.units, acc.pv, acc.count, acc.rev, acc.provider,
+        acc.units if acc.units < 2**63 else str(acc.units), acc.pv, acc.count, acc.rev,
+        acc.provider,
     )  # fmt: skip
 
 
@@ -287,7 +333,7 @@ def _acc_from_state(state: _AccState, width: int) -> _Acc:
     acc.low = state.low
     acc.close = state.close
     acc.close_ts = state.close_ts
-    acc.units = state.units
+    acc.units = int(state.units)
     acc.pv = state.pv
     acc.count = state.count
     acc.rev = state.rev
@@ -303,11 +349,12 @@ class BarEngine:
         grace_ns: int,
         revise_window_ns: int,
         price_type: PriceType = "LAST",
+        max_jump_ns: int = 0,
     ) -> None:
         if not intervals:
             raise ValueError("at least one interval is needed")
-        if grace_ns < 0 or revise_window_ns < 0:
-            raise ValueError("grace_ns and revise_window_ns must be >= 0")
+        if grace_ns < 0 or revise_window_ns < 0 or max_jump_ns < 0:
+            raise ValueError("grace_ns, revise_window_ns and max_jump_ns must be >= 0")
         if price_type not in ("LAST", "MID"):
             raise ValueError(f"price_type must be LAST or MID, not {price_type!r}")
         widths = {interval: interval_ns(interval) for interval in intervals}
@@ -317,6 +364,7 @@ class BarEngine:
         self._grace = int(grace_ns)
         self._window = int(revise_window_ns)
         self._price_type: PriceType = price_type
+        self._jump = int(max_jump_ns)
         self._symbols: dict[str, _Symbol] = {}
 
     # -- introspection ------------------------------------------------------------------------
@@ -379,24 +427,22 @@ class BarEngine:
         max_ts0 = state.max_ts  # lateness is judged against the event time seen before the batch
 
         invalid: list[InvalidTick] = []
-        rows = self._rows(ticks)
-        if rows and not math.isfinite(sum([row[3] for row in rows])):
-            # NaN or infinity somewhere (this sum is the cheap test); a huge finite sum is fine
-            rows = self._valid_rows(symbol, provider, rows, invalid)
+        rows, big = self._rows(ticks)
         if rows:
-            dirty: dict[tuple[str, int], tuple[_Series, _Acc]] = {}
-            for series in state.series:
-                self._fold(state, series, rows, max_ts0, provider, dirty, late)
-            batch_max = max([row[0] for row in rows])
-            if batch_max > state.max_ts:
-                state.max_ts = batch_max
-            if batch_max > state.wm:
-                state.wm = state.anchor_ts = batch_max
-                state.anchor_now = now_ns
-            for series, acc in dirty.values():
-                acc.rev += 1  # -1 (created for an interval empty at close) becomes 0
-                bars.append(self._bar(symbol, series.interval, acc))
-            self._close_due(state, self._line(state, state.wm), bars)
+            magnitude = sum([abs(row[3]) for row in rows])  # the cheap test of a whole batch
+            if not math.isfinite(magnitude):  # NaN or infinity somewhere, or a huge sum
+                rows = self._valid_rows(symbol, provider, rows, invalid)
+                big = True
+            if big or magnitude > _BIG_PV:
+                rows = self._bounded_rows(state, provider, rows, invalid)
+        if (
+            rows
+            and self._jump
+            and (state.held or not state.max_ts or max([row[0] for row in rows]) > wm0 + self._jump)
+        ):
+            rows = self._screen(state, provider, rows, wm0, invalid)
+        if rows:
+            self._fold_rows(state, provider, rows, now_ns, max_ts0, bars, late)
 
         if len(bars) > 1:
             widths = self._widths
@@ -406,20 +452,40 @@ class BarEngine:
     def advance(self, now_ns: int) -> Emitted:
         """Close the bars that the wall clock made due (idle symbols, `clock_rate > 0`)."""
         bars: list[Bar] = []
+        late: list[LateTick] = []
         for state in self._symbols.values():
-            if state.rate:  # at rate 0 the watermark only moves with ticks
-                self._close_due(state, self._line(state, state.watermark(now_ns)), bars)
+            if not state.rate:  # at rate 0 the watermark only moves with ticks
+                continue
+            wm = state.watermark(now_ns)
+            if state.held:
+                self._confirm_by_clock(state, wm, now_ns, bars, late)
+            self._close_due(state, self._line(state, state.watermark(now_ns)), bars)
         if len(bars) > 1:
             widths = self._widths
             bars.sort(key=lambda b: (widths[b.interval], b.interval, b.symbol, b.start, b.rev))
-        return Emitted(bars)
+        return Emitted(bars, late)
 
-    def end_of_stream(self, symbol: str) -> Emitted:
-        """Close every open bar of `symbol` now, whatever its watermark."""
+    def end_of_stream(self, symbol: str, now_ns: int = 0) -> Emitted:
+        """Close every open bar of `symbol` now, whatever its watermark.
+
+        Held suspects are settled first: an uncontradicted one is folded, a contradicted one
+        reported invalid.
+        """
         state = self._symbols.get(symbol)
         bars: list[Bar] = []
         if state is None:
             return Emitted(bars)
+        late: list[LateTick] = []
+        invalid: list[InvalidTick] = []
+        if state.held:
+            held, state.held = state.held, []
+            for suspect in held:
+                if suspect.behind:
+                    invalid.append(self._unconfirmed(state.symbol, suspect))
+            keep = [suspect.row for suspect in held if not suspect.behind]
+            if keep:
+                provider = next(s.provider for s in held if not s.behind)
+                self._fold_rows(state, provider, keep, now_ns, state.max_ts, bars, late)
         for series in state.series:
             if not series.open:
                 continue
@@ -431,15 +497,128 @@ class BarEngine:
             # Later ticks for these bars are revisions, never a second rev 0 of the same bar.
             if last_end > series.closed_end:
                 series.closed_end = last_end
-        return Emitted(bars)  # already in (width, start) order
+        if len(bars) > 1:
+            widths = self._widths
+            bars.sort(key=lambda b: (widths[b.interval], b.interval, b.start, b.rev))
+        return Emitted(bars, late, invalid)
+
+    # -- outliers and overflow -----------------------------------------------------------------
+
+    def _screen(
+        self, state: _Symbol, provider: str, rows: list[_Row], wm: int, invalid: list[InvalidTick]
+    ) -> list[_Row]:
+        """The rows to fold now, in order: suspects held, judged by each later row (see top)."""
+        jump = self._jump
+        out: list[_Row] = []
+        ref: int | None = wm if state.max_ts else None  # None: nothing folded yet
+        for row in rows:
+            ts = row[0]
+            if state.held:
+                kept: list[_Suspect] = []
+                for suspect in state.held:
+                    suspect_ts = suspect.row[0]
+                    if ts >= suspect_ts - jump:  # time really moved there: confirmed
+                        out.append(suspect.row)
+                        ref = suspect_ts if ref is None else max(ref, suspect_ts)
+                        continue
+                    suspect.behind += 1
+                    if suspect.behind >= REJECT_AFTER:
+                        invalid.append(self._unconfirmed(state.symbol, suspect))
+                    else:
+                        kept.append(suspect)
+                state.held = kept
+            if ref is None or ts > ref + jump:
+                state.held.append(_Suspect(row, provider))
+            else:
+                out.append(row)
+                if ts > ref:
+                    ref = ts
+        return out
+
+    def _confirm_by_clock(
+        self, state: _Symbol, wm: int, now_ns: int, bars: list[Bar], late: list[LateTick]
+    ) -> None:
+        """Fold the suspects whose time the clock has reached (live symbols, on `advance`)."""
+        if state.max_ts:
+            ref = wm
+        elif state.rate == 1.0:
+            ref = now_ns  # live and nothing folded yet: event time is wall-clock time
+        else:
+            return
+        due = [s for s in state.held if s.row[0] <= ref + self._jump]
+        if not due:
+            return
+        state.held = [s for s in state.held if s.row[0] > ref + self._jump]
+        rows = [s.row for s in due]
+        self._fold_rows(state, due[0].provider, rows, now_ns, state.max_ts, bars, late)
+
+    def _unconfirmed(self, symbol: str, suspect: _Suspect) -> InvalidTick:
+        reason = (
+            f"unconfirmed jump: {suspect.behind} later ticks stayed more than "
+            f"{self._jump / 1e9:g} s behind its event time"
+        )
+        return InvalidTick(symbol, suspect.row[4], reason, suspect.provider)
+
+    def _bounded_rows(
+        self, state: _Symbol, provider: str, rows: list[_Row], invalid: list[InvalidTick]
+    ) -> list[_Row]:
+        """Drop the rows that would overflow their bars' volume or `price * size` sum."""
+        pending: dict[tuple[int, int], tuple[int, float]] = {}
+        out: list[_Row] = []
+        for row in rows:
+            ts, _, units, pv, tick = row
+            if not math.isfinite(pv):
+                invalid.append(
+                    InvalidTick(state.symbol, tick, "price * size overflows a float64", provider)
+                )
+                continue
+            sums = []
+            for i, series in enumerate(state.series):
+                start = ts - ts % series.width
+                acc = series.open.get(start) or series.closed.get(start)
+                base = pending.get((i, start)) or ((acc.units, acc.pv) if acc else (0, 0.0))
+                sums.append(((i, start), (base[0] + units, base[1] + pv)))
+            if any(u > _MAX_UNITS or not math.isfinite(v) for _, (u, v) in sums):
+                reason = "volume overflow: its bar's volume or price * size sum would pass 1.8e308"
+                invalid.append(InvalidTick(state.symbol, tick, reason, provider))
+                continue
+            pending.update(sums)
+            out.append(row)
+        return out
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _rows(self, ticks: Sequence[Tick]) -> list[_Row]:
+    def _fold_rows(
+        self,
+        state: _Symbol,
+        provider: str,
+        rows: list[_Row],
+        now_ns: int,
+        max_ts0: int,
+        bars: list[Bar],
+        late: list[LateTick],
+    ) -> None:
+        """Fold rows into every series, advance the watermark, emit revisions and due bars."""
+        dirty: dict[tuple[str, int], tuple[_Series, _Acc]] = {}
+        for series in state.series:
+            self._fold(state, series, rows, max_ts0, provider, dirty, late)
+        batch_max = max([row[0] for row in rows])
+        if batch_max > state.max_ts:
+            state.max_ts = batch_max
+        if batch_max > state.wm:
+            state.wm = state.anchor_ts = batch_max
+            state.anchor_now = now_ns
+        for series, acc in dirty.values():
+            acc.rev += 1  # -1 (created for an interval empty at close) becomes 0
+            bars.append(self._bar(state.symbol, series.interval, acc))
+        self._close_due(state, self._line(state, state.wm), bars)
+
+    def _rows(self, ticks: Sequence[Tick]) -> tuple[list[_Row], bool]:
         """Prepare each tick once for all intervals: price, size units and price * size.
 
         A non-finite price or size gives a non-finite `price * size` (its units are then 0, as
-        `round` cannot take them), which `on_ticks` detects on the whole batch at once.
+        `round` cannot take them), which `on_ticks` detects on the whole batch at once. The
+        flag says a size was huge (its bars' sums must be checked for overflow).
         """
         if self._price_type == "LAST":
             try:
@@ -447,10 +626,10 @@ class BarEngine:
                     (t.ts, t.price, round(t.size * SIZE_UNITS), t.price * t.size, t) for t in ticks
                 ]
             except (ValueError, OverflowError):  # a NaN or infinite size: the slow way
-                return [(t.ts, t.price, _units(t.size), t.price * t.size, t) for t in ticks]
+                return [(t.ts, t.price, _units(t.size), t.price * t.size, t) for t in ticks], True
             if max((r[2] for r in fast), default=0) >= 2**53:  # a huge size: redo it exactly
-                return [(t.ts, t.price, _units(t.size), t.price * t.size, t) for t in ticks]
-            return fast
+                return [(t.ts, t.price, _units(t.size), t.price * t.size, t) for t in ticks], True
+            return fast, False
         rows: list[_Row] = []
         for t in ticks:
             bid = t.bid
@@ -459,7 +638,7 @@ class BarEngine:
                 continue
             mid = (bid + ask) / 2
             rows.append((t.ts, mid, _units(t.size), mid * t.size, t))
-        return rows
+        return rows, any(row[2] >= 2**53 for row in rows)
 
     @staticmethod
     def _valid_rows(
@@ -668,6 +847,7 @@ class BarEngine:
                     )
                     for series in state.series
                 ],
+                held=[_SuspectState(h.row[4], h.provider, h.behind) for h in state.held],
             )
             for state in self._symbols.values()
         ]
@@ -679,6 +859,7 @@ class BarEngine:
                 revise_window_ns=self._window,
                 price_type=self._price_type,
                 symbols=symbols,
+                max_jump_ns=self._jump,
             )
         )
 
@@ -691,6 +872,7 @@ class BarEngine:
         grace_ns: int | None = None,
         revise_window_ns: int | None = None,
         price_type: PriceType | None = None,
+        max_jump_ns: int | None = None,
     ) -> BarEngine:
         """Rebuild an engine from `snapshot()` bytes; settings default to the snapshot's.
 
@@ -701,7 +883,7 @@ class BarEngine:
             state = msgspec.msgpack.decode(data, type=_EngineState)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ValueError(f"not a bar engine snapshot: {exc}") from exc
-        if state.version != _SNAPSHOT_VERSION:
+        if state.version not in (1, _SNAPSHOT_VERSION):  # 1: the same without suspects
             raise ValueError(f"unsupported bar engine snapshot version {state.version}")
         if price_type is not None and price_type != state.price_type:
             raise ValueError(
@@ -715,6 +897,7 @@ class BarEngine:
             state.grace_ns if grace_ns is None else grace_ns,
             state.revise_window_ns if revise_window_ns is None else revise_window_ns,
             snap_price,
+            state.max_jump_ns if max_jump_ns is None else max_jump_ns,
         )
         for sym in state.symbols:
             saved = {s.interval: s for s in sym.series}
@@ -735,5 +918,8 @@ class BarEngine:
             restored.wm = sym.wm
             restored.anchor_ts = sym.anchor_ts
             restored.max_ts = sym.max_ts
+            for held in sym.held:
+                [row], _ = engine._rows([held.tick])
+                restored.held.append(_Suspect(row, held.provider, held.behind))
             engine._symbols[sym.symbol] = restored
         return engine

@@ -20,12 +20,14 @@ def new_engine(bars: BarsConfig, snapshot: bytes | None = None) -> BarEngine:
     changed price type raises ValueError (it would mix prices in open bars).
     """
     grace_ns, revise_window_ns = bars.grace_ms * 1_000_000, int(bars.revise_window_seconds * 1e9)
+    max_jump_ns = int(bars.max_jump_seconds * 1e9)
     if snapshot is None:
         return BarEngine(
             bars.intervals,
             grace_ns=grace_ns,
             revise_window_ns=revise_window_ns,
             price_type=bars.price_type,
+            max_jump_ns=max_jump_ns,
         )
     return BarEngine.restore(
         snapshot,
@@ -33,6 +35,7 @@ def new_engine(bars: BarsConfig, snapshot: bytes | None = None) -> BarEngine:
         grace_ns=grace_ns,
         revise_window_ns=revise_window_ns,
         price_type=bars.price_type,
+        max_jump_ns=max_jump_ns,
     )
 
 

@@ -188,7 +188,9 @@ class AggregatorService:
     async def _end_of_stream(self, symbol: str, marker: EndOfStream, header: str) -> None:
         """Close the symbol's bars, stop watching it for gaps, send everything held, announce."""
         await self._publish(
-            self.router.route(self.engine.end_of_stream(symbol), time.monotonic_ns())
+            self.router.route(
+                self.engine.end_of_stream(symbol, time.time_ns()), time.monotonic_ns()
+            )
         )
         if self.gaps is not None:
             await self._publish_gaps(self.gaps.unsubscribe(symbol, time.time_ns()))

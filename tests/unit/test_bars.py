@@ -188,7 +188,11 @@ def test_non_finite_ticks_are_reported_and_left_out(price_type: str) -> None:
     assert (bar.open, bar.high, bar.low, bar.close, bar.volume, bar.trade_count) == (
         10.0, 10.0, 10.0, 10.0, 3.0, 2
     )  # fmt: skip
-    assert feed(eng, [tk(T0 + 9, 1e308, 1e10)]).invalid == []  # huge but finite is fine
+    big = {"bid": 1e300, "ask": 1e300}
+    assert feed(eng, [tk(T0 + 9, 1e300, 1e5, **big)]).invalid == []  # huge but finite is fine
+    huge = {"bid": 1e307, "ask": 1e307}
+    [overflow] = feed(eng, [tk(T0 + 9, 1e307, 1e10, **huge)]).invalid  # notional overflows
+    assert overflow.reason == "price * size overflows a float64"
     assert isinstance(out.invalid[0], InvalidTick)
 
 

@@ -153,11 +153,15 @@ def to_tick(raw: Raw, seq: int) -> Tick:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(data=st.data(), grace=st.sampled_from([0, 1, S // 3, 2 * S]))
-def test_final_bars_equal_the_batch_definition(data: st.DataObject, grace: int) -> None:
+@given(
+    data=st.data(),
+    grace=st.sampled_from([0, 1, S // 3, 2 * S]),
+    jump=st.sampled_from([0, 600 * S]),  # the outlier guard on (as deployed) or off
+)
+def test_final_bars_equal_the_batch_definition(data: st.DataObject, grace: int, jump: int) -> None:
     streams = data.draw(tick_streams())
     steps = data.draw(deliveries(streams))
-    engine = BarEngine(INTERVALS, grace_ns=grace, revise_window_ns=WINDOW)
+    engine = BarEngine(INTERVALS, grace_ns=grace, revise_window_ns=WINDOW, max_jump_ns=jump)
     emitted: list[Bar] = []
     arrival: list[Raw] = []
     now = 10**15

@@ -98,6 +98,7 @@ def test_the_effective_policy_travels_through_json_with_every_field() -> None:
             "grace_ms": 500,
             "revise_window_seconds": 60.0,
             "price_type": "LAST",
+            "max_jump_seconds": 600.0,
         },
         "fallback": {
             "default": ["ibkr", "replay", "synthetic"],
