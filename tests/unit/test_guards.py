@@ -278,8 +278,7 @@ def test_reset_request() -> None:
     unknown = refused(b'{"provider": "polygon"}')
     assert (unknown.code, unknown.status) == ("unknown_provider", 404)
     assert unknown.message == (
-        "reset request: provider 'polygon' is not configured "
-        "(configured: ibkr, replay, synthetic)"
+        "reset request: provider 'polygon' is not configured (configured: ibkr, replay, synthetic)"
     )
     for body, field in (
         (b"", "missing required field `provider`"),
