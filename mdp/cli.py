@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--reason", default="operator_request")
     for verb in ("status", "reload"):
         _common(ingest_sub.add_parser(verb, help=f"{verb} request"))
+    reset = ingest_sub.add_parser("reset", help="close a provider's circuit breaker by hand")
+    _common(reset)
+    reset.add_argument("provider")
 
     config = sub.add_parser("config", help="check the configuration files")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -178,6 +181,8 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
             body["dry_run"] = args.dry_run
     elif args.verb == "stop":
         body = {"job": args.job, "reason": args.reason}
+    elif args.verb == "reset":
+        body = {"provider": args.provider}
     nc = await _connect(_nats_url())
     try:
         reply = await control_request(nc, args.verb, body)
@@ -213,6 +218,11 @@ def summarize(verb: str, reply: dict[str, Any]) -> list[str]:
         return [f"stopped job {reply.get('job')} ({reply.get('reason')})"]
     if verb == "reload":
         return [f"reloaded: policy revision {reply.get('policy_revision')}"]
+    if verb == "reset":
+        before, after = reply.get("from_state"), reply.get("to_state")
+        if before == after:
+            return [f"circuit of {reply.get('provider')} was already {after}"]
+        return [f"circuit of {reply.get('provider')}: {before} -> {after}"]
     if verb == "status":
         jobs = reply.get("jobs", [])
         lines = [f"{len(jobs)} job(s); policy revision {reply.get('policy_revision')}"]
@@ -223,6 +233,12 @@ def summarize(verb: str, reply: dict[str, Any]) -> list[str]:
                 f"  {job.get('job')}: {job.get('state')} {job.get('provider')} "
                 f"{','.join(job.get('symbols') or [])} ticks={ticks}{flags}"
             )
+        for name, provider in sorted((reply.get("providers") or {}).items()):
+            if provider.get("circuit", "closed") != "closed":
+                lines.append(
+                    f"  circuit of {name}: {provider['circuit']} "
+                    f"({provider.get('failures_in_window', 0)} failure(s) in the window)"
+                )
         return lines
     return []
 

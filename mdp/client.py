@@ -41,6 +41,8 @@ from shared.contract.codec import Codec, DecodeError
 from shared.contract.control import (
     ErrorReply,
     ReloadReply,
+    ResetReply,
+    ResetRequest,
     StartReply,
     StartRequest,
     StatusReply,
@@ -54,7 +56,7 @@ __all__ = ["ControlRequestError", "PipelineRuntime"]
 log = logging.getLogger("mdp.client")
 
 T = TypeVar("T")
-R = TypeVar("R", StartReply, StopReply, StatusReply, ReloadReply)
+R = TypeVar("R", StartReply, StopReply, StatusReply, ReloadReply, ResetReply)
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -201,6 +203,11 @@ class PipelineRuntime:
     async def reload(self) -> ReloadReply:
         """Re-read the configuration files: `ingest.control.reload`."""
         return await self._request("reload", b"", ReloadReply)
+
+    async def reset(self, provider: str) -> ResetReply:
+        """Close a provider's circuit breaker by hand: `ingest.control.reset`."""
+        body = msgspec.json.encode(ResetRequest(provider=provider))
+        return await self._request("reset", body, ResetReply)
 
     async def _request(self, verb: str, body: bytes, typ: type[R]) -> R:
         """Send one control request and decode its reply; raise on an error or no reply."""

@@ -40,6 +40,7 @@ from pydantic import (
     field_validator,
 )
 
+from shared.breaker import BreakerConfig
 from shared.contract.messages import check_intervals
 from shared.contract.names import escape_symbol
 
@@ -278,6 +279,22 @@ class IngestConfig(_Model):
     )
 
 
+class CircuitConfig(_Model):
+    """`circuit:`: when a provider's breaker opens, and how long it stays open before a probe."""
+
+    failure_threshold: int = Field(3, ge=1, description="failures in the window that open it")
+    window_seconds: float = Field(60.0, gt=0, description="the sliding window of failures")
+    recovery_seconds: float = Field(15.0, gt=0, description="open this long, then one probe")
+
+    def breaker(self) -> BreakerConfig:
+        """The pure breaker's thresholds (one probe at a time when half open)."""
+        return BreakerConfig(
+            failure_threshold=self.failure_threshold,
+            window_s=self.window_seconds,
+            recovery_s=self.recovery_seconds,
+        )
+
+
 class IngestionPolicy(_Model):
     """ingestion_policy.yaml."""
 
@@ -287,6 +304,7 @@ class IngestionPolicy(_Model):
     guards: GuardsConfig = GuardsConfig()
     batching: BatchingConfig = BatchingConfig()
     bars: BarsConfig = BarsConfig()
+    circuit: CircuitConfig = CircuitConfig()
 
 
 class EffectivePolicy(_Model):
@@ -301,6 +319,7 @@ class EffectivePolicy(_Model):
          "batching": {"max_rows": 5000, "max_bytes": 1000000, "max_delay_ms": 200},
          "bars": {"intervals": ["1s", "1m"], "grace_ms": 500, "revise_window_seconds": 60.0,
                   "price_type": "LAST", "max_jump_seconds": 600.0},
+         "circuit": {"failure_threshold": 3, "window_seconds": 60.0, "recovery_seconds": 15.0},
          "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {},
                       "strategy": "first_available", "detect_seconds": 3.0,
                       "hysteresis_seconds": 10.0},
@@ -311,6 +330,7 @@ class EffectivePolicy(_Model):
     store_sync: StoreSyncConfig = StoreSyncConfig()
     batching: BatchingConfig = BatchingConfig()
     bars: BarsConfig = BarsConfig()
+    circuit: CircuitConfig = CircuitConfig()  # the provider processes' breakers
     fallback: FallbackConfig = FallbackConfig(default=list(PREFERENCE))
     revision: int = 0
 
@@ -344,6 +364,7 @@ class Config:
             store_sync=policy.store_sync,
             batching=policy.batching,
             bars=policy.bars,
+            circuit=policy.circuit,
             fallback=providers.fallback.model_copy(update={"default": providers.default_order}),
             revision=revision,
         )

@@ -16,7 +16,7 @@ from shared.contract.messages import interval_ns
 
 
 class ProviderSettings(BaseModel):
-    """Which adapters a provider process hosts, and how it batches ticks before publishing."""
+    """Which adapters a provider process hosts, how it batches ticks, when a feed is silent."""
 
     adapters: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -27,6 +27,11 @@ class ProviderSettings(BaseModel):
     batch_max_ticks: int = Field(1000, ge=1, le=100_000)
     batch_max_delay_ms: int = Field(50, ge=1, le=10_000)
     max_in_flight: int = Field(256, ge=1, description="unacknowledged publishes per provider")
+    # A live feed that stays connected but delivers nothing (a stalled subscription) is as
+    # broken as one that raises: after this much silence its breaker counts a `data_stopped`.
+    data_stopped_after_s: float = Field(
+        30.0, ge=0, description="a running live job silent this long counts a failure; 0: off"
+    )
 
     @field_validator("adapters", mode="before")
     @classmethod

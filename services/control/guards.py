@@ -4,7 +4,8 @@ The guards of a start request run in this order, the first failure answering:
 `invalid_request` (malformed JSON, wrong types, bad job name) -> `unknown_provider` (not in
 data_providers.yaml) -> `provider_disabled` -> `symbols_empty` -> `symbol_invalid` (fails the
 pattern, or would not survive as text) -> `invalid_request` (too many symbols, bad params) ->
-`already_running` (the same job is live, or the job limit is reached).
+`already_running` (the same job is live, or the job limit is reached). A reset request is
+`invalid_request` (malformed, no text `provider`) or `unknown_provider`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from services.provider.adapters.base import (
     params_models,
 )
 from shared.config import DEFAULT_SYMBOL_PATTERN, Config, ProviderConfig, load_from_environment
-from shared.contract.control import JobSpec, StartRequest, StopRequest
+from shared.contract.control import JobSpec, ResetRequest, StartRequest, StopRequest
 from shared.contract.names import escape_symbol
 from shared.contract.records import ProviderHost, ProviderState
 from shared.runtime import ServiceError
@@ -96,6 +97,19 @@ def parse_stop(body: bytes) -> StopRequest:
         raise ControlError(
             "invalid_request",
             f"reason {request.reason!r} must be 1-64 characters of A-Z a-z 0-9 _ . : -",
+        )
+    return request
+
+
+def parse_reset(body: bytes, config: Config) -> ResetRequest:
+    """Decode a reset request; its provider must be configured (`unknown_provider`)."""
+    request: ResetRequest = _decode(body.strip() or b"{}", ResetRequest, "reset request")
+    providers = config.providers.providers
+    if request.provider not in providers:
+        known = ", ".join(sorted(providers)) or "none"
+        raise ControlError(
+            "unknown_provider",
+            f"reset request: provider {request.provider!r} is not configured (configured: {known})",
         )
     return request
 

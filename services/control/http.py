@@ -1,8 +1,8 @@
 """The control service's HTTP facade: the same handlers and JSON as `ingest.control.*`.
 
     GET  /runtime/ingest/status
-    POST /runtime/ingest/start | stop | reload      (JSON body as on NATS; optional for stop)
-    GET  /healthz                                   (no token needed)
+    POST /runtime/ingest/start | stop | reload | reset  (JSON body as on NATS; optional for stop)
+    GET  /healthz                                       (no token needed)
 
 Errors answer 400 (invalid request, symbols, config), 404 (unknown provider), 409 (disabled,
 already running), 500 (internal); with `MDP_CONTROL__HTTP_TOKEN` set every `/runtime` route
@@ -33,7 +33,7 @@ class ControlHttp(HttpServer):
     def routes(self, app: web.Application) -> None:
         """The facade's routes."""
         app.router.add_get("/runtime/ingest/status", self._status)
-        app.router.add_post("/runtime/ingest/{verb:start|stop|reload}", self._post)
+        app.router.add_post("/runtime/ingest/{verb:start|stop|reload|reset}", self._post)
         app.router.add_get("/healthz", self._health)
 
     async def _status(self, request: web.Request) -> web.Response:

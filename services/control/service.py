@@ -34,6 +34,7 @@ from services.control.guards import (
     live_host,
     load_checked_config,
     next_deadline,
+    parse_reset,
     parse_start,
     parse_stop,
     standby_jobs,
@@ -41,6 +42,7 @@ from services.control.guards import (
 from services.control.http import ControlHttp
 from shared.bus.kv import follow, kv_keys
 from shared.bus.publisher import publish_event
+from shared.circuit import Circuits, view
 from shared.config import Config, ConfigError, EffectivePolicy
 from shared.contract import names
 from shared.contract.control import (
@@ -52,6 +54,7 @@ from shared.contract.control import (
     ProviderReport,
     ReloadReply,
     Reply,
+    ResetReply,
     StartReply,
     StatusReply,
     StopReply,
@@ -65,7 +68,14 @@ from shared.contract.events import (
     Suppressed,
     decode_event,
 )
-from shared.contract.records import ProviderHost, ProviderState, ServiceUrl, StopRecord
+from shared.contract.records import (
+    CircuitRecord,
+    CircuitState,
+    ProviderHost,
+    ProviderState,
+    ServiceUrl,
+    StopRecord,
+)
 from shared.runtime import Context, ServiceError
 from shared.settings import Settings
 
@@ -83,6 +93,12 @@ INGEST_SUPPRESSED = Counter(
 BARS_SUPPRESSED = Counter(
     "ingest_bars_suppressed_total", "Bars in the suppressed batches", ["reason"]
 )
+PROVIDER_CIRCUIT = Gauge(
+    "provider_circuit_state",
+    "Each provider's circuit breaker: 0 closed, 1 half_open, 2 open",
+    ["provider"],
+)
+CIRCUIT_LEVELS: dict[CircuitState, int] = {"closed": 0, "half_open": 1, "open": 2}
 SUPPRESSION_REASONS = ("dry_run", "write_path_disabled")
 for _reason in SUPPRESSION_REASONS:
     INGEST_SUPPRESSED.labels(_reason)
@@ -91,7 +107,9 @@ for _reason in SUPPRESSION_REASONS:
 AUTO_STOP_REASON = "auto_duration_reached"
 NO_HOST = "no_adapter_host"
 HOST_CHECK_PERIOD_S = 1.0
-VERBS = ("start", "stop", "status", "reload")
+# The gauge is recomputed this often: an open breaker turns half_open by the clock alone.
+CIRCUIT_GAUGE_PERIOD_S = 1.0
+VERBS = ("start", "stop", "status", "reload", "reset")
 
 Handler = Callable[[bytes], Awaitable[Reply]]
 
@@ -106,7 +124,7 @@ def load_or_exit(loader: Callable[[], Config]) -> Config:
 
 
 class ControlService:
-    """Answers start, stop, status and reload over NATS and HTTP; stops jobs at their deadline."""
+    """Answers start, stop, status, reload, reset over NATS and HTTP; stops jobs at deadlines."""
 
     name: ClassVar[str] = "control"
 
@@ -120,6 +138,7 @@ class ControlService:
         self.jobs: dict[str, JobSpec] = {}  # as last seen in `ingest_jobs` (for the timer)
         self.provider_states: dict[str, ProviderState] = {}
         self.hosts: dict[str, ProviderHost] = {}  # provider processes, by instance
+        self.circuit_records: dict[str, CircuitRecord] = {}  # `circuit.<provider>`, followed
         self.failed_runs: set[str] = set()
         self.changed = asyncio.Event()
         self.http: ControlHttp | None = None
@@ -135,12 +154,18 @@ class ControlService:
             ctx.log.info("config", file=source[0], source=source[1])
         for provider in self.config.providers.providers:
             INGEST_ACTIVE.labels(provider).set(0)
+            PROVIDER_CIRCUIT.labels(provider).set(0)
+        self.circuits = Circuits(
+            self.state_kv, ctx.publisher, self.config.policy.circuit.breaker(), ctx.log
+        )
         await self._publish_policy()
         ctx.spawn(self._watch_jobs(), "watch-jobs")
         ctx.spawn(self._watch_provider_states(), "watch-provider-states")
         ctx.spawn(self._auto_stop(), "auto-stop")
         ctx.spawn(self._watch_hosts(), "watch-hosts")
         ctx.spawn(self._fail_unhosted(), "fail-unhosted")
+        ctx.spawn(self._watch_circuits(), "watch-circuits")
+        ctx.spawn(self._circuit_gauge(), "circuit-gauge")
         suppressed = names.event("suppressed")
         await ctx.consume(
             names.STREAM_EVENTS,
@@ -155,6 +180,7 @@ class ControlService:
             "stop": self.stop_job,
             "status": self.status,
             "reload": self.reload,
+            "reset": self.reset,
         }
         self.handlers = handlers
         for verb in VERBS:
@@ -340,10 +366,18 @@ class ControlService:
                     stopped.append(msgspec.json.decode(entry_value, type=StopRecord))
         stopped.sort(key=lambda record: -record.stopped_ns)
         running = sum(1 for job in jobs if is_live(job.state))
-        providers = {
-            name: ProviderInfo(p.enabled, list(p.symbols), p.symbols_from_source, "closed")
-            for name, p in sorted(self.config.providers.providers.items())
-        }
+        providers: dict[str, ProviderInfo] = {}
+        for name, p in sorted(self.config.providers.providers.items()):
+            circuit = await self.circuits.read(name)  # from KV, as of now
+            PROVIDER_CIRCUIT.labels(name).set(CIRCUIT_LEVELS[circuit.state])
+            providers[name] = ProviderInfo(
+                p.enabled,
+                list(p.symbols),
+                p.symbols_from_source,
+                circuit.state,
+                circuit.failures,
+                UNSET if circuit.opened_at_ns is None else circuit.opened_at_ns,
+            )
         return StatusReply(
             jobs=jobs,
             providers=providers,
@@ -368,9 +402,11 @@ class ControlService:
             raise ControlError("config_invalid", exc.message) from None
         async with self.lock:
             self.config = config
+            self.circuits.config = config.policy.circuit.breaker()
             await self._publish_policy()
         for provider in config.providers.providers:
             INGEST_ACTIVE.labels(provider).inc(0)
+            PROVIDER_CIRCUIT.labels(provider).inc(0)
         self._update_active()
         enabled = sorted(n for n, p in config.providers.providers.items() if p.enabled)
         await self._event(
@@ -383,6 +419,16 @@ class ControlService:
             providers=enabled,
             config=dict(config.sources),
         )
+
+    async def reset(self, body: bytes) -> ResetReply:
+        """Close a configured provider's breaker by hand; an unknown one disturbs nothing."""
+        request = parse_reset(body, self.config)
+        outcome = await self.circuits.reset(request.provider)
+        await self.ctx.publisher.flush()  # its Circuit event is stored before the reply
+        before = outcome.result.from_state if outcome.result is not None else outcome.view.state
+        PROVIDER_CIRCUIT.labels(request.provider).set(CIRCUIT_LEVELS[outcome.view.state])
+        self.ctx.log.info("circuit_reset", provider=request.provider, from_state=before)
+        return ResetReply(provider=request.provider, from_state=before, to_state=outcome.view.state)
 
     # -- background ------------------------------------------------------------------------------
 
@@ -432,6 +478,32 @@ class ControlService:
                 self.hosts.pop(instance, None)
             else:
                 self.hosts[instance] = host
+
+    async def _watch_circuits(self) -> None:
+        """Follow the breakers the providers write, for the `provider_circuit_state` gauge."""
+        async for key, record in follow(
+            self.state_kv, CircuitRecord, self.ctx.log, names.CIRCUIT_PREFIX + ">"
+        ):
+            provider = key.removeprefix(names.CIRCUIT_PREFIX)
+            if record is None:
+                self.circuit_records.pop(provider, None)
+            else:
+                self.circuit_records[provider] = record
+            self._update_circuit_gauge()
+
+    async def _circuit_gauge(self) -> None:
+        while True:
+            await asyncio.sleep(CIRCUIT_GAUGE_PERIOD_S)
+            self._update_circuit_gauge()
+
+    def _update_circuit_gauge(self) -> None:
+        """Each configured provider's breaker as of now (only configured names become labels)."""
+        now = time.time_ns()
+        config = self.config.policy.circuit.breaker()
+        for provider in self.config.providers.providers:
+            record = self.circuit_records.get(provider)
+            state = view(provider, record, config, now).state
+            PROVIDER_CIRCUIT.labels(provider).set(CIRCUIT_LEVELS[state])
 
     def _live_hosts(self, now_ns: int) -> list[ProviderHost]:
         return [h for h in self.hosts.values() if live_host(h, now_ns)]

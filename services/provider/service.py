@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import socket
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
@@ -22,8 +23,11 @@ from structlog.typing import FilteringBoundLogger
 from services.provider.adapters.base import Adapter, AdapterError, load_adapters, resolve_hosted
 from services.provider.batching import TickBatcher
 from services.provider.retry import Backoff
+from shared.breaker import FailureKind, Transition, failure_kind
 from shared.bus.kv import follow, kv_keys
 from shared.bus.publisher import publish_event
+from shared.circuit import Circuits, Outcome
+from shared.config import EffectivePolicy, local_policy
 from shared.contract import names
 from shared.contract.codec import JSON, encode
 from shared.contract.control import JobSpec
@@ -48,6 +52,12 @@ JOB_RETRIES = Counter(
 )
 RETRY = Backoff()
 JOB_LEASE_TTL_S = 5.0  # a killed owner's jobs move to a standby within about this long
+HEALTH_PERIOD_S = 0.25  # how often live jobs are looked at for their first batch and silences
+# A live job that keeps publishing reports a success this often, so that a breaker another job
+# (or a silence) opened closes once it half-opens, instead of waiting for a restart to probe it.
+SUCCESS_EVERY_S = 5.0
+BREAKER_POLL_S = 1.0  # a job held by an open breaker re-reads it this often (a reset is seen)
+T = TypeVar("T")
 
 
 @dataclass
@@ -113,6 +123,31 @@ class JobSink:
             await self.ctx.publisher.publish(names.raw(self.spec.provider, symbol), body, headers)
         await self.ctx.publisher.flush()
 
+    # Set by the provider: counts a failure against the provider's circuit breaker.
+    on_failure: Callable[[FailureKind], Awaitable[None]] | None = None
+
+    async def failure(self, kind: FailureKind) -> None:
+        """Count one failure of the provider that the adapter saw (a pacing error: `"pacing"`)."""
+        if self.on_failure is not None:
+            await self.on_failure(kind)
+
+
+@dataclass
+class JobHealth:
+    """What the breaker learns from a job: is its adapter running, is it delivering."""
+
+    running: bool = False  # inside the adapter's run (not waiting to retry)
+    ticks: int = 0  # the sink's tick count when last looked at
+    progress_at: float = 0.0  # monotonic: the last publication seen, or the (re)start
+    confirmed: bool = False  # published since the (re)start or the last silence
+    silent: bool = False  # the current silence was counted as data_stopped
+    success_at: float = 0.0  # monotonic: when a success was last reported
+
+    def begin(self, ticks: int, now: float) -> None:
+        """The adapter (re)starts: its first batch will be the success of this attempt."""
+        self.running, self.ticks, self.progress_at = True, ticks, now
+        self.confirmed = self.silent = False
+
 
 @dataclass
 class RunningJob:
@@ -124,6 +159,7 @@ class RunningJob:
     task: asyncio.Task[None]
     lease: Lease
     keeper: asyncio.Task[None] | None = None
+    health: JobHealth = field(default_factory=JobHealth)
 
 
 class ProviderService:
@@ -152,6 +188,11 @@ class ProviderService:
         self.jobs_kv = await ctx.js.key_value(names.KV_JOBS)
         self.state_kv = await ctx.js.key_value(names.KV_STATE)
         self.lease_kv = await ctx.js.key_value(names.KV_CHECKPOINTS)
+        # Until control's policy is read, the one from our own files and environment applies.
+        breaker = local_policy(self.name).circuit.breaker()
+        self.circuits = Circuits(self.state_kv, ctx.publisher, breaker, ctx.log)
+        ctx.spawn(self._follow_policy(), "follow-policy")
+        ctx.spawn(self._watch_health(), "watch-health")
         ctx.spawn(self._watch_jobs(), "watch-jobs")
         ctx.spawn(self._reconcile_loop(), "reconcile-jobs")
         ctx.spawn(self._flush_loop(), "flush-due")
@@ -190,6 +231,18 @@ class ProviderService:
             except Exception as exc:  # an outage, a permission: the next beat tries again
                 self.ctx.log.warning("host_heartbeat_failed", error=repr(exc))
             await asyncio.sleep(self.settings.provider.host_ttl_s / 3)
+
+    async def _follow_policy(self) -> None:
+        """Follow the policy control publishes: the breakers' thresholds."""
+        async for _, policy in follow(
+            self.state_kv, EffectivePolicy, self.ctx.log, names.POLICY_KEY
+        ):
+            if policy is None:
+                continue
+            self.circuits.config = policy.circuit.breaker()
+            self.ctx.log.info(
+                "policy", revision=policy.revision, circuit=policy.circuit.model_dump()
+            )
 
     async def _watch_jobs(self) -> None:
         async for name, spec in follow(self.jobs_kv, JobSpec, self.ctx.log):
@@ -303,13 +356,15 @@ class ProviderService:
             self.settings.provider.batch_max_delay_ms * 1_000_000,
         )
         sink = JobSink(self.ctx, spec, adapter.clock_rate, batcher)
+        sink.on_failure = functools.partial(self._adapter_failure, spec)
         resume = dict(previous.resume) if previous is not None else {}
         sink.published_seq.update(resume)
         sink.ticks = previous.ticks if previous is not None else 0
+        health = JobHealth()
         task = asyncio.create_task(
-            self._run(spec, adapter, sink, log, resume or None), name=f"job-{spec.job}"
+            self._run(spec, adapter, sink, log, resume or None, health), name=f"job-{spec.job}"
         )
-        job = RunningJob(spec, adapter, sink, task, lease)
+        job = RunningJob(spec, adapter, sink, task, lease, health=health)
         job.keeper = asyncio.create_task(self._keep_lease(job), name=f"lease-{spec.job}")
         self.jobs[spec.job] = job
         JOBS_RUNNING.labels(spec.provider).inc()
@@ -333,10 +388,20 @@ class ProviderService:
         sink: JobSink,
         log: FilteringBoundLogger,
         resume: dict[str, int] | None,
+        health: JobHealth,
     ) -> None:
+        live = bool(getattr(adapter, "live", False))
         attempt = 0
+        error: str | None = None  # the last failure, while retrying
         while True:
+            if live:
+                held = await self._breaker_gate(spec, sink, error, attempt, resume)
+                if error is not None or held:
+                    await self._record(
+                        spec, "running", ticks=sink.ticks, resume=resume, attempts=attempt
+                    )
             started = time.monotonic()
+            health.begin(sink.ticks, started)
             try:
                 await adapter.run(sink, resume)
                 break
@@ -344,13 +409,17 @@ class ProviderService:
                 raise
             except Exception as exc:
                 error = repr(exc)
-            if not getattr(adapter, "live", False):
+                kind = failure_kind(exc)
+            finally:
+                health.running = False
+            if not live:
                 # A bounded input (a replay) that failed ends here: retrying reads it again.
                 log.error("job_failed", error=error)
                 await self._record(spec, "failed", error=error, ticks=sink.ticks)
                 await self._failed(spec, error)
                 await self._finish(spec)
                 return
+            counted = await self._count_failure(spec, kind, error)
             attempt = sink.attempts = RETRY.next_attempt(attempt, time.monotonic() - started)
             delay = RETRY.delay_s(attempt, random.random())
             log.warning("job_retrying", error=error, attempt=attempt, retry_in_s=round(delay, 3))
@@ -359,6 +428,9 @@ class ProviderService:
                 await sink.publish(symbol, batch)
             await self.ctx.publisher.flush()
             resume = dict(sink.published_seq)
+            next_attempt_ns = time.time_ns() + int(delay * 1e9)
+            if counted is not None:  # an open breaker holds the retry until it half-opens
+                next_attempt_ns = max(next_attempt_ns, counted.view.next_allowed_ns)
             await self._record(
                 spec,
                 "retrying",
@@ -366,7 +438,7 @@ class ProviderService:
                 ticks=sink.ticks,
                 resume=resume,
                 attempts=attempt,
-                next_attempt_ns=time.time_ns() + int(delay * 1e9),
+                next_attempt_ns=next_attempt_ns,
             )
             await asyncio.sleep(delay)
             try:
@@ -376,13 +448,100 @@ class ProviderService:
                 await self._failed(spec, str(exc))
                 await self._finish(spec)
                 return
-            await self._record(spec, "running", ticks=sink.ticks, resume=resume, attempts=attempt)
         await self._report_bad_rows(spec, adapter)
         await self._record(spec, "completed", ticks=sink.ticks)
         event = Stopped(time.time_ns(), spec.job, spec.run, spec.provider, "completed", sink.ticks)
         await publish_event(self.ctx.publisher, event)
         log.info("job_completed", ticks=sink.ticks)
         await self._finish(spec)
+
+    # -- circuit breaker ---------------------------------------------------------------------
+
+    async def _breaker_gate(
+        self,
+        spec: JobSpec,
+        sink: JobSink,
+        error: str | None,
+        attempt: int,
+        resume: dict[str, int] | None,
+    ) -> bool:
+        """Return once the provider's breaker lets this live job's adapter (re)start.
+
+        While it is open the job is `retrying`, `next_attempt_ns` when it half-opens (then one
+        job's attempt is its probe). It is re-read every second, so a manual reset frees the
+        job at once. A breaker that cannot be read lets the attempt go: it guards the provider,
+        and must not keep a feed down through a KV outage. True when it held the job back.
+        """
+        shown = -1
+        while True:
+            outcome = await self._circuit(spec, lambda: self.circuits.allow(spec.provider))
+            if outcome is None or outcome.result:
+                return shown != -1
+            view = outcome.view
+            if view.next_allowed_ns != shown:
+                shown = view.next_allowed_ns
+                await self._record(
+                    spec,
+                    "retrying",
+                    error=error or f"circuit of provider {spec.provider!r} is {view.state}",
+                    ticks=sink.ticks,
+                    resume=resume,
+                    attempts=attempt,
+                    next_attempt_ns=shown,
+                )
+            wait_s = (shown - time.time_ns()) / 1e9
+            await asyncio.sleep(min(max(wait_s, 0.01), BREAKER_POLL_S))
+
+    async def _count_failure(
+        self, spec: JobSpec, kind: FailureKind, error: str = ""
+    ) -> Outcome[Transition | None] | None:
+        """Count one failure against the job's provider; the outcome, None if KV failed."""
+        self.ctx.log.warning(
+            "circuit_failure", job=spec.job, provider=spec.provider, kind=kind, error=error
+        )
+        return await self._circuit(spec, lambda: self.circuits.record_failure(spec.provider, kind))
+
+    async def _adapter_failure(self, spec: JobSpec, kind: FailureKind) -> None:
+        """`JobSink.failure`: an adapter reports a failure it survived (a pacing error)."""
+        await self._count_failure(spec, kind, "reported by the adapter")
+
+    async def _circuit(
+        self, spec: JobSpec, call: Callable[[], Awaitable[Outcome[T]]]
+    ) -> Outcome[T] | None:
+        """One breaker call; None (logged) when KV is unavailable."""
+        try:
+            return await call()
+        except Exception as exc:
+            self.ctx.log.warning("circuit_unavailable", provider=spec.provider, error=repr(exc))
+            return None
+
+    async def _watch_health(self) -> None:
+        """Tell the breakers how the live feeds are doing.
+
+        A job's first batch after its adapter (re)started, or after a silence, is a success
+        (the probe's, when the breaker is half open); a running job that published nothing for
+        `provider.data_stopped_after_s` counts one `data_stopped` failure per silence.
+        """
+        silence_s = self.settings.provider.data_stopped_after_s
+        while True:
+            await asyncio.sleep(HEALTH_PERIOD_S)
+            for job in list(self.jobs.values()):
+                health = job.health
+                if not health.running or not getattr(job.adapter, "live", False):
+                    continue
+                now = time.monotonic()
+                if job.sink.ticks != health.ticks:
+                    health.ticks, health.progress_at, health.silent = job.sink.ticks, now, False
+                    if not health.confirmed or now - health.success_at >= SUCCESS_EVERY_S:
+                        health.confirmed, health.success_at = True, now
+                        success = functools.partial(self.circuits.record_success, job.spec.provider)
+                        await self._circuit(job.spec, success)
+                elif silence_s and not health.silent and now - health.progress_at >= silence_s:
+                    health.silent, health.confirmed = True, False
+                    silent_for = round(now - health.progress_at, 1)
+                    await self._count_failure(
+                        job.spec, "data_stopped", f"nothing published for {silent_for} s"
+                    )
 
     async def _finish(self, spec: JobSpec) -> None:
         """A run that ended by itself: give its lease up (a standby sees it ended) and forget it."""
@@ -435,7 +594,8 @@ class ProviderService:
             return
         await self.ctx.publisher.flush()  # everything in the snapshots is now stored
         for job, resume, ticks in snapshots:
-            if self.jobs.get(job.spec.job) is job:
+            # Only a running adapter: a job waiting to retry keeps its `retrying` report.
+            if self.jobs.get(job.spec.job) is job and job.health.running:
                 await self._record(
                     job.spec, "running", ticks=ticks, resume=resume, attempts=job.sink.attempts
                 )

@@ -9,7 +9,7 @@ from typing import Any
 
 from msgspec import UNSET, Struct, UnsetType
 
-from shared.contract.records import ProviderHost, StopRecord
+from shared.contract.records import CircuitState, ProviderHost, StopRecord
 
 
 class StartRequest(Struct, forbid_unknown_fields=True):
@@ -29,6 +29,12 @@ class StopRequest(Struct, forbid_unknown_fields=True):
 
     job: str = "default"
     reason: str = "operator_request"
+
+
+class ResetRequest(Struct, forbid_unknown_fields=True):
+    """`ingest.control.reset`: close a provider's circuit breaker by hand."""
+
+    provider: str
 
 
 class JobSpec(Struct, omit_defaults=True):
@@ -88,12 +94,19 @@ class JobStatus(JobView, kw_only=True):
 
 
 class ProviderInfo(Struct):
-    """A configured provider in `status`."""
+    """A configured provider in `status`; its breaker as of the request (`circuit.<provider>`).
+
+    `circuit` is `closed`, `open` or `half_open` (an open breaker past its recovery reads
+    half_open); `failures_in_window` the failures its window holds now; `opened_at_ns` when it
+    last opened (absent while closed).
+    """
 
     enabled: bool
     symbols: list[str]
     symbols_from_source: bool
-    circuit: str
+    circuit: CircuitState
+    failures_in_window: int = 0
+    opened_at_ns: int | UnsetType = UNSET
 
 
 class Limits(Struct):
@@ -150,4 +163,14 @@ class ReloadReply(Struct, kw_only=True):
     config: dict[str, str]
 
 
-Reply = StartReply | StopReply | StatusReply | ReloadReply
+class ResetReply(Struct, kw_only=True):
+    """`reset` succeeded: the provider's breaker before (`from_state`) and now (`closed`)."""
+
+    ok: bool = True
+    status: str = "reset"
+    provider: str
+    from_state: CircuitState
+    to_state: CircuitState
+
+
+Reply = StartReply | StopReply | StatusReply | ReloadReply | ResetReply

@@ -224,6 +224,11 @@ def completed_id(run: str, symbol: str) -> str:
     return f"completed:{run}:{symbol}"
 
 
+def circuit_event_id(provider: str, revision: int, index: int) -> str:
+    """A circuit event: the `index`-th transition stored by KV revision `revision` of its key."""
+    return f"circuit:{provider}:{revision}:{index}"
+
+
 def gap_id(symbol: str, since_ns: int, state: str) -> str:
     """A gap event: one per gap and state, whoever detects it."""
     return f"gap:{symbol}:{since_ns}:{state}"

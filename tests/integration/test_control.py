@@ -149,6 +149,7 @@ async def test_start_status_stop_with_events_and_metrics(control_system: System)
         "symbols": ["AAPL", "MSFT", "BRK.B", "BTC/USD"],
         "symbols_from_source": False,
         "circuit": "closed",
+        "failures_in_window": 0,
     }
     assert status["providers"]["ibkr"]["enabled"] is False
     assert status["policy"]["write_path"] == {

@@ -1,4 +1,4 @@
-"""Circuit breaker: every transition, the sliding window, probes, reset, snapshots, properties."""
+"""Circuit breaker: every transition, the sliding window, probes, reset, records, properties."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.router.breaker import (
+from shared.breaker import (
     BreakerConfig,
-    BreakerSnapshot,
     CircuitBreaker,
     Transition,
+    failure_kind,
+    same_state,
 )
+from shared.contract.records import CircuitRecord
 
 S = 1_000_000_000
 CFG = BreakerConfig(failure_threshold=3, window_s=10, recovery_s=5)
@@ -25,7 +27,7 @@ def _open(b: CircuitBreaker, at: int = 0) -> None:
 
 def test_config_defaults_and_validation() -> None:
     cfg = BreakerConfig()
-    assert (cfg.failure_threshold, cfg.window_ns, cfg.recovery_ns) == (5, 60 * S, 30 * S)
+    assert (cfg.failure_threshold, cfg.window_ns, cfg.recovery_ns) == (3, 60 * S, 15 * S)
     assert cfg.half_open_max_probes == 1
     for bad in (
         {"failure_threshold": 0},
@@ -156,20 +158,78 @@ def test_take_transitions_drains_in_order() -> None:
     assert b.take_transitions() == []
 
 
-def test_snapshot_round_trip_through_json() -> None:
+def test_record_round_trip_through_json() -> None:
     b = CircuitBreaker("ibkr", CFG)
     b.record_failure("connection", 1)
     b.record_failure("connection", 2)
-    raw = msgspec.json.encode(b.snapshot())
-    restored = CircuitBreaker.restore(msgspec.json.decode(raw, type=BreakerSnapshot), CFG)
-    assert restored.snapshot() == b.snapshot()
+    record = b.snapshot(7)
+    assert record == CircuitRecord("ibkr", "closed", [1, 2], None, [], 7)
+    raw = msgspec.json.encode(record)
+    restored = CircuitBreaker.restore(msgspec.json.decode(raw, type=CircuitRecord), CFG)
+    assert restored.snapshot(7) == record
     assert restored.record_failure("pacing", 3) is not None  # the two failures carried over
 
     _open(b, 10 * S)
     b.allow(20 * S)
-    restored = CircuitBreaker.restore(b.snapshot(), CFG)
+    restored = CircuitBreaker.restore(b.snapshot(20 * S), CFG)
     assert restored.state(20 * S) == "half_open"
     assert not restored.allow(20 * S)  # the probe in flight carried over
+
+
+def test_an_open_record_past_its_recovery_reads_half_open() -> None:
+    b = CircuitBreaker("ibkr", CFG)
+    _open(b, 1 * S)
+    record = b.snapshot(1 * S + 2)
+    assert record.state == "open" and record.opened_at_ns == 1 * S + 2
+    reader = CircuitBreaker.restore(record, CFG)
+    assert reader.state(6 * S + 1) == "open"  # 1 ns before its recovery has elapsed
+    assert reader.state(6 * S + 2) == "half_open"
+    assert reader.take_transitions() == [
+        Transition("ibkr", "open", "half_open", "recovery_elapsed", 6 * S + 2)
+    ]
+    # Reading is not writing: the record itself still says open until someone stores a change.
+    assert record.state == "open"
+    # A longer recovery in the current policy applies to a stored record.
+    longer = CircuitBreaker.restore(record, BreakerConfig(failure_threshold=3, recovery_s=30))
+    assert longer.state(6 * S + 2) == "open"
+
+
+def test_same_state_ignores_only_the_timestamp() -> None:
+    a = CircuitRecord("ibkr", "open", [1, 2, 3], 3, [], 10)
+    assert same_state(a, CircuitRecord("ibkr", "open", [1, 2, 3], 3, [], 99))
+    assert not same_state(a, CircuitRecord("ibkr", "open", [1, 2, 3], 4, [], 10))
+    assert not same_state(a, CircuitRecord("ibkr", "half_open", [1, 2, 3], 3, [5], 10))
+    assert not same_state(a, CircuitRecord("ibkr", "open", [2, 3], 3, [], 10))
+
+
+def test_next_allowed_is_the_half_open_time_or_the_lost_probe_time() -> None:
+    b = CircuitBreaker("ibkr", CFG)
+    assert b.next_allowed_ns(4) == 4  # closed: now
+    _open(b)  # opened at 2
+    assert b.opened_at_ns == 2
+    assert b.next_allowed_ns(1 * S) == 2 + 5 * S
+    assert not b.allow(1 * S)
+    assert b.next_allowed_ns(10 * S) == 10 * S  # half open now, a probe slot free
+    assert b.allow(10 * S)
+    assert b.next_allowed_ns(11 * S) == 15 * S  # the probe in flight is presumed lost then
+    assert b.allow(15 * S)
+    b.record_success(15 * S)
+    assert b.next_allowed_ns(15 * S) == 15 * S and b.opened_at_ns is None
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (ConnectionRefusedError(), "connection"),
+        (ConnectionResetError(), "connection"),
+        (TimeoutError(), "connection"),
+        (OSError("no route"), "connection"),
+        (RuntimeError("feed dropped"), "adapter_exception"),
+        (ValueError("bad row"), "adapter_exception"),
+    ],
+)
+def test_failure_kind(exc: BaseException, kind: str) -> None:
+    assert failure_kind(exc) == kind
 
 
 _events = st.lists(

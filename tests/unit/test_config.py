@@ -11,9 +11,11 @@ from pydantic import ValidationError
 from services.provider.adapters.base import load_adapters, params_models
 from services.provider.adapters.synthetic import SyntheticAdapter
 from shared import config as config_module
+from shared.breaker import BreakerConfig
 from shared.config import (
     POLICY_FILE,
     PROVIDERS_FILE,
+    CircuitConfig,
     Config,
     ConfigError,
     EffectivePolicy,
@@ -107,6 +109,7 @@ def test_the_effective_policy_travels_through_json_with_every_field() -> None:
             "detect_seconds": 3.0,
             "hysteresis_seconds": 10.0,
         },
+        "circuit": {"failure_threshold": 3, "window_seconds": 60.0, "recovery_seconds": 15.0},
         "revision": 7,
     }
     # A partial value (an older writer, a test) decodes with the defaults; a bad one is refused.
@@ -180,6 +183,49 @@ def test_bad_symbol_pattern_and_intervals_and_url(tmp_path: Path) -> None:
     assert any(p.endswith("(got '([')") and "guards.symbol_pattern" in p for p in found)
     assert any("bars.intervals" in p and "1x" in p for p in found)
     assert any("store_sync.http_url" in p and "http(s)" in p for p in found)
+
+
+def test_circuit_section_defaults_overrides_and_the_breaker_it_makes(tmp_path: Path) -> None:
+    shipped = load_config(REPO_CONFIGS, {}).policy.circuit
+    assert shipped == CircuitConfig()
+    # One set of defaults: the pure breaker's are the policy's.
+    assert shipped.breaker() == BreakerConfig()
+    config = load_config(None, {"MDP_POLICY__CIRCUIT__RECOVERY_SECONDS": "2.5"})
+    assert config.policy.circuit.recovery_seconds == 2.5
+    assert config.effective_policy(1).circuit.breaker().recovery_ns == 2_500_000_000
+    write(tmp_path, POLICY_FILE, "circuit:\n  failure_threshold: 5\n  window_seconds: 30\n")
+    circuit = load_config(tmp_path, {}).policy.circuit
+    assert (circuit.failure_threshold, circuit.window_seconds, circuit.recovery_seconds) == (
+        5,
+        30,
+        15,
+    )
+
+
+def test_bad_circuit_values_are_refused_with_their_key_paths(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        POLICY_FILE,
+        "circuit:\n  failure_threshold: 0\n  window_seconds: -1\n  recovery_seconds: soon\n",
+    )
+    found = problems(tmp_path)
+    assert found == [
+        f"{path}: circuit.failure_threshold: Input should be greater than or equal to 1 (got 0)",
+        f"{path}: circuit.window_seconds: Input should be greater than 0 (got -1)",
+        f"{path}: circuit.recovery_seconds: Input should be a valid number (got 'soon')",
+    ]
+    write(tmp_path, POLICY_FILE, "circuit:\n  failure_threshold: 2.5\n  treshold: 1\n")
+    found = problems(tmp_path)
+    assert f"{path}: circuit.failure_threshold: Input should be a valid integer (got 2.5)" in found
+    assert (
+        f"{path}: circuit.treshold: unknown key "
+        "(allowed: failure_threshold, recovery_seconds, window_seconds)"
+    ) in found
+    [problem] = problems(None, {"MDP_POLICY__CIRCUIT__RECOVERY_SECONDS": "0"})
+    assert problem == (
+        "MDP_POLICY__CIRCUIT__RECOVERY_SECONDS (environment): circuit.recovery_seconds: "
+        "Input should be greater than 0 (got 0)"
+    )
 
 
 def test_fallback_names_must_be_configured_providers(tmp_path: Path) -> None:
@@ -297,3 +343,13 @@ def test_service_http_settings_from_the_environment(monkeypatch: pytest.MonkeyPa
     assert (store.http_port, store.http_token, store.forward_token) == (0, "other", "")
     assert store.write_timeout_s == 0.25
     assert settings.store_url == "sqlite:///var/mdp.db"  # MDP_STORE_URL is not a store key
+
+
+def test_data_stopped_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MDP_PROVIDER__DATA_STOPPED_AFTER_S", raising=False)
+    assert Settings().provider.data_stopped_after_s == 30
+    monkeypatch.setenv("MDP_PROVIDER__DATA_STOPPED_AFTER_S", "0")
+    assert Settings().provider.data_stopped_after_s == 0  # off
+    monkeypatch.setenv("MDP_PROVIDER__DATA_STOPPED_AFTER_S", "-1")
+    with pytest.raises(ValidationError, match="data_stopped_after_s"):
+        Settings()

@@ -15,6 +15,7 @@ from services.control.guards import (
     is_live,
     job_state,
     next_deadline,
+    parse_reset,
     parse_start,
     parse_stop,
     standby_jobs,
@@ -265,6 +266,31 @@ def test_stop_request() -> None:
     assert (request.job, request.reason) == ("j1", "maintenance")
     assert code_of(parse_stop, b'{"job": 1}') == "invalid_request"
     assert code_of(parse_stop, b'{"reason": "has spaces"}') == "invalid_request"
+
+
+def test_reset_request() -> None:
+    assert parse_reset(b'{"provider": "ibkr"}', config()).provider == "ibkr"  # disabled is fine
+
+    def refused(body: bytes) -> ControlError:
+        with pytest.raises(ControlError) as info:
+            parse_reset(body, config())
+        return info.value
+
+    unknown = refused(b'{"provider": "polygon"}')
+    assert (unknown.code, unknown.status) == ("unknown_provider", 404)
+    assert unknown.message == (
+        "reset request: provider 'polygon' is not configured (configured: ibkr, replay, synthetic)"
+    )
+    for body, field in (
+        (b"", "missing required field `provider`"),
+        (b"{}", "missing required field `provider`"),
+        (b'{"provider": 5}', "Expected `str`, got `int` - at `$.provider`"),
+        (b'{"provider": "ibkr", "job": "x"}', "unknown field `job`"),
+        (b"{oops", "malformed JSON"),
+    ):
+        error = refused(body)
+        assert (error.code, error.status) == ("invalid_request", 400), body
+        assert error.message.startswith("reset request: ") and field in error.message, body
 
 
 def test_http_status_per_code() -> None:

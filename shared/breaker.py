@@ -1,4 +1,4 @@
-"""Circuit breaker per provider (or per job): closed, open, half-open on an injected clock (pure).
+"""Circuit breaker per provider: closed, open, half-open on an injected clock (pure).
 
 CLOSED -> OPEN when `failure_threshold` failures fall inside the sliding `window_ns` ending at
 the latest failure. OPEN -> HALF_OPEN once `recovery_ns` has passed since opening (reported by
@@ -8,6 +8,10 @@ crashed caller cannot wedge the breaker half open); a success closes the breaker
 cleared), a failure reopens it and restarts the recovery timer. `reset(now)` closes it by hand.
 Every change of state yields a `Transition`, returned by the call that caused it and also
 queued for `take_transitions()`.
+
+The state travels as the contract's `CircuitRecord` (`snapshot` / `restore`): the provider
+processes and control share one breaker per provider through KV, and `shared.circuit` is the
+shell that loads, applies one call of this module and stores it back.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import Literal
 
 import msgspec
 
-BreakerState = Literal["closed", "open", "half_open"]
+from shared.contract.records import CircuitRecord, CircuitState
+
+BreakerState = CircuitState
 FailureKind = Literal["connection", "adapter_exception", "pacing", "data_stopped"]
 TransitionReason = Literal[
     "failure_threshold", "recovery_elapsed", "probe_succeeded", "probe_failed", "manual_reset"
@@ -29,9 +35,10 @@ _NS_PER_S = 1_000_000_000
 class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Thresholds of one breaker; every value must be positive."""
 
-    failure_threshold: int = 5
+    # The defaults of `circuit:` in ingestion_policy.yaml (shared.config.CircuitConfig).
+    failure_threshold: int = 3
     window_s: float = 60
-    recovery_s: float = 30
+    recovery_s: float = 15
     half_open_max_probes: int = 1
 
     def __post_init__(self) -> None:
@@ -65,14 +72,12 @@ class Transition(msgspec.Struct, frozen=True):
     at_ns: int
 
 
-class BreakerSnapshot(msgspec.Struct, frozen=True):
-    """A breaker's full state, storable in KV and restorable with `CircuitBreaker.restore`."""
-
-    provider: str
-    state: BreakerState
-    failures_ns: list[int]
-    opened_at_ns: int | None
-    probes_started_ns: list[int]
+def failure_kind(exc: BaseException) -> FailureKind:
+    """How an adapter's exception counts: `connection` for network errors, else an exception."""
+    # ConnectionError and TimeoutError are OSErrors; listed for the reader, not for isinstance.
+    if isinstance(exc, ConnectionError | TimeoutError | OSError):
+        return "connection"
+    return "adapter_exception"
 
 
 class CircuitBreaker:
@@ -166,6 +171,26 @@ class CircuitBreaker:
         self._probes = []
         return self._move("closed", reason, now_ns)
 
+    def next_allowed_ns(self, now_ns: int) -> int:
+        """When `allow` may next say True: `now_ns` if it would now, else the earliest time after.
+
+        Open: when it half-opens. Half-open with every probe slot taken: when the oldest probe
+        is presumed lost (unless its outcome, reported earlier, closes or reopens it first).
+        """
+        self._advance(now_ns)
+        if self._state == "open" and self._opened_at_ns is not None:
+            return self._opened_at_ns + self.config.recovery_ns
+        if self._state == "half_open":
+            live = [t for t in self._probes if now_ns - t < self.config.recovery_ns]
+            if len(live) >= self.config.half_open_max_probes:
+                return min(live) + self.config.recovery_ns
+        return now_ns
+
+    @property
+    def opened_at_ns(self) -> int | None:
+        """When it last opened (None while closed)."""
+        return self._opened_at_ns
+
     def failures_in_window(self, now_ns: int) -> int:
         """How many failures fall inside the window ending at `now_ns`."""
         self._expire(now_ns)
@@ -176,22 +201,34 @@ class CircuitBreaker:
         taken, self._pending = self._pending, []
         return taken
 
-    def snapshot(self) -> BreakerSnapshot:
-        """The state as a struct for KV."""
-        return BreakerSnapshot(
+    def snapshot(self, updated_ns: int) -> CircuitRecord:
+        """The state as the contract's KV record, stamped `updated_ns`."""
+        return CircuitRecord(
             provider=self.provider,
             state=self._state,
             failures_ns=list(self._failures),
             opened_at_ns=self._opened_at_ns,
             probes_started_ns=list(self._probes),
+            updated_ns=updated_ns,
         )
 
     @classmethod
-    def restore(cls, snap: BreakerSnapshot, config: BreakerConfig | None = None) -> CircuitBreaker:
-        """A breaker continuing from `snap` (the config comes from the current settings)."""
-        breaker = cls(snap.provider, config)
-        breaker._state = snap.state
-        breaker._failures = deque(sorted(snap.failures_ns))
-        breaker._opened_at_ns = snap.opened_at_ns
-        breaker._probes = list(snap.probes_started_ns)
+    def restore(cls, record: CircuitRecord, config: BreakerConfig | None = None) -> CircuitBreaker:
+        """A breaker continuing from `record` (the config comes from the current policy)."""
+        breaker = cls(record.provider, config)
+        breaker._state = record.state
+        breaker._failures = deque(sorted(record.failures_ns))
+        breaker._opened_at_ns = record.opened_at_ns
+        breaker._probes = list(record.probes_started_ns)
         return breaker
+
+
+def same_state(a: CircuitRecord, b: CircuitRecord) -> bool:
+    """Whether two records hold the same breaker state (`updated_ns` aside)."""
+    return (a.provider, a.state, a.failures_ns, a.opened_at_ns, a.probes_started_ns) == (
+        b.provider,
+        b.state,
+        b.failures_ns,
+        b.opened_at_ns,
+        b.probes_started_ns,
+    )
