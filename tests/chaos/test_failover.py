@@ -171,3 +171,85 @@ async def test_sigstop_fails_over_within_the_detection_time_and_fails_back(
 
 async def _hosts(system: System, count: int) -> bool:
     return len((await system.ok("status"))["hosts"]) >= count
+
+
+BREAKER_PROVIDERS = """
+switch:
+  enabled: true
+  symbols: [AAA]
+  params: {dir: "%s"}
+synthetic:
+  enabled: true
+  symbols: [AAA]
+  params: {rate: 20}
+fallback:
+  default: [switch, synthetic]
+  detect_seconds: 30      # long: only the provider's own health can explain a fast switch
+  hysteresis_seconds: 2
+"""
+
+
+async def test_failover_and_failback_follow_the_breaker(tmp_path: Path) -> None:
+    """A live source that fails: the router switches at once (its job retries, its breaker
+    opens), long before the silence detection; when the probe succeeds it fails back."""
+    switches_dir = tmp_path / "switch"
+    switches_dir.mkdir()
+    server = EmbeddedNats(tmp_path / "nats", log_file=tmp_path / "nats.log")
+    server.start()
+    system = await start_system(
+        server,
+        tmp_path,
+        ("provider", "router", "control"),
+        env={
+            "MDP_PROVIDER__ADAPTERS": "synthetic,tests.flaky_adapter:SwitchAdapter",
+            "MDP_POLICY__CIRCUIT__RECOVERY_SECONDS": "2",
+        },
+        configs={"data_providers.yaml": BREAKER_PROVIDERS % switches_dir},
+    )
+    story: list[tuple[str, Any]] = []
+
+    async def on_event(msg: Any) -> None:
+        story.append((msg.subject.rsplit(".", 1)[-1], decode_event(msg.subject, msg.data)))
+
+    def failovers() -> list[Failover]:
+        return [e for name, e in story if isinstance(e, Failover)]
+
+    def circuit_states() -> list[str]:
+        return [e.to_state for name, e in story if name == "circuit"]  # type: ignore[union-attr]
+
+    try:
+        await system.nc.subscribe("ingest.events.failover", cb=on_event)
+        await system.nc.subscribe("ingest.events.circuit", cb=on_event)
+        await system.ok("start", {"provider": "switch", "job": "primary"})
+        await system.ok("start", {"provider": "synthetic", "job": "backup"})
+        await wait_for(
+            lambda: bool(failovers()) and failovers()[-1].to_provider == "switch",
+            30,
+            "the router to settle on switch",
+        )
+        (switches_dir / "fail").touch()
+        failed_at = time.monotonic()
+        await wait_for(
+            lambda: failovers()[-1].to_provider == "synthetic", 20, "failover to synthetic"
+        )
+        failover_s = time.monotonic() - failed_at
+        assert failovers()[-1].reason == "provider_down", failovers()[-1]
+        assert failover_s < 10, f"{failover_s:.1f} s: the breaker/job state was not followed"
+        await wait_for(lambda: "open" in circuit_states(), 30, "the breaker to open")
+
+        (switches_dir / "fail").unlink()
+        await wait_for(lambda: circuit_states()[-1:] == ["closed"], 30, "the probe to close it")
+        closed_at = time.monotonic()
+        await wait_for(lambda: failovers()[-1].to_provider == "switch", 20, "failback to switch")
+        failback_s = time.monotonic() - closed_at
+        back = failovers()[-1]
+        assert (back.from_provider, back.reason) == ("synthetic", "failback"), back
+        assert "half_open" in circuit_states()
+        print(
+            f"failover on failure: {failover_s:.2f} s (detect 30 s); failback "
+            f"{failback_s:.2f} s after the breaker closed (hysteresis 2 s); "
+            f"circuit: {' > '.join(circuit_states())}"
+        )
+    finally:
+        await stop_system(system)
+        server.stop()
