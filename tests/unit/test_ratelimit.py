@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.router.ratelimit import (
+from services.provider.ratelimit import (
     Block,
     Budget,
     Cooldown,
