@@ -76,12 +76,24 @@ class _Model(BaseModel):
 # data_providers.yaml
 
 
-class IbkrPacing(_Model):
-    """Interactive Brokers pacing limits the adapter must stay under."""
+class PacingSection(_Model):
+    """`<provider>.pacing:`: the budget all processes of a provider share (absent: unlimited).
 
-    max_messages_per_second: int = Field(50, ge=1)
-    max_historical_requests: int = Field(60, ge=1)
-    historical_window_seconds: float = Field(600, gt=0)
+    A key left out takes Interactive Brokers' value (../shared/notes/ibkr.md), the `ibkr`
+    default. The request limits bind only requests an adapter marks as such (a `key`, a
+    `contract`, `historical`); every acquire spends message tokens.
+    """
+
+    messages_per_second: float = Field(50, gt=0, allow_inf_nan=False)
+    message_burst: int = Field(10, gt=0)
+    historical_requests: int = Field(60, gt=0)
+    historical_window_seconds: float = Field(600, gt=0, allow_inf_nan=False)
+    identical_interval_seconds: float = Field(15, gt=0, allow_inf_nan=False)
+    per_contract_requests: int = Field(6, gt=0)
+    per_contract_window_seconds: float = Field(2, gt=0, allow_inf_nan=False)
+    block_ttl_seconds: float = Field(
+        1, gt=0, allow_inf_nan=False, description="how long a process may hold unspent tokens"
+    )
 
 
 class IbkrParams(_Model):
@@ -93,13 +105,13 @@ class IbkrParams(_Model):
     market_data_type: Literal[1, 2, 3, 4] = Field(
         1, description="1 live, 2 frozen, 3 delayed, 4 delayed frozen"
     )
-    pacing: IbkrPacing = IbkrPacing()
 
 
 class _ProviderBase(_Model):
     enabled: bool = True
     symbols: list[str] = []
     symbols_from_source: bool = False
+    pacing: PacingSection | None = None  # None: unlimited
 
 
 class SyntheticProvider(_ProviderBase):
@@ -120,6 +132,7 @@ class IbkrProvider(_ProviderBase):
 
     enabled: bool = False
     params: IbkrParams = IbkrParams()
+    pacing: PacingSection | None = PacingSection()  # IB's limits; `pacing: null` lifts them
 
 
 class PluginProvider(_ProviderBase):
@@ -291,7 +304,11 @@ class EffectivePolicy(_Model):
          "bars": {"intervals": ["1s", "1m"], "grace_ms": 500, "revise_window_seconds": 60.0,
                   "price_type": "LAST"},
          "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {}},
+         "pacing": {"ibkr": {"messages_per_second": 50.0, "message_burst": 10, ...}},
          "revision": 1}
+
+    `pacing` holds the `pacing:` section of every provider that has one (the others are
+    unlimited); provider processes build their rate limits from it.
     """
 
     write_path: WritePathConfig = WritePathConfig()
@@ -299,6 +316,8 @@ class EffectivePolicy(_Model):
     batching: BatchingConfig = BatchingConfig()
     bars: BarsConfig = BarsConfig()
     fallback: FallbackConfig = FallbackConfig(default=list(PREFERENCE))
+    # Until a policy says otherwise, what the built-in defaults say: only ibkr is paced.
+    pacing: dict[str, PacingSection] = {"ibkr": PacingSection()}
     revision: int = 0
 
 
@@ -334,6 +353,11 @@ class Config:
             fallback=FallbackConfig(
                 default=providers.default_order, symbols=dict(providers.fallback.symbols)
             ),
+            pacing={
+                name: provider.pacing
+                for name, provider in providers.providers.items()
+                if provider.pacing is not None
+            },
             revision=revision,
         )
 
