@@ -335,21 +335,22 @@ class Budget:
         self._blocks.append(block)
         return block
 
-    def take_block(self, need: int, want: int, now_ns: int) -> BlockGrant:
-        """Take between `need` and `want` message tokens now, or say when to ask again.
+    def take_block(self, tokens: int, now_ns: int) -> BlockGrant:
+        """Take a block of exactly `tokens` message tokens now, or say when they will be there.
 
-        Nothing is taken unless `need` tokens are there. The retry hint waits for `want` tokens
-        (not just `need`): processes that contend then take fuller blocks, so the number of
-        compare-and-swaps stays near `rate / block` per second instead of one per token.
+        All or nothing, never a partial block: processes that contend then wait for, and take,
+        whole blocks, so the compare-and-swaps stay near `rate / block` per second. (Granting
+        whatever is there lets one process take single tokens as they trickle in and leaves the
+        other ones the remainder: many small blocks, and the first one starving the others.)
         """
-        cfg = self.config
-        if not 1 <= need <= cfg.message_burst:
-            raise ValueError(f"{need} tokens: must be between 1 and the burst {cfg.message_burst}")
-        want = min(max(want, need), cfg.message_burst)
-        cooling = self.cooldown.wait_ns(now_ns)
-        if not cooling and self.messages.available(now_ns) >= need:
-            return BlockGrant(self.messages.take_up_to(want, now_ns), 0)
-        return BlockGrant(0, max(cooling, self.messages.wait_ns(want, now_ns)))
+        burst = self.config.message_burst
+        if not 1 <= tokens <= burst:
+            raise ValueError(f"a block of {tokens} tokens: must be between 1 and the burst {burst}")
+        wait = max(self.cooldown.wait_ns(now_ns), self.messages.wait_ns(tokens, now_ns))
+        if wait:
+            return BlockGrant(0, wait)
+        self.messages.try_take(tokens, now_ns)
+        return BlockGrant(tokens, 0)
 
     def to_record(self, provider: str, now_ns: int) -> RateRecord:
         """The state every limit needs, as of `now_ns`, with what has left its window pruned."""

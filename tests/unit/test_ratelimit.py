@@ -274,19 +274,20 @@ def test_restore_under_another_config_keeps_what_applies() -> None:
         Budget.from_record(PacingConfig(), RateRecord("ibkr", -1, 1, 0))
 
 
-def test_take_block_takes_at_least_need_and_hints_for_want() -> None:
+def test_take_block_is_all_or_nothing_and_hints_when_it_will_be_there() -> None:
     b = Budget(PacingConfig(messages_per_s=10, message_burst=4))  # 100 ms a token
-    assert b.take_block(1, 3, 0) == BlockGrant(3, 0)
-    assert b.take_block(2, 2, 0) == BlockGrant(0, 100 * MS)  # one there, two needed
-    assert b.take_block(1, 3, 0) == BlockGrant(1, 0)  # takes what is there, at least need
-    assert b.take_block(1, 3, 0) == BlockGrant(0, 300 * MS)  # waits for a full block
-    assert b.take_block(1, 99, 300 * MS) == BlockGrant(3, 0)  # want is capped at the burst
-    b.pacing_error(300 * MS, 1 * S)
-    assert b.take_block(1, 1, 2 * S) == BlockGrant(1, 0)
-    b.pacing_error(2 * S, 1 * S)
-    assert b.take_block(1, 1, 2 * S) == BlockGrant(0, 1 * S)
+    assert b.take_block(3, 0) == BlockGrant(3, 0)
+    assert b.take_block(2, 0) == BlockGrant(0, 100 * MS)  # one there: nothing taken
+    assert b.take_block(1, 0) == BlockGrant(1, 0)
+    assert b.take_block(3, 0) == BlockGrant(0, 300 * MS)
+    assert b.take_block(4, 400 * MS) == BlockGrant(4, 0)
+    b.pacing_error(400 * MS, 1 * S)
+    assert b.take_block(1, 1 * S) == BlockGrant(0, 400 * MS)  # tokens there, cooling down
+    assert b.take_block(1, 1400 * MS) == BlockGrant(1, 0)
     with pytest.raises(ValueError, match="burst"):
-        b.take_block(5, 5, 10 * S)
+        b.take_block(5, 10 * S)
+    with pytest.raises(ValueError, match="burst"):
+        b.take_block(0, 10 * S)
 
 
 def test_block_sizer_follows_demand() -> None:
@@ -344,7 +345,7 @@ def test_property_a_budget_restored_from_its_record_behaves_as_if_never_stored(
             if op == "acquire":
                 answers.append(budget.acquire(n, now))
             elif op == "block":
-                answers.append(budget.take_block(1, n, now))
+                answers.append(budget.take_block(n, now))
             elif op == "request":
                 answers.append(budget.acquire(1, now, key=name, contract=name, historical=True))
             else:
