@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from services.provider.pacing import WAITS, Pacer, unlimited
+from services.provider.pacing import COOLDOWNS, TOKENS_GRANTED, WAITS, Pacer, unlimited
 from services.provider.ratelimit import PacingConfig
 from shared.contract import names
 from shared.contract.records import RateRecord
@@ -80,13 +80,17 @@ async def test_two_pacers_share_one_budget_within_its_bound_and_use_it(
     await asyncio.gather(*(draw(p, until, s) for p, s in zip(pacers, stamps, strict=True)))
     both = stamps[0] + stamps[1]
     for window_s in (0.1, 0.25, 0.5, 1, 2):
-        bound = burst + rate * (window_s + ttl_s)
+        # Tokens spent in a window were granted in it (at most burst + rate x T) or held when
+        # it opened: at most one block per process, and never older than the block ttl.
+        held = min(rate * ttl_s, len(pacers) * config.max_block)
+        bound = burst + rate * window_s + held
         assert max_in_window(both, int(window_s * S)) <= bound, window_s
     # Separate budgets would grant each its own; one budget grants about rate x time in all.
     elapsed_s = (max(both) - started) / S
     assert len(both) <= burst + rate * (elapsed_s + ttl_s)
     assert len(both) >= 0.9 * rate * run_s, len(both)
     assert min(len(s) for s in stamps) >= 0.25 * rate * run_s, [len(s) for s in stamps]
+    assert TOKENS_GRANTED.labels("shared")._value.get() == len(both)
     record = msgspec.json.decode(
         (await kvs[2].get(names.rate_key("shared"))).value, type=RateRecord
     )
@@ -101,6 +105,7 @@ async def test_a_pacing_error_in_one_pauses_the_other(kvs: list[KeyValue]) -> No
     tripped = time.time_ns()
     await tripper.pacing_error(0.6)
     waits = WAITS.labels("ib")._value.get()
+    assert COOLDOWNS.labels("ib")._value.get() == 1
     await other.acquire()  # no block in hand: it must ask the record, which says cool down
     assert time.time_ns() - tripped >= 0.6 * S
     assert WAITS.labels("ib")._value.get() == waits + 1
