@@ -98,6 +98,7 @@ class Pacer:
         self._expires_mono_ns = 0  # when the block in hand may no longer be spent
         self._sizer = BlockSizer(1)
         self._cooling_until_mono_ns = 0  # this process's own pacing error, before the record says
+        self._outage_logged = False
         self.configure(config)
 
     @property
@@ -159,22 +160,25 @@ class Pacer:
             WAIT_SECONDS.labels(self.provider).observe(time.monotonic() - started)
 
     async def pacing_error(self, cooldown_s: float) -> None:
-        """The source refused us for pacing: grant nothing, in any process, for `cooldown_s`."""
-        COOLDOWNS.labels(self.provider).inc()
+        """The source refused us for pacing: grant nothing, in any process, for `cooldown_s`.
+
+        Returns once the cooldown is in the shared record, or (NATS unreachable) once it has
+        passed: this process itself stops at once either way.
+        """
         cfg = self.config
         if cfg is None:
-            if self.log is not None:
+            if self.log is not None:  # no budget to pause: say so, the operator may want one
                 self.log.warning("pacing_error_unpaced", provider=self.provider)
             return
+        COOLDOWNS.labels(self.provider).inc()
         cooldown_ns = int(cooldown_s * _NS_PER_S)
         # Stop here at once (the shared record may take a moment), and spend no block in hand.
-        self._cooling_until_mono_ns = max(
-            self._cooling_until_mono_ns, time.monotonic_ns() + cooldown_ns
-        )
+        until_mono_ns = time.monotonic_ns() + cooldown_ns
+        self._cooling_until_mono_ns = max(self._cooling_until_mono_ns, until_mono_ns)
         self._left = 0
         if self.log is not None:
             self.log.warning("pacing_error", provider=self.provider, cooldown_s=cooldown_s)
-        while True:
+        while time.monotonic_ns() < until_mono_ns:  # an expired cooldown is not worth writing
             try:
                 record, revision = await self._read()
                 now = time.time_ns()
@@ -248,6 +252,9 @@ class Pacer:
                 return self._outage(exc)
             if not written:
                 continue  # another process wrote first: decide again on what it wrote
+            if self._outage_logged and self.log is not None:
+                self.log.info("pacing_budget_reachable", provider=self.provider)
+            self._outage_logged = False
             if block:
                 # The block may be spent until block_ttl after `now`; counted from a monotonic
                 # instant taken after `now`, the local expiry can only come early, never late.
@@ -259,8 +266,9 @@ class Pacer:
     def _outage(self, exc: Exception) -> int:
         # Fail closed: without the shared record nothing is granted (a burst over IB's limits
         # costs a disconnect); the acquire keeps waiting and asks again.
-        if self.log is not None:
+        if self.log is not None and not self._outage_logged:  # once per outage, not per retry
             self.log.warning("pacing_budget_unreachable", provider=self.provider, error=repr(exc))
+        self._outage_logged = True
         return int(OUTAGE_RETRY_S * _NS_PER_S)
 
     async def _read(self) -> tuple[RateRecord | None, int | None]:
