@@ -78,12 +78,26 @@ class _Model(BaseModel):
 # data_providers.yaml
 
 
-class IbkrPacing(_Model):
-    """Interactive Brokers pacing limits the adapter must stay under."""
+class PacingSection(_Model):
+    """`<provider>.pacing:`: the budget all processes of a provider share (absent: unlimited).
 
-    max_messages_per_second: int = Field(50, ge=1)
-    max_historical_requests: int = Field(60, ge=1)
-    historical_window_seconds: float = Field(600, gt=0)
+    A key left out takes the `ibkr` default: Interactive Brokers' limits (docs: ibkr notes),
+    except 40 messages/s with a burst of 4 for IB's 50/s, so that any one-second window of one
+    or two processes stays below 50 (burst + rate + a block of burst/2 each). The request limits
+    bind only requests an adapter marks as such (a `key`, a `contract`, `historical`); every
+    acquire spends message tokens.
+    """
+
+    messages_per_second: float = Field(40, gt=0, allow_inf_nan=False)
+    message_burst: int = Field(4, gt=0)
+    historical_requests: int = Field(60, gt=0)
+    historical_window_seconds: float = Field(600, gt=0, allow_inf_nan=False)
+    identical_interval_seconds: float = Field(15, gt=0, allow_inf_nan=False)
+    per_contract_requests: int = Field(6, gt=0)
+    per_contract_window_seconds: float = Field(2, gt=0, allow_inf_nan=False)
+    block_ttl_seconds: float = Field(
+        1, gt=0, allow_inf_nan=False, description="how long a process may hold unspent tokens"
+    )
 
 
 class IbkrParams(_Model):
@@ -95,13 +109,13 @@ class IbkrParams(_Model):
     market_data_type: Literal[1, 2, 3, 4] = Field(
         1, description="1 live, 2 frozen, 3 delayed, 4 delayed frozen"
     )
-    pacing: IbkrPacing = IbkrPacing()
 
 
 class _ProviderBase(_Model):
     enabled: bool = True
     symbols: list[str] = []
     symbols_from_source: bool = False
+    pacing: PacingSection | None = None  # None: unlimited
 
 
 class SyntheticProvider(_ProviderBase):
@@ -122,6 +136,7 @@ class IbkrProvider(_ProviderBase):
 
     enabled: bool = False
     params: IbkrParams = IbkrParams()
+    pacing: PacingSection | None = PacingSection()  # IB's limits; `pacing: null` lifts them
 
 
 class PluginProvider(_ProviderBase):
@@ -323,7 +338,11 @@ class EffectivePolicy(_Model):
          "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {},
                       "strategy": "first_available", "detect_seconds": 3.0,
                       "hysteresis_seconds": 10.0},
+         "pacing": {"ibkr": {"messages_per_second": 40.0, "message_burst": 4, ...}},
          "revision": 1}
+
+    `pacing` holds the `pacing:` section of every provider that has one (the others are
+    unlimited); provider processes build their rate limits from it.
     """
 
     write_path: WritePathConfig = WritePathConfig()
@@ -332,6 +351,8 @@ class EffectivePolicy(_Model):
     bars: BarsConfig = BarsConfig()
     circuit: CircuitConfig = CircuitConfig()  # the provider processes' breakers
     fallback: FallbackConfig = FallbackConfig(default=list(PREFERENCE))
+    # Until a policy says otherwise, what the built-in defaults say: only ibkr is paced.
+    pacing: dict[str, PacingSection] = {"ibkr": PacingSection()}
     revision: int = 0
 
 
@@ -366,6 +387,11 @@ class Config:
             bars=policy.bars,
             circuit=policy.circuit,
             fallback=providers.fallback.model_copy(update={"default": providers.default_order}),
+            pacing={
+                name: provider.pacing
+                for name, provider in providers.providers.items()
+                if provider.pacing is not None
+            },
             revision=revision,
         )
 

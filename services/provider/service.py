@@ -18,10 +18,12 @@ from typing import ClassVar, TypeVar
 import msgspec
 from nats.js.errors import KeyNotFoundError
 from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
 from structlog.typing import FilteringBoundLogger
 
 from services.provider.adapters.base import Adapter, AdapterError, load_adapters, resolve_hosted
 from services.provider.batching import TickBatcher
+from services.provider.pacing import Pacer, pacing_config, unlimited
 from services.provider.retry import Backoff
 from shared.breaker import FailureKind, Transition, failure_kind
 from shared.bus.kv import follow, kv_keys
@@ -71,6 +73,7 @@ class JobSink:
     ticks: int = 0
     published_seq: dict[str, int] = field(default_factory=dict)
     attempts: int = 0  # retries of a live job since it last ran healthily
+    pacer: Pacer = field(default_factory=unlimited)  # the provider's shared rate budget
 
     async def put(self, symbol: str, ticks: list[Tick]) -> None:
         """Buffer ticks; publish every batch that became full."""
@@ -181,6 +184,9 @@ class ProviderService:
         # Jobs this process could run but another owns: waiting for the lease, by job name.
         self.claims: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self.jobs_lock = asyncio.Lock()
+        # Until control's policy is read, the built-in defaults pace ibkr at IB's limits.
+        self.policy = EffectivePolicy()
+        self.pacers: dict[str, Pacer] = {}
 
     async def start(self, ctx: Context) -> None:
         """Start watching the desired state."""
@@ -188,10 +194,18 @@ class ProviderService:
         self.jobs_kv = await ctx.js.key_value(names.KV_JOBS)
         self.state_kv = await ctx.js.key_value(names.KV_STATE)
         self.lease_kv = await ctx.js.key_value(names.KV_CHECKPOINTS)
-        # Until control's policy is read, the one from our own files and environment applies.
-        breaker = local_policy(self.name).circuit.breaker()
-        self.circuits = Circuits(self.state_kv, ctx.publisher, breaker, ctx.log)
-        ctx.spawn(self._follow_policy(), "follow-policy")
+        # Until control's policy is read, the one from our own files and environment applies;
+        # the published one is read before the first job, so no job starts unpaced.
+        self.policy = local_policy(self.name)
+        with contextlib.suppress(KeyNotFoundError, ValidationError):
+            entry = await self.state_kv.get(names.POLICY_KEY)
+            if entry.value:
+                self.policy = EffectivePolicy.model_validate_json(entry.value)
+        self.circuits = Circuits(
+            self.state_kv, ctx.publisher, self.policy.circuit.breaker(), ctx.log
+        )
+        self._apply_policy(self.policy)
+        ctx.spawn(self._watch_policy(), "policy")
         ctx.spawn(self._watch_health(), "watch-health")
         ctx.spawn(self._watch_jobs(), "watch-jobs")
         ctx.spawn(self._reconcile_loop(), "reconcile-jobs")
@@ -232,17 +246,40 @@ class ProviderService:
                 self.ctx.log.warning("host_heartbeat_failed", error=repr(exc))
             await asyncio.sleep(self.settings.provider.host_ttl_s / 3)
 
-    async def _follow_policy(self) -> None:
-        """Follow the policy control publishes: the breakers' thresholds."""
+    def pacer(self, provider: str) -> Pacer:
+        """The one pacer of `provider` in this process, shared by all its jobs."""
+        pacer = self.pacers.get(provider)
+        if pacer is None:
+            section = self.policy.pacing.get(provider)
+            config = pacing_config(section) if section is not None else None
+            pacer = Pacer(provider, self.lease_kv, config, self.ctx.log)
+            self.pacers[provider] = pacer
+        return pacer
+
+    def _apply_policy(self, policy: EffectivePolicy) -> None:
+        """Follow a new policy: the breakers' thresholds, and every pacer whose budget changed."""
+        self.policy = policy
+        self.circuits.config = policy.circuit.breaker()
+        for provider, pacer in self.pacers.items():
+            section = policy.pacing.get(provider)
+            config = pacing_config(section) if section is not None else None
+            if config != pacer.config:
+                pacer.configure(config)
+                self.ctx.log.info("pacing", provider=provider, budget=msgspec.to_builtins(config))
+        self.ctx.log.info(
+            "policy",
+            revision=policy.revision,
+            circuit=policy.circuit.model_dump(),
+            pacing={name: section.model_dump() for name, section in policy.pacing.items()},
+        )
+
+    async def _watch_policy(self) -> None:
+        """Follow the policy control publishes in `ingest_state` (breakers, pacing budgets)."""
         async for _, policy in follow(
             self.state_kv, EffectivePolicy, self.ctx.log, names.POLICY_KEY
         ):
-            if policy is None:
-                continue
-            self.circuits.config = policy.circuit.breaker()
-            self.ctx.log.info(
-                "policy", revision=policy.revision, circuit=policy.circuit.model_dump()
-            )
+            if policy is not None:
+                self._apply_policy(policy)
 
     async def _watch_jobs(self) -> None:
         async for name, spec in follow(self.jobs_kv, JobSpec, self.ctx.log):
@@ -355,7 +392,7 @@ class ProviderService:
             self.settings.provider.batch_max_ticks,
             self.settings.provider.batch_max_delay_ms * 1_000_000,
         )
-        sink = JobSink(self.ctx, spec, adapter.clock_rate, batcher)
+        sink = JobSink(self.ctx, spec, adapter.clock_rate, batcher, pacer=self.pacer(spec.provider))
         sink.on_failure = functools.partial(self._adapter_failure, spec)
         resume = dict(previous.resume) if previous is not None else {}
         sink.published_seq.update(resume)

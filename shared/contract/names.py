@@ -143,7 +143,7 @@ STREAM_DLQ = "MD_DLQ"
 
 KV_JOBS = "ingest_jobs"  # desired jobs by name (JobSpec), written by control
 KV_STATE = "ingest_state"  # status that survives restarts
-KV_CHECKPOINTS = "mdp_checkpoints"  # consumer checkpoints and leases
+KV_CHECKPOINTS = "mdp_checkpoints"  # consumer checkpoints, leases, pacing budgets
 
 POLICY_KEY = "policy"  # KV_STATE: the effective Policy
 STOPPED_PREFIX = "stopped."  # KV_STATE: the last StopRecord of each job
@@ -188,6 +188,11 @@ def job_lease_key(job: str) -> str:
 def lease_key(durable: str) -> str:
     """KV_CHECKPOINTS key of a consumer's lease."""
     return f"lease.{durable}"
+
+
+def rate_key(provider: str) -> str:
+    """KV_CHECKPOINTS key of a provider's shared pacing budget (a RateRecord)."""
+    return f"rate.{_check_name('provider', provider)}"
 
 
 # ---------------------------------------------------------------------------------------------

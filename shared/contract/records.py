@@ -95,3 +95,24 @@ class CircuitRecord(Struct):
     opened_at_ns: int | None
     probes_started_ns: list[int]
     updated_ns: int
+
+
+class RateRecord(Struct, omit_defaults=True):
+    """A provider's pacing budget, shared by its processes (`mdp_checkpoints`, `rate.<provider>`).
+
+    Written only with compare-and-swap, by whichever provider process takes tokens or reports a
+    pacing error; nothing in it belongs to one process, so a process that dies leaves nothing
+    behind. The message bucket holds exactly `level_num / level_den` tokens as of `stamp_ns`
+    (it refills from there at the configured rate, up to the burst). The logs hold what is still
+    inside their windows, oldest first, as `(grant time ns, count)`: entries that have left a
+    window are pruned at every write. Times are wall-clock ns of the writing process.
+    """
+
+    provider: str
+    level_num: int
+    level_den: int
+    stamp_ns: int
+    cooldown_until_ns: int = 0  # after a pacing error nothing is granted before this
+    historical: list[tuple[int, int]] = []  # historical requests within the historical window
+    identical: dict[str, int] = {}  # request key -> its last grant, within the identical interval
+    per_contract: dict[str, list[tuple[int, int]]] = {}  # contract -> its requests in its window

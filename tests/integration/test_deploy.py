@@ -476,6 +476,10 @@ async def test_users_get_what_they_need_and_are_refused_the_rest(cluster: Cluste
         assert await provider.refused(lambda: provider.nc.publish("md.quotes.X", b"{}"))
         assert await provider.refused(lambda: provider.nc.subscribe("md.raw.>"))
         await wait_for(lambda: "md.raw.x.Y" in seen, 5, "the provider's tick at the admin")
+        # ... and keeps the pacing budgets in mdp_checkpoints (rate.<provider>); nobody else.
+        rate_key = "$KV.mdp_checkpoints.rate.x"
+        assert not await provider.refused(lambda: provider.nc.publish(rate_key, b"{}"))
+        assert await router.refused(lambda: router.nc.publish(rate_key, b"{}"))
 
         # router: publishes quotes; cannot read or write another service's inbox.
         assert not await router.refused(lambda: router.nc.publish("md.quotes.Y", b"{}"))

@@ -26,6 +26,9 @@ from services.provider.adapters.base import (
 )
 from services.provider.adapters.replay import MAX_BAD_ROWS, ReplayAdapter
 from services.provider.adapters.synthetic import SyntheticAdapter
+from services.provider.batching import TickBatcher
+from services.provider.pacing import unlimited
+from services.provider.service import JobSink
 from shared.contract.control import JobSpec
 from shared.contract.messages import Tick
 
@@ -42,6 +45,7 @@ class RecordingSink:
         self.put_times: list[float] = []
         self.eos: list[tuple[list[str], dict[str, int]]] = []
         self._clock = clock
+        self.pacer = unlimited("test")
 
     async def put(self, symbol: str, ticks: list[Tick]) -> None:
         assert ticks, "adapters never put an empty list"
@@ -92,6 +96,9 @@ def quote_fields(ticks: list[Tick]) -> list[tuple[Any, ...]]:
 
 def test_sinks_satisfy_the_protocol() -> None:
     assert isinstance(RecordingSink(), TickSink)
+    # The provider's own sink, without a budget configured: unlimited.
+    sink = JobSink(None, job("synthetic"), 1.0, TickBatcher(10, 1))  # type: ignore[arg-type]
+    assert isinstance(sink, TickSink) and not sink.pacer.limited
 
 
 # ---------------------------------------------------------------------------------------------

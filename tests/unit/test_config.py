@@ -19,6 +19,7 @@ from shared.config import (
     Config,
     ConfigError,
     EffectivePolicy,
+    PacingSection,
     find_config_dir,
 )
 from shared.settings import Settings
@@ -110,12 +111,91 @@ def test_the_effective_policy_travels_through_json_with_every_field() -> None:
             "hysteresis_seconds": 10.0,
         },
         "circuit": {"failure_threshold": 3, "window_seconds": 60.0, "recovery_seconds": 15.0},
+        "pacing": {
+            "ibkr": {
+                "messages_per_second": 40.0,
+                "message_burst": 4,
+                "historical_requests": 60,
+                "historical_window_seconds": 600.0,
+                "identical_interval_seconds": 15.0,
+                "per_contract_requests": 6,
+                "per_contract_window_seconds": 2.0,
+                "block_ttl_seconds": 1.0,
+            }
+        },
         "revision": 7,
     }
     # A partial value (an older writer, a test) decodes with the defaults; a bad one is refused.
     assert EffectivePolicy.model_validate_json(b'{"revision": 3}').store_sync.mode == "bus"
     with pytest.raises(ValidationError):
         EffectivePolicy.model_validate_json(b'{"store_sync": {"mode": "kafka"}}')
+
+
+def test_ibkr_is_paced_at_ib_limits_by_default_and_other_providers_are_unlimited() -> None:
+    config = load_config(REPO_CONFIGS, {})
+    providers = config.providers.providers
+    assert providers["ibkr"].pacing == PacingSection()
+    ib = providers["ibkr"].pacing
+    assert ib is not None and (ib.messages_per_second, ib.historical_requests) == (40, 60)
+    # IB allows 50 messages/s: burst + rate + a block of burst/2 for each of two processes.
+    assert ib.message_burst + ib.messages_per_second + 2 * (ib.message_burst // 2) < 50
+    assert (ib.historical_window_seconds, ib.identical_interval_seconds) == (600, 15)
+    assert (ib.per_contract_requests, ib.per_contract_window_seconds) == (6, 2)
+    assert providers["synthetic"].pacing is None and providers["replay"].pacing is None
+    assert set(config.effective_policy(1).pacing) == {"ibkr"}
+    # A plugin provider may be paced; ibkr's budget lifted with null; a partial section takes
+    # IB's values for the keys left out.
+    config = load_config(
+        None,
+        {
+            "MDP_PROVIDERS__POLYGON__PACING": "{messages_per_second: 5, message_burst: 2}",
+            "MDP_PROVIDERS__IBKR__PACING": "null",
+        },
+    )
+    pacing = config.effective_policy(2).pacing
+    assert set(pacing) == {"polygon"}
+    assert pacing["polygon"].messages_per_second == 5 and pacing["polygon"].message_burst == 2
+    assert pacing["polygon"].historical_requests == 60
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("messages_per_second", "0", "Input should be greater than 0 (got 0)"),
+        ("message_burst", "-3", "Input should be greater than 0 (got -3)"),
+        ("historical_requests", "0", "Input should be greater than 0 (got 0)"),
+        ("historical_window_seconds", "-600.0", "Input should be greater than 0 (got -600.0)"),
+        ("identical_interval_seconds", "0.0", "Input should be greater than 0 (got 0.0)"),
+        ("per_contract_requests", "-1", "Input should be greater than 0 (got -1)"),
+        ("per_contract_window_seconds", "0", "Input should be greater than 0 (got 0)"),
+        ("block_ttl_seconds", "-1", "Input should be greater than 0 (got -1)"),
+        ("messages_per_second", ".inf", "Input should be a finite number (got inf)"),
+        ("message_burst", "2.5", "Input should be a valid integer (got 2.5)"),
+    ],
+)
+def test_a_pacing_budget_that_is_not_positive_names_file_and_key_path(
+    tmp_path: Path, key: str, value: str, problem: str
+) -> None:
+    text = (REPO_CONFIGS / PROVIDERS_FILE).read_text()
+    assert f"\n    {key}: " in text  # every key is written out in the shipped ibkr section
+    bad = "\n".join(
+        f"    {key}: {value}" if line.startswith(f"    {key}: ") else line
+        for line in text.splitlines()
+    )
+    path = write(tmp_path, PROVIDERS_FILE, bad)
+    assert problems(tmp_path) == [f"{path}: ibkr.pacing.{key}: {problem}"]
+    # The same through the environment, for a plugin provider: blamed on the variable.
+    variable = f"MDP_PROVIDERS__POLYGON__PACING__{key.upper()}"
+    assert problems(None, {variable: value}) == [
+        f"{variable} (environment): polygon.pacing.{key}: {problem}"
+    ]
+
+
+def test_an_unknown_pacing_key_lists_the_allowed_ones(tmp_path: Path) -> None:
+    path = write(tmp_path, PROVIDERS_FILE, "synthetic:\n  pacing:\n    rate: 5\n")
+    [problem] = problems(tmp_path)
+    assert problem.startswith(f"{path}: synthetic.pacing.rate: unknown key (allowed: ")
+    assert "block_ttl_seconds, historical_requests" in problem
 
 
 def test_unknown_key_names_file_path_and_allowed_keys(tmp_path: Path) -> None:

@@ -148,7 +148,7 @@ def test_params_merge_config_and_request_and_are_checked() -> None:
         b'{"provider": "ibkr", "symbols": ["AAPL"], "params": {"port": 4002}}',
         config(MDP_PROVIDERS__IBKR__ENABLED="true"),
     )
-    assert ibkr.params["port"] == 4002 and ibkr.params["pacing"]["max_messages_per_second"] == 50
+    assert ibkr.params["port"] == 4002 and ibkr.params["client_id"] == 17
 
 
 class PolygonAdapter:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.router.ratelimit import (
+from services.provider.ratelimit import (
     Block,
+    BlockGrant,
+    BlockSizer,
     Budget,
     Cooldown,
     Grant,
@@ -16,6 +19,7 @@ from services.router.ratelimit import (
     SlidingWindowLimit,
     TokenBucket,
 )
+from shared.contract.records import RateRecord
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -74,7 +78,7 @@ def test_cooldown_only_extends() -> None:
 
 def test_pacing_defaults_are_ib_and_validated() -> None:
     cfg = PacingConfig()
-    assert (cfg.messages_per_s, cfg.historical_requests, cfg.historical_window_s) == (50, 60, 600)
+    assert (cfg.messages_per_s, cfg.historical_requests, cfg.historical_window_s) == (40, 60, 600)
     assert (cfg.identical_interval_s, cfg.per_contract_requests, cfg.per_contract_window_s) == (
         15,
         6,
@@ -113,7 +117,7 @@ def test_budget_cooldown_blocks_everything() -> None:
 
 
 def test_grant_block_grants_what_is_there() -> None:
-    b = Budget()  # burst 10 at 50/s
+    b = Budget(PacingConfig(messages_per_s=50, message_burst=10))
     assert b.grant_block(4, 0) == 4
     assert b.grant_block(100, 0) == 6
     assert b.grant_block(1, 0) == 0
@@ -121,7 +125,7 @@ def test_grant_block_grants_what_is_there() -> None:
 
 
 def test_blocks_expire_and_are_accounted() -> None:
-    b = Budget()
+    b = Budget(PacingConfig(messages_per_s=50, message_burst=10))
     assert b.lease_block(3, 0) == Block(3, 1 * S)
     assert b.lease_block(2, 10) == Block(2, 1 * S + 10)
     assert b.outstanding(0) == 5
@@ -225,3 +229,128 @@ def test_property_two_processes_drawing_blocks_stay_within_budget(
     assert _max_in_window(granted, 1 * S, closed=True) <= 50 + burst
     # spending late widens the window by the ttl: B + r * (T + ttl)
     assert _max_in_window(sorted(spent), 1 * S, closed=True) <= burst + 50 * (1 * S + ttl) // S
+
+
+# -- the shared record: snapshot and restore ----------------------------------------------------
+
+
+def through_json(budget: Budget, now_ns: int, config: PacingConfig | None = None) -> Budget:
+    """The budget as another process sees it: to the KV record's bytes and back."""
+    wire = msgspec.json.encode(budget.to_record("ibkr", now_ns))
+    record = msgspec.json.decode(wire, type=RateRecord)
+    return Budget.from_record(config or budget.config, record)
+
+
+def test_record_holds_the_exact_level_and_prunes_what_left_its_window() -> None:
+    b = Budget(PacingConfig(messages_per_s=3, message_burst=2))
+    assert b.acquire(1, 0, key="AAPL:1d", contract="AAPL", historical=True).granted
+    assert b.acquire(1, 1 * S, key="MSFT:1d", contract="MSFT").granted
+    b.pacing_error(1 * S, 30 * S)
+    record = b.to_record("ibkr", 3 * S + 1)
+    # 2 - 1 - 1 + 3/s * (3 s + 1 ns) exactly, capped at the burst: 2
+    assert (record.level_num, record.level_den, record.stamp_ns) == (2, 1, 3 * S + 1)
+    assert record.cooldown_until_ns == 31 * S
+    assert record.historical == [(0, 1)]
+    assert record.identical == {"AAPL:1d": 0, "MSFT:1d": 1 * S}
+    assert record.per_contract == {}  # both contracts' 2 s windows have passed
+    later = b.to_record("ibkr", 16 * S)
+    assert later.identical == {}  # both identical intervals (15 s) have passed
+    assert b.to_record("ibkr", 40 * S).cooldown_until_ns == 0
+    # A fractional level survives as numerator/denominator.
+    c = Budget(PacingConfig(messages_per_s=3, message_burst=2))
+    c.grant_block(2, 0)
+    r = c.to_record("ibkr", 100 * MS)
+    assert (r.level_num, r.level_den) == (3, 10)
+
+
+def test_restore_under_another_config_keeps_what_applies() -> None:
+    b = Budget(PacingConfig(message_burst=10))
+    b.grant_block(2, 0)
+    smaller = through_json(b, 0, PacingConfig(message_burst=4))
+    assert smaller.messages.available(0) == 4  # capped at the new burst, never above
+    with pytest.raises(ValueError, match="denominator"):
+        Budget.from_record(PacingConfig(), RateRecord("ibkr", 1, 0, 0))
+    with pytest.raises(ValueError, match="negative"):
+        Budget.from_record(PacingConfig(), RateRecord("ibkr", -1, 1, 0))
+
+
+def test_take_block_is_all_or_nothing_and_hints_when_it_will_be_there() -> None:
+    b = Budget(PacingConfig(messages_per_s=10, message_burst=4))  # 100 ms a token
+    assert b.take_block(3, 0) == BlockGrant(3, 0)
+    assert b.take_block(2, 0) == BlockGrant(0, 100 * MS)  # one there: nothing taken
+    assert b.take_block(1, 0) == BlockGrant(1, 0)
+    assert b.take_block(3, 0) == BlockGrant(0, 300 * MS)
+    assert b.take_block(4, 400 * MS) == BlockGrant(4, 0)
+    b.pacing_error(400 * MS, 1 * S)
+    assert b.take_block(1, 1 * S) == BlockGrant(0, 400 * MS)  # tokens there, cooling down
+    assert b.take_block(1, 1400 * MS) == BlockGrant(1, 0)
+    with pytest.raises(ValueError, match="burst"):
+        b.take_block(5, 10 * S)
+    with pytest.raises(ValueError, match="burst"):
+        b.take_block(0, 10 * S)
+
+
+def test_block_sizer_follows_demand() -> None:
+    sizer = BlockSizer(5)
+    assert sizer.want == 1
+    for expected in (2, 4, 5, 5):
+        sizer.exhausted()
+        assert sizer.want == expected
+    sizer.expired(used=2)
+    assert sizer.want == 2
+    sizer.expired(used=0)
+    assert sizer.want == 1
+    assert PacingConfig(message_burst=10).max_block == 5
+    assert PacingConfig(message_burst=1).max_block == 1
+
+
+_ops = st.lists(
+    st.tuples(
+        st.integers(0, 300 * MS),  # time step
+        st.sampled_from(["acquire", "block", "request", "error"]),
+        st.integers(1, 4),  # tokens
+        st.sampled_from(["A", "B", "C"]),  # key / contract
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_ops)
+def test_property_a_budget_restored_from_its_record_behaves_as_if_never_stored(
+    ops: list[tuple[int, str, int, str]],
+) -> None:
+    # Every process restores the budget from the record before each grant and stores it after:
+    # that must give exactly the answers of one budget kept in memory throughout.
+    cfg = PacingConfig(
+        messages_per_s=7,
+        message_burst=4,
+        historical_requests=3,
+        historical_window_s=1,
+        identical_interval_s=0.5,
+        per_contract_requests=2,
+        per_contract_window_s=0.4,
+    )
+    memory = Budget(cfg)
+    stored = memory.to_record("p", 0)
+    now = 0
+    for gap, op, n, name in ops:
+        now += gap
+        shared = Budget.from_record(
+            cfg, msgspec.json.decode(msgspec.json.encode(stored), type=RateRecord)
+        )
+        answers = []
+        for budget in (memory, shared):
+            if op == "acquire":
+                answers.append(budget.acquire(n, now))
+            elif op == "block":
+                answers.append(budget.take_block(n, now))
+            elif op == "request":
+                answers.append(budget.acquire(1, now, key=name, contract=name, historical=True))
+            else:
+                budget.pacing_error(now, n * 100 * MS)
+                answers.append(None)
+        assert answers[0] == answers[1], (op, now)
+        stored = shared.to_record("p", now)
+        assert stored == memory.to_record("p", now)

@@ -56,3 +56,9 @@ def test_builders_escape_the_symbol_and_refuse_bad_tokens() -> None:
         names.raw("bad.provider", "AAPL")
     with pytest.raises(ValueError, match="interval"):
         names.bars("1 m", "AAPL")
+
+
+def test_the_rate_key_is_one_token_per_provider() -> None:
+    assert names.rate_key("ibkr") == "rate.ibkr"
+    with pytest.raises(ValueError, match="provider"):
+        names.rate_key("ib.kr")  # would fall under another provider's key pattern

@@ -43,9 +43,37 @@ class AdapterError(Exception):
     """A job an adapter cannot run (bad params, unreadable input); the message says what to fix."""
 
 
+class Pacer(Protocol):
+    """The provider's shared rate budget (`services.provider.pacing.Pacer`)."""
+
+    async def acquire(
+        self,
+        n: int = 1,
+        *,
+        key: str | None = None,
+        contract: str | None = None,
+        historical: bool = False,
+    ) -> None:
+        """Wait until `n` messages (and the request limits that apply) may be sent."""
+        ...
+
+    async def pacing_error(self, cooldown_s: float) -> None:
+        """The source refused a message for pacing: pause every process for `cooldown_s`."""
+        ...
+
+
 @runtime_checkable
 class TickSink(Protocol):
-    """Where an adapter delivers ticks; `put` may block to apply backpressure."""
+    """Where an adapter delivers ticks; `put` may block to apply backpressure.
+
+    An adapter that sends requests to a rate-limited source awaits `pacer.acquire()` before
+    each, and reports the source's pacing errors with `pacer.pacing_error(cooldown_s)`.
+    """
+
+    @property
+    def pacer(self) -> Pacer:
+        """The provider's pacing budget (unlimited when its config has no `pacing:`)."""
+        ...
 
     async def put(self, symbol: str, ticks: list[Tick]) -> None:
         """Take ownership of `ticks` of `symbol`, in per-symbol arrival order."""

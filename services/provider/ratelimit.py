@@ -1,17 +1,18 @@
 """Token buckets, sliding windows, minimum intervals and cooldowns on an injected clock (pure).
 
-This is the core of the rate coordinator that every provider process draws from. The shell (to
-come) owns one `Budget` per provider under a lease; a provider process asks it for a block of
-message tokens (`lease_block`, built on `grant_block`), spends them locally without a round
-trip per message, and asks again when the block runs out.
+This is the core of the rate coordinator that every provider process draws from. The shell,
+`services/provider/pacing.py`, keeps one provider's `Budget` in one KV record (`RateRecord`,
+`to_record` / `from_record`) and changes it only by compare-and-swap: a provider process takes
+a block of message tokens (`take_block`), spends them locally without a round trip per message,
+and takes another when the block runs out (`BlockSizer` decides how many to ask for).
 
 Why blocks never strand tokens: a block is taken from the bucket at grant time and carries an
-expiry (`Block.expires_ns`, `block_ttl_ns` after the grant). The holder may spend it only
-before that instant; a process that dies simply stops spending, and the coordinator never hands
-the tokens back (it cannot know whether they were spent), so nothing is counted twice. What a
-dead holder costs is bounded: at most one block of capacity for one block lifetime, because the
-bucket keeps refilling at `rate` regardless of outstanding blocks, and `outstanding(now)` lets
-the shell cap the total leased at any moment. Bounds (proven by the property tests):
+expiry (`block_ttl_s` after the grant). The holder may spend it only before that instant; a
+process that dies simply stops spending, and nobody hands the tokens back (nobody can know
+whether they were spent), so nothing is counted twice. What a dead holder costs is bounded: at
+most one block of capacity, once, because the bucket keeps refilling at `rate` regardless of
+outstanding blocks, and the record holds nothing that belongs to one process. Bounds (proven by
+the property tests):
 
 * `TokenBucket(r, B)`: tokens granted in any closed window of length T are at most
   `B + r * T` (the level is at most B when the window opens, and refill adds at most r * T).
@@ -29,6 +30,8 @@ from fractions import Fraction
 
 import msgspec
 
+from shared.contract.records import RateRecord
+
 _NS_PER_S = 1_000_000_000
 
 
@@ -41,8 +44,9 @@ class TokenBucket:
             raise ValueError(f"rate_per_s must be positive, got {rate_per_s!r}")
         if not (isinstance(burst, int) and burst >= 1):
             raise ValueError(f"burst must be a positive integer, got {burst!r}")
-        # Fractions keep refill exact: no rounding drift can ever add a token.
-        self._rate_per_ns = Fraction(rate_per_s) / _NS_PER_S
+        # Fractions keep refill exact: no rounding drift can ever add a token. From the decimal
+        # text, so 0.1/s is 1/10 (what the operator wrote) and the level's denominator stays small.
+        self._rate_per_ns = Fraction(str(rate_per_s)) / _NS_PER_S
         self.burst = burst
         self._level = Fraction(burst)
         self._stamp_ns = now_ns
@@ -52,6 +56,17 @@ class TokenBucket:
             elapsed = now_ns - self._stamp_ns
             self._level = min(Fraction(self.burst), self._level + elapsed * self._rate_per_ns)
             self._stamp_ns = now_ns
+
+    def state(self) -> tuple[Fraction, int]:
+        """The exact level and the instant it was computed for (for a snapshot)."""
+        return self._level, self._stamp_ns
+
+    def restore(self, level: Fraction, stamp_ns: int) -> None:
+        """Set the level as of `stamp_ns`, capped at the burst (a smaller burst after a reload)."""
+        if level < 0:
+            raise ValueError(f"a bucket level cannot be negative, got {level}")
+        self._level = min(Fraction(self.burst), level)
+        self._stamp_ns = stamp_ns
 
     def available(self, now_ns: int) -> int:
         """Whole tokens available now."""
@@ -122,6 +137,16 @@ class SlidingWindowLimit:
         self.commit(n, now_ns)
         return True
 
+    def entries(self, now_ns: int) -> list[tuple[int, int]]:
+        """The grants still inside the window at `now_ns`, oldest first (for a snapshot)."""
+        self._expire(now_ns)
+        return list(self._grants)
+
+    def restore(self, entries: list[tuple[int, int]]) -> None:
+        """Replace the log by `entries` (oldest first, as `entries` returned them)."""
+        self._grants = deque((int(at), int(count)) for at, count in entries)
+        self._count = sum(count for _, count in self._grants)
+
     def commit(self, n: int, now_ns: int) -> None:
         """Record `n` grants now (after `wait_ns` said 0)."""
         if self._grants and self._grants[-1][0] == now_ns:
@@ -148,8 +173,16 @@ class MinInterval:
 
     def commit(self, key: str, now_ns: int) -> None:
         """Record a grant of `key` now, forgetting keys whose interval has passed."""
-        self._last = {k: t for k, t in self._last.items() if now_ns - t < self.interval_ns}
+        self._last = self.entries(now_ns)
         self._last[key] = now_ns
+
+    def entries(self, now_ns: int) -> dict[str, int]:
+        """The keys whose interval has not passed at `now_ns`, with their last grant."""
+        return {k: t for k, t in self._last.items() if now_ns - t < self.interval_ns}
+
+    def restore(self, entries: dict[str, int]) -> None:
+        """Replace the keys by `entries`."""
+        self._last = dict(entries)
 
 
 class Cooldown:
@@ -171,10 +204,10 @@ class Cooldown:
 class PacingConfig(msgspec.Struct, frozen=True, kw_only=True):
     """One provider's limits; the defaults are Interactive Brokers' pacing rules."""
 
-    messages_per_s: float = 50
-    # One fifth of a second of messages: small enough to keep any 1 s window near the rate
-    # (at most 60 with the defaults), large enough to be worth leasing as a block.
-    message_burst: int = 10
+    # IB allows 50 messages/s; 40 with a burst of 4 keeps any 1 s window of one or two
+    # processes below it (burst + rate + a block of burst/2 each: at most 48).
+    messages_per_s: float = 40
+    message_burst: int = 4
     historical_requests: int = 60
     historical_window_s: float = 600
     identical_interval_s: float = 15
@@ -189,6 +222,15 @@ class PacingConfig(msgspec.Struct, frozen=True, kw_only=True):
             if not value > 0:
                 raise ValueError(f"PacingConfig.{name} must be positive, got {value!r}")
 
+    @property
+    def max_block(self) -> int:
+        """The most message tokens one process takes at once: half the burst (at least 1).
+
+        Half, so that two processes drawing at once can both hold a block, and a block a dead
+        process strands is never more than half of what the bucket can hold.
+        """
+        return max(1, self.message_burst // 2)
+
 
 class Grant(msgspec.Struct, frozen=True):
     """The answer to `Budget.acquire`: granted, or how long to wait before asking again."""
@@ -202,6 +244,13 @@ class Block(msgspec.Struct, frozen=True):
 
     tokens: int
     expires_ns: int
+
+
+class BlockGrant(msgspec.Struct, frozen=True):
+    """The answer to `Budget.take_block`: `tokens` taken (0: none), else when to ask again."""
+
+    tokens: int
+    retry_after_ns: int
 
 
 class Budget:
@@ -286,7 +335,82 @@ class Budget:
         self._blocks.append(block)
         return block
 
+    def take_block(self, tokens: int, now_ns: int) -> BlockGrant:
+        """Take a block of exactly `tokens` message tokens now, or say when they will be there.
+
+        All or nothing, never a partial block: processes that contend then wait for, and take,
+        whole blocks, so the compare-and-swaps stay near `rate / block` per second. (Granting
+        whatever is there lets one process take single tokens as they trickle in and leaves the
+        other ones the remainder: many small blocks, and the first one starving the others.)
+        """
+        burst = self.config.message_burst
+        if not 1 <= tokens <= burst:
+            raise ValueError(f"a block of {tokens} tokens: must be between 1 and the burst {burst}")
+        wait = max(self.cooldown.wait_ns(now_ns), self.messages.wait_ns(tokens, now_ns))
+        if wait:
+            return BlockGrant(0, wait)
+        self.messages.try_take(tokens, now_ns)
+        return BlockGrant(tokens, 0)
+
+    def to_record(self, provider: str, now_ns: int) -> RateRecord:
+        """The state every limit needs, as of `now_ns`, with what has left its window pruned."""
+        self.messages.available(now_ns)  # brings the level and its stamp up to now
+        level, stamp_ns = self.messages.state()
+        contracts = {c: w.entries(now_ns) for c, w in self._per_contract.items()}
+        return RateRecord(
+            provider,
+            level.numerator,
+            level.denominator,
+            stamp_ns,
+            self.cooldown.until_ns if self.cooldown.until_ns > now_ns else 0,
+            self.historical.entries(now_ns),
+            self.identical.entries(now_ns),
+            {c: log for c, log in contracts.items() if log},
+        )
+
+    @classmethod
+    def from_record(cls, config: PacingConfig, record: RateRecord) -> Budget:
+        """The budget a record describes, under `config` (which may differ from its writer's)."""
+        budget = cls(config, record.stamp_ns)
+        if record.level_den <= 0:
+            raise ValueError(f"a bucket level needs a positive denominator: {record.level_den}")
+        budget.messages.restore(Fraction(record.level_num, record.level_den), record.stamp_ns)
+        budget.cooldown.trip(record.cooldown_until_ns)
+        budget.historical.restore(record.historical)
+        budget.identical.restore(record.identical)
+        window_ns = int(config.per_contract_window_s * _NS_PER_S)
+        for contract, log in record.per_contract.items():
+            limit = SlidingWindowLimit(config.per_contract_requests, window_ns)
+            limit.restore(log)
+            budget._per_contract[contract] = limit
+        return budget
+
     def outstanding(self, now_ns: int) -> int:
         """Tokens in blocks not yet expired (leased, maybe unspent); expired ones are dropped."""
         self._blocks = [b for b in self._blocks if b.expires_ns > now_ns]
         return sum(b.tokens for b in self._blocks)
+
+
+class BlockSizer:
+    """How many tokens a process asks for next: what its recent demand needs, up to `max_block`.
+
+    A block that runs out before its expiry means demand outgrew it: ask for twice as many. A
+    block that expires with tokens left means they were wasted (nobody else could have them):
+    ask for what was used. So a busy process takes a few large blocks a second, and a process
+    that sends now and then takes one token at a time and strands none.
+    """
+
+    def __init__(self, max_block: int) -> None:
+        """Start at one token."""
+        if max_block < 1:
+            raise ValueError(f"max_block must be positive, got {max_block!r}")
+        self.max_block = max_block
+        self.want = 1
+
+    def exhausted(self) -> None:
+        """A block was used up before its expiry."""
+        self.want = min(self.max_block, self.want * 2)
+
+    def expired(self, used: int) -> None:
+        """A block expired after `used` of its tokens were spent."""
+        self.want = max(1, min(self.max_block, used))
