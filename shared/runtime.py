@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy
 from nats.micro import add_service
@@ -22,6 +23,7 @@ from structlog.typing import FilteringBoundLogger
 
 from shared.bus.connection import connect
 from shared.bus.consumer import BatchHandler, PullConsumer
+from shared.bus.deadletter import dead_letter
 from shared.bus.declare import ensure_buckets, ensure_streams
 from shared.bus.publisher import JsPublisher
 from shared.contract import names
@@ -97,11 +99,18 @@ class Context:
         batch: int = 256,
         ack: AckPolicy = AckPolicy.ALL,
         resume_at: int | None = None,
+        dead_letter_poison: bool = False,
     ) -> PullConsumer:
         """Declare a durable pull consumer and start it (from `resume_at`, else its ack floor).
 
         The runtime stops it, finishing the batch in hand, before the service's own `stop`.
+        With `dead_letter_poison`, a message the handler keeps failing on (not an outage) is
+        dead-lettered on `md.dlq.<service>` and passed over (see `PullConsumer`).
         """
+
+        async def poison(msg: Msg, error: str) -> None:
+            await dead_letter(self.publisher, self.name, msg, f"poison: {error}", "poison")
+
         consumer = PullConsumer(
             self.nc,
             self.js,
@@ -112,6 +121,7 @@ class Context:
             self.log,
             batch=batch,
             ack_policy=ack,
+            poison=poison if dead_letter_poison else None,
         )
         await consumer.ensure()
         await consumer.rewind(resume_at)

@@ -19,6 +19,16 @@ class SeenSeqs(msgspec.Struct):
     floor: int = 0
     above: list[int] = []
 
+    def note(self, seqs: list[int]) -> None:
+        """Record sequences as delivered without ticks (the router rejected those ticks)."""
+        above = set(self.above) | {seq for seq in seqs if seq > self.floor}
+        floor = self.floor
+        while floor + 1 in above:
+            floor += 1
+            above.discard(floor)
+        self.floor = floor
+        self.above = sorted(above)
+
     def fresh(self, ticks: list[Tick]) -> tuple[list[Tick], int]:
         """Return the ticks not seen before (recording them) and how many were duplicates."""
         above = set(self.above)
@@ -42,16 +52,22 @@ class SeenSeqs(msgspec.Struct):
 
 
 def fresh_ticks(
-    sources: dict[str, SeenSeqs], symbol: str, run: str, ticks: list[Tick]
+    sources: dict[str, SeenSeqs],
+    symbol: str,
+    run: str,
+    ticks: list[Tick],
+    rejected: list[int] | None = None,
 ) -> tuple[list[Tick], int]:
     """The ticks of `symbol`'s `run` not folded before, and how many were duplicates.
 
     Without a run (a source that does not number its runs) every tick is fresh; a new run of
-    the symbol starts its record afresh.
+    the symbol starts its record afresh. `rejected` seqs count as delivered.
     """
     if not run:
         return ticks, 0
     seen = sources.get(symbol)
     if seen is None or seen.run != run:
         seen = sources[symbol] = SeenSeqs(run)
+    if rejected:
+        seen.note(rejected)
     return seen.fresh(ticks)

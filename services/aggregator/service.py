@@ -116,6 +116,7 @@ class AggregatorService:
             [names.quote_partition(self.settings.aggregator.partition)],
             self.handle,
             resume_at=self.last_seq + 1 if self.last_seq else None,
+            dead_letter_poison=True,
         )
         self.active.set()
         self.log.info("active", durable=self.durable, resume_after_seq=self.last_seq)
@@ -163,9 +164,14 @@ class AggregatorService:
             await dead_letter(self.ctx.publisher, self.name, msg, f"undecodable: {exc}", "decode")
             return
         symbol = batch.symbol
+        if names.escape_symbol(symbol) != msg.subject.rsplit(".", 1)[-1]:
+            reason = f"payload symbol {symbol!r} does not match the subject {msg.subject!r}"
+            await dead_letter(self.ctx.publisher, self.name, msg, reason, "subject_mismatch")
+            return
         self.router.mark_dry_run(symbol, headers.get(names.DRY_RUN) == "1")
+        rejected = [int(s) for s in headers.get(names.REJECTED_SEQS, "").split(",") if s.isdigit()]
         ticks, duplicates = fresh_ticks(
-            self.sources, symbol, headers.get(names.RUN, ""), batch.ticks
+            self.sources, symbol, headers.get(names.RUN, ""), batch.ticks, rejected
         )
         if duplicates:
             DUPLICATE_TICKS.inc(duplicates)

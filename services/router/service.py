@@ -12,20 +12,22 @@ import math
 import time
 from typing import ClassVar, NamedTuple
 
+import msgspec
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from services.router.failover import FailoverSelector, Switch
 from shared.bus.consumer import stream_sequence
-from shared.bus.deadletter import dead_letter
+from shared.bus.deadletter import dead_letter, dead_letter_payload
 from shared.bus.kv import follow
-from shared.bus.publisher import publish_event
+from shared.bus.publisher import PayloadTooLarge, publish_event
 from shared.config import EffectivePolicy, FallbackConfig, local_policy
 from shared.contract import names
-from shared.contract.codec import JSON, Codec, DecodeError
+from shared.contract.codec import JSON, Codec, DecodeError, encode
 from shared.contract.events import Failover
-from shared.contract.messages import TickBatch
+from shared.contract.messages import DeadTick, Tick, TickBatch
 from shared.contract.records import CircuitRecord, CircuitState, JobState, ProviderState
+from shared.metrics import DEAD_LETTERS
 from shared.runtime import Context
 from shared.settings import Settings
 
@@ -43,11 +45,12 @@ PROVIDERS_DOWN = Gauge(
 )
 _TIMER_S = 0.1  # how often silence is checked: a small fraction of the detection time
 
-# Event times before 1990, after now + 1 day, or more than 5 minutes ahead of their own
-# receive time are absurd: one such tick would drag its symbol's watermark into the future.
+# Event times before 1990, more than 5 minutes ahead of their own receive time, or received
+# "later" than this router's clock allows, are absurd: one such tick would drag its symbol's
+# watermark into the future (the aggregator also holds back a tick that jumps ahead).
 _MIN_TS = 631_152_000_000_000_000
-_MAX_FUTURE_NS = 86_400_000_000_000
 _MAX_AHEAD_OF_RECV_NS = 300_000_000_000
+_MAX_CLOCK_SKEW_NS = 60_000_000_000  # a receive time this far ahead of our clock is a lie
 
 
 class Rejected(ValueError):
@@ -58,8 +61,30 @@ class Rejected(ValueError):
         self.reason_class = reason_class
 
 
-def validate_batch(batch: TickBatch, subject: str, end_of_stream: bool) -> None:
-    """Raise Rejected unless the batch is consistent with its subject and its values are sane."""
+class _LooseTick(msgspec.Struct, omit_defaults=True, gc=False):
+    """A `Tick` as sent, before its values are checked (so one bad tick fails alone)."""
+
+    ts: int
+    recv: int
+    seq: int
+    price: float
+    size: float
+    bid: float | None = None
+    ask: float | None = None
+    bid_size: float | None = None
+    ask_size: float | None = None
+
+
+class _LooseBatch(msgspec.Struct, gc=False):
+    """A `TickBatch` whose ticks are `_LooseTick`s."""
+
+    symbol: str
+    provider: str
+    ticks: list[_LooseTick]
+
+
+def check_batch(batch: TickBatch | _LooseBatch, subject: str, end_of_stream: bool) -> None:
+    """Raise Rejected unless the batch as a whole fits its subject (provider, symbol, ticks)."""
     _, _, provider, token = subject.split(".", 3)
     if batch.provider != provider:
         raise Rejected(
@@ -73,17 +98,44 @@ def validate_batch(batch: TickBatch, subject: str, end_of_stream: bool) -> None:
         )
     if not batch.ticks and not end_of_stream:
         raise Rejected("a tick batch needs at least one tick", "empty")
-    hi = time.time_ns() + _MAX_FUTURE_NS
+
+
+def tick_problem(tick: Tick | _LooseTick, now_ns: int) -> tuple[str, str] | None:
+    """Why one tick must be rejected (reason, class), or None when it is sane."""
+    if not tick.ts >= _MIN_TS or tick.ts - tick.recv > _MAX_AHEAD_OF_RECV_NS:
+        return (
+            f"absurd event time {tick.ts} ns (receive time {tick.recv} ns, seq {tick.seq})",
+            "timestamp",
+        )
+    if tick.recv - now_ns > _MAX_CLOCK_SKEW_NS:
+        ahead = (tick.recv - now_ns) / 1e9
+        return (
+            f"receive time {ahead:.0f} s ahead of the router's clock (seq {tick.seq})",
+            "timestamp",
+        )
+    if not (math.isfinite(tick.price) and math.isfinite(tick.size)):
+        return (f"non-finite price or size ({tick.price}, {tick.size}) at seq {tick.seq}", "value")
+    sizes = (tick.size, tick.bid_size, tick.ask_size)
+    if any(size is not None and not size >= 0 for size in sizes):
+        return (f"negative size at seq {tick.seq}", "value")
+    return None
+
+
+def screen(
+    batch: TickBatch | _LooseBatch, now_ns: int
+) -> tuple[list[Tick], list[tuple[Tick | _LooseTick, str, str]]]:
+    """Split a batch's ticks into the sane ones (in order) and the rejected, with reasons."""
+    good: list[Tick] = []
+    bad: list[tuple[Tick | _LooseTick, str, str]] = []
     for tick in batch.ticks:
-        if not _MIN_TS <= tick.ts <= hi or tick.ts - tick.recv > _MAX_AHEAD_OF_RECV_NS:
-            raise Rejected(
-                f"absurd event time {tick.ts} ns (receive time {tick.recv} ns, seq {tick.seq})",
-                "timestamp",
-            )
-        if not (math.isfinite(tick.price) and math.isfinite(tick.size)):
-            raise Rejected(
-                f"non-finite price or size ({tick.price}, {tick.size}) at seq {tick.seq}", "value"
-            )
+        problem = tick_problem(tick, now_ns)
+        if problem is not None:
+            bad.append((tick, *problem))
+        elif isinstance(tick, Tick):
+            good.append(tick)
+        else:
+            good.append(Tick(**msgspec.structs.asdict(tick)))
+    return good, bad
 
 
 class _Held(NamedTuple):
@@ -131,6 +183,7 @@ class RouterService:
         self.held: dict[str, _Held] = {}  # batch id -> payload, while a handover may need it
         self.lock = asyncio.Lock()  # one decision and its publishes at a time: order per symbol
         self.codec = Codec(TickBatch)
+        self.loose = Codec(_LooseBatch)  # for a batch with a bad value: reject per tick
 
     async def start(self, ctx: Context) -> None:
         """Follow the policy and the providers' health, start the timer, consume `md.raw.>`."""
@@ -140,7 +193,9 @@ class RouterService:
         ctx.spawn(self._watch_circuits(), "circuits")
         ctx.spawn(self._watch_jobs(), "job-states")
         ctx.spawn(self._timer(), "failover-timer")
-        await ctx.consume(names.STREAM_RAW, "router", [names.RAW_ALL], self.handle)
+        await ctx.consume(
+            names.STREAM_RAW, "router", [names.RAW_ALL], self.handle, dead_letter_poison=True
+        )
 
     async def stop(self) -> None:
         """Nothing to flush: the runtime stops the consumer and awaits every publish."""
@@ -164,15 +219,20 @@ class RouterService:
     async def _route(self, msg: Msg, now: int) -> None:
         headers = msg.headers or {}
         eos = names.END_OF_STREAM in headers
+        batch: TickBatch | _LooseBatch
         try:
-            batch = self.codec.decode(msg.data, headers)
-            validate_batch(batch, msg.subject, eos)
+            try:
+                batch = self.codec.decode(msg.data, headers)
+            except DecodeError:
+                batch = self.loose.decode(msg.data, headers)  # a value out of range somewhere
+            check_batch(batch, msg.subject, eos)
         except DecodeError as exc:
             await dead_letter(self.ctx.publisher, self.name, msg, f"undecodable: {exc}", "decode")
             return
         except Rejected as exc:
             await dead_letter(self.ctx.publisher, self.name, msg, str(exc), exc.reason_class)
             return
+        good, bad = screen(batch, now)
         raw_id = headers.get(names.MSG_ID) or f"{names.STREAM_RAW}:{stream_sequence(msg)}"
         out_headers = {
             names.CONTENT_TYPE: headers.get(names.CONTENT_TYPE, JSON),
@@ -181,21 +241,23 @@ class RouterService:
         for key in names.FORWARDED:
             if key in headers:
                 out_headers[key] = headers[key]
-        # The payload is forwarded as received: validated above, never re-encoded.
-        held = _Held(batch.symbol, msg.data, out_headers, now)
-        if not batch.ticks:  # an end-of-stream marker: it follows its source's ticks or none
+        data = msg.data  # forwarded as received when every tick is sane: never re-encoded
+        if bad:
+            await self._reject_ticks(batch.symbol, batch.provider, raw_id, bad)
+            out_headers[names.REJECTED_SEQS] = ",".join(str(tick.seq) for tick, _, _ in bad)
+            data = encode(
+                TickBatch(batch.symbol, batch.provider, good), out_headers[names.CONTENT_TYPE]
+            )
+        held = _Held(batch.symbol, data, out_headers, now)
+        if not good and not eos and names.RUN not in headers:
+            return  # nothing sane, and no run whose completion could wait for these seqs
+        if not good:  # an end-of-stream marker or nothing sane: it follows its source or none
             if self.selector.chosen(batch.symbol) in (None, batch.provider):
                 await self._forward(held)
             return
-        stamps = [tick.ts for tick in batch.ticks]
+        stamps = [tick.ts for tick in good]
         decision = self.selector.observe(
-            batch.symbol,
-            batch.provider,
-            raw_id,
-            min(stamps),
-            max(stamps),
-            batch.ticks[-1].recv,
-            now,
+            batch.symbol, batch.provider, raw_id, min(stamps), max(stamps), good[-1].recv, now
         )
         self.held[raw_id] = held
         for batch_id in decision.forward:
@@ -203,12 +265,40 @@ class RouterService:
         if decision.switch is not None:
             await self._switched(decision.switch)
         if raw_id in self.held:
-            TICKS_NOT_SELECTED.labels(batch.provider).inc(len(batch.ticks))
+            TICKS_NOT_SELECTED.labels(batch.provider).inc(len(good))
         else:
-            TICKS_ROUTED.labels(batch.provider).inc(len(batch.ticks))
+            TICKS_ROUTED.labels(batch.provider).inc(len(good))
+
+    async def _reject_ticks(
+        self,
+        symbol: str,
+        provider: str,
+        batch_id: str,
+        bad: list[tuple[Tick | _LooseTick, str, str]],
+    ) -> None:
+        """Dead-letter each rejected tick on its own; the rest of its batch goes on."""
+        for tick, reason, reason_class in bad:
+            body = DeadTick(symbol, Tick(**msgspec.structs.asdict(tick)))
+            headers = {
+                names.CONTENT_TYPE: JSON,
+                names.MSG_ID: names.rejected_tick_id(self.name, batch_id, tick.seq),
+                names.DLQ_REASON: reason,
+                names.DLQ_SERVICE: self.name,
+                names.DLQ_SUBJECT: names.raw(provider, symbol),
+            }
+            DEAD_LETTERS.labels(self.name, reason_class).inc()
+            await self.ctx.publisher.publish(names.dlq(self.name), encode(body), headers)
 
     async def _forward(self, held: _Held) -> None:
-        await self.ctx.publisher.publish(names.quotes(held.symbol), held.data, held.headers)
+        subject = names.quotes(held.symbol)
+        try:
+            await self.ctx.publisher.publish(subject, held.data, held.headers)
+        except PayloadTooLarge as exc:  # a raw batch at the limit, plus our headers
+            msg_id = held.headers[names.MSG_ID]
+            await dead_letter_payload(
+                self.ctx.publisher, self.name, subject, held.data, held.headers, str(exc),
+                "too_large", msg_id,
+            )  # fmt: skip
 
     async def _switched(self, switch: Switch) -> None:
         """Forward what the new source buffered, and tell the story on `ingest.events.failover`."""

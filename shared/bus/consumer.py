@@ -11,9 +11,17 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from structlog.typing import FilteringBoundLogger
+
+PoisonHandler = Callable[[Msg, str], Awaitable[None]]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error is an outage (retry forever) rather than something in the message."""
+    return isinstance(exc, (NatsError, OSError, TimeoutError, asyncio.TimeoutError))
 
 
 def stream_sequence(msg: Msg) -> int:
@@ -40,6 +48,11 @@ class PullConsumer:
     With `AckPolicy.ALL` only the last message of a processed batch is acked. A handler that
     raises is retried with the same batch after a backoff (nothing newer is pulled meanwhile,
     which is the backpressure). Redelivered messages already processed are skipped by sequence.
+
+    A poison message is handled once: with `poison` set, a batch that fails `max_failures`
+    times with an error that is not an outage (see `is_transient`) is retried one message at
+    a time, and a message that alone fails `max_failures` times is handed to `poison` (which
+    dead-letters it) and counted as processed. Outages (NATS, sockets, timeouts) retry forever.
     """
 
     nc: NATS
@@ -54,6 +67,8 @@ class PullConsumer:
     ack_wait: float = 60.0
     max_ack_pending: int = 4096
     expires: float = 2.0
+    poison: PoisonHandler | None = None
+    max_failures: int = 5
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _buffer: list[Msg] = field(default_factory=list, init=False)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event, init=False)
@@ -61,6 +76,7 @@ class PullConsumer:
     _last_seq: int = field(default=0, init=False)
     _last_cseq: int | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
+    _last_error: str = field(default="", init=False)
 
     async def ensure(self, start_seq: int | None = None) -> None:
         """Create (or update) the durable consumer."""
@@ -183,16 +199,35 @@ class PullConsumer:
         return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
+        if await self._attempt(msgs):
+            return
+        # The batch holds a poison message: find it by going one message at a time.
+        for msg in msgs:
+            if stream_sequence(msg) > self._last_seq and not await self._attempt([msg]):
+                assert self.poison is not None
+                self.log.error("poison_message", consumer=self.durable, seq=stream_sequence(msg))
+                await self.poison(msg, self._last_error)
+                self._last_seq = max(self._last_seq, stream_sequence(msg))
+
+    async def _attempt(self, msgs: list[Msg]) -> bool:
+        """Run the handler until it succeeds (True), or False after `max_failures` poison-like
+        failures when a poison handler is set."""
         backoff = 0.1
+        failures = 0
         while True:
             try:
                 await self.handler(msgs)
                 self._last_seq = max(self._last_seq, stream_sequence(msgs[-1]))
-                return
+                return True
             except (asyncio.CancelledError, StopConsuming):
                 self._stopping = True
                 raise
             except Exception as exc:
+                if not is_transient(exc):
+                    failures += 1
+                    self._last_error = repr(exc)
+                    if self.poison is not None and failures >= self.max_failures:
+                        return False
                 self.log.error(
                     "batch_failed_retrying",
                     consumer=self.durable,

@@ -28,6 +28,21 @@ class _InFlight:
     sent: float
 
 
+class PayloadTooLarge(ValueError):
+    """A message (payload and headers) larger than the server's `max_payload`: never sent.
+
+    The server would close the connection over it; raising here keeps the connection.
+    """
+
+
+def message_size(data: bytes, headers: dict[str, str] | None) -> int:
+    """Bytes the server counts against `max_payload`: the payload and the encoded headers."""
+    if not headers:
+        return len(data)
+    # NATS/1.0\r\n, then `key: value\r\n` per header, then \r\n
+    return len(data) + 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+
+
 class JsPublisher:
     """JetStream publishes without awaiting each ack: a bounded window, `flush()` awaits all.
 
@@ -59,6 +74,11 @@ class JsPublisher:
         """Subscribe to the ack inbox."""
         self._prefix = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_ack)
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message (payload and headers) the server accepts."""
+        return int(self._nc.max_payload or 1024 * 1024)
 
     @property
     def in_flight(self) -> int:
@@ -102,6 +122,11 @@ class JsPublisher:
         Concurrent callers are served first come, first served (the lock is FIFO), so the
         order of calls is the order in the stream, outages included.
         """
+        size = message_size(data, headers)
+        if size > self.max_payload:
+            raise PayloadTooLarge(
+                f"{size} bytes for {subject}, more than the server's max_payload {self.max_payload}"
+            )
         async with self._order:
             if self._resync or not self._nc.is_connected:
                 self._resync = True

@@ -123,11 +123,17 @@ CONTENT_TYPE = "Content-Type"
 DLQ_REASON = "Mdp-Dlq-Reason"
 DLQ_SUBJECT = "Mdp-Dlq-Subject"
 DLQ_SERVICE = "Mdp-Dlq-Service"
+DLQ_SIZE = "Mdp-Dlq-Size"  # the original payload's length in bytes
+DLQ_SHA256 = "Mdp-Dlq-Sha256"  # the original payload's SHA-256, hex
+DLQ_TRUNCATED = "Mdp-Dlq-Truncated"  # set when only this many bytes of it are kept
 CLOCK_RATE = "Mdp-Clock-Rate"  # event-time seconds per wall second of the source
 END_OF_STREAM = "Mdp-End-Of-Stream"  # an EndOfStream marker, JSON
 DRY_RUN = "Mdp-Dry-Run"
 RUN = "Mdp-Run"  # the provider run a tick batch belongs to
 PRODUCER = "Mdp-Producer"  # which process instance published a bar
+# The seqs of a batch's ticks the router dead-lettered (comma-separated): the aggregator counts
+# them as delivered, so a bounded run still completes.
+REJECTED_SEQS = "Mdp-Rejected-Seqs"
 # Carried from md.raw to md.quotes by the router, unchanged.
 FORWARDED = (CLOCK_RATE, END_OF_STREAM, RUN, DRY_RUN)
 
@@ -247,6 +253,11 @@ def dead_letter_id(service: str, subject: str, stream_seq: int) -> str:
 def late_tick_id(interval: str, symbol: str, seq: int, ts: int) -> str:
     """A tick dead-lettered as beyond the revise window of one interval."""
     return f"late:{interval}:{symbol}:{seq}:{ts}"
+
+
+def rejected_tick_id(service: str, batch_id: str, seq: int) -> str:
+    """A tick a service rejected on its own (the rest of its batch went on)."""
+    return f"rejected:{service}:{batch_id}:{seq}"
 
 
 def invalid_tick_id(symbol: str, seq: int) -> str:
