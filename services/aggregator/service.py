@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import time
@@ -160,6 +161,8 @@ class AggregatorService:
         try:
             batch = self.codec.decode(msg.data, headers)
             clock_rate = float(headers.get(names.CLOCK_RATE, "1"))
+            if not (math.isfinite(clock_rate) and clock_rate >= 0):
+                raise ValueError(f"{names.CLOCK_RATE} must be a number >= 0, not {clock_rate}")
         except (DecodeError, ValueError) as exc:
             await dead_letter(self.ctx.publisher, self.name, msg, f"undecodable: {exc}", "decode")
             return

@@ -83,6 +83,19 @@ class _LooseBatch(msgspec.Struct, gc=False):
     ticks: list[_LooseTick]
 
 
+def check_clock_rate(headers: dict[str, str]) -> None:
+    """Raise Rejected unless `Mdp-Clock-Rate`, when present, is a finite number >= 0."""
+    text = headers.get(names.CLOCK_RATE)
+    if text is None:
+        return
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate >= 0):
+        raise Rejected(f"{names.CLOCK_RATE} {text[:40]!r} is not a number >= 0", "header")
+
+
 def check_batch(batch: TickBatch | _LooseBatch, subject: str, end_of_stream: bool) -> None:
     """Raise Rejected unless the batch as a whole fits its subject (provider, symbol, ticks)."""
     _, _, provider, token = subject.split(".", 3)
@@ -226,6 +239,7 @@ class RouterService:
             except DecodeError:
                 batch = self.loose.decode(msg.data, headers)  # a value out of range somewhere
             check_batch(batch, msg.subject, eos)
+            check_clock_rate(headers)
         except DecodeError as exc:
             await dead_letter(self.ctx.publisher, self.name, msg, f"undecodable: {exc}", "decode")
             return
