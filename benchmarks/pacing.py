@@ -24,7 +24,7 @@ import nats
 from nats.js.api import KeyValueConfig
 
 from services.provider.pacing import CONFLICTS, Pacer
-from services.provider.ratelimit import Budget, PacingConfig
+from services.provider.ratelimit import Budget, PacingConfig, max_in_window
 from shared.contract import names
 from shared.natsserver import EmbeddedNats
 
@@ -59,17 +59,6 @@ async def draw(url: str, provider: str, config: PacingConfig, seconds: float) ->
         granted.append(time.time_ns())
     await nc.close()
     return granted
-
-
-def max_in_window(times: list[int], length_ns: int) -> int:
-    """The most grants in any closed window of `length_ns`."""
-    times = sorted(times)
-    best, j = 0, 0
-    for i, start in enumerate(times):
-        while j < len(times) and times[j] <= start + length_ns:
-            j += 1
-        best = max(best, j - i)
-    return best
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -109,6 +111,20 @@ class System:
                 except ValueError:
                     continue
         return records
+
+    def spawn_provider(self, log: Path, adapters: str | None = None) -> subprocess.Popen[bytes]:
+        """One more provider process (hosting only `adapters` when given), as a child would be."""
+        env = self.sup.child_env()
+        if adapters is not None:
+            env["MDP_PROVIDER__ADAPTERS"] = adapters
+        with log.open("ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "services.provider"],
+                env=env,
+                stdout=out,
+                stderr=out,
+                cwd=REPO,
+            )
 
     async def wait_policy_seen(self, service: str, revision: int) -> None:
         """Wait until `service` logged that it follows policy `revision`."""

@@ -414,3 +414,14 @@ class BlockSizer:
     def expired(self, used: int) -> None:
         """A block expired after `used` of its tokens were spent."""
         self.want = max(1, min(self.max_block, used))
+
+
+def max_in_window(times: list[int], length_ns: int) -> int:
+    """The most grants (at `times`, ns) in any closed window of `length_ns`: a bound's check."""
+    times = sorted(times)
+    best, j = 0, 0
+    for i, start in enumerate(times):
+        while j < len(times) and times[j] <= start + length_ns:
+            j += 1
+        best = max(best, j - i)
+    return best

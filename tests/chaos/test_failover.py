@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import itertools
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from shared.contract.events import Failover, decode_event
 from shared.contract.messages import TickBatch
 from shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
-from tests.conftest_control import REPO, System, start_system, stop_system
+from tests.conftest_control import System, start_system, stop_system
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -48,15 +46,6 @@ fallback:
 
 def providers_yaml(order: str) -> str:
     return PROVIDERS % (order, DETECT_S, HYSTERESIS_S)
-
-
-def spawn_provider(system: System, adapters: str, log: Path) -> subprocess.Popen[bytes]:
-    """A provider process hosting only `adapters`."""
-    env = {**system.sup.child_env(), "MDP_PROVIDER__ADAPTERS": adapters}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.provider"], env=env, stdout=out, stderr=out, cwd=REPO
-        )
 
 
 class Quote(msgspec.Struct, frozen=True):
@@ -93,8 +82,8 @@ async def test_sigstop_fails_over_within_the_detection_time_and_fails_back(
     def current() -> str | None:
         return switches[-1].to_provider if switches else None
 
-    primary = spawn_provider(system, "synthetic", tmp_path / "provider-synthetic.log")
-    backup = spawn_provider(system, "tests.backup_adapter:BackupAdapter", tmp_path / "backup.log")
+    primary = system.spawn_provider(tmp_path / "provider-synthetic.log", "synthetic")
+    backup = system.spawn_provider(tmp_path / "backup.log", "tests.backup_adapter:BackupAdapter")
     try:
         await system.nc.subscribe("md.quotes.AAA", cb=on_quote)
         await system.nc.subscribe("ingest.events.failover", cb=on_failover)

@@ -4,8 +4,6 @@ and takes the job over (resuming it) after a `kill -9` of the owner; the job nev
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -17,18 +15,9 @@ import pytest
 from shared.contract.messages import TickBatch
 from shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
-from tests.conftest_control import REPO, System, start_system, stop_system
+from tests.conftest_control import System, start_system, stop_system
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
-
-
-def spawn_provider(system: System, log: Path) -> subprocess.Popen[bytes]:
-    """One more provider process, with the environment the supervisor gives its children."""
-    env = system.sup.child_env()
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.provider"], env=env, stdout=out, stderr=out, cwd=REPO
-        )
 
 
 async def owner_of(system: System, job: str) -> str:
@@ -51,7 +40,7 @@ async def test_a_standby_takes_a_job_over_after_kill_9_and_it_never_runs_twice(
         batch = msgspec.json.decode(msg.data, type=TickBatch)
         seqs[batch.symbol].extend(t.seq for t in batch.ticks)
 
-    providers = [spawn_provider(system, tmp_path / f"provider-{i}.log") for i in range(2)]
+    providers = [system.spawn_provider(tmp_path / f"provider-{i}.log") for i in range(2)]
     try:
         sub = await system.nc.subscribe("md.raw.synthetic.>", cb=on_raw)
         await wait_for(

@@ -4,8 +4,6 @@ keep it through a refused reload, and the survivor of a `kill -9` gets all of it
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -14,12 +12,13 @@ from typing import Any
 import msgspec
 import pytest
 
+from services.provider.ratelimit import max_in_window
 from shared.contract import names
 from shared.contract.messages import TickBatch
 from shared.contract.records import LeaseRecord
 from shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
-from tests.conftest_control import REPO, System, start_system, stop_system
+from tests.conftest_control import System, start_system, stop_system
 
 pytestmark = pytest.mark.integration
 
@@ -35,19 +34,6 @@ paced:
 """
 
 
-def spawn_provider(system: System, log: Path) -> subprocess.Popen[bytes]:
-    """A provider process hosting only the paced test adapter."""
-    env = {
-        **system.sup.child_env(),
-        "MDP_PROVIDER__ADAPTERS": "tests.paced_adapter:PacedAdapter",
-        "PYTHONPATH": str(REPO),
-    }
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.provider"], env=env, stdout=out, stderr=out, cwd=REPO
-        )
-
-
 def logged_policy_with_pacing(log: Path) -> bool:
     """Whether a provider's log shows it follows a policy pacing the `paced` provider."""
     for line in log.read_text(errors="replace").splitlines():
@@ -60,17 +46,6 @@ def logged_policy_with_pacing(log: Path) -> bool:
 
 def grants_in(times: list[int], start: int, end: int) -> int:
     return sum(1 for t in times if start <= t < end)
-
-
-def max_in_window(times: list[int], length_ns: int) -> int:
-    """The most grants in any closed window of `length_ns`, sliding over every grant time."""
-    times = sorted(times)
-    best, j = 0, 0
-    for i, start in enumerate(times):
-        while j < len(times) and times[j] <= start + length_ns:
-            j += 1
-        best = max(best, j - i)
-    return best
 
 
 async def test_two_provider_processes_share_one_budget_and_a_killed_one_strands_nothing(
@@ -90,7 +65,7 @@ async def test_two_provider_processes_share_one_budget_and_a_killed_one_strands_
             grants[batch.symbol][tick.seq] = tick.ts  # a re-sent batch is the same grants
 
     logs = [tmp_path / f"provider-{i}.log" for i in range(2)]
-    providers = [spawn_provider(system, log) for log in logs]
+    providers = [system.spawn_provider(log, "tests.paced_adapter:PacedAdapter") for log in logs]
     sub = await system.nc.subscribe("md.raw.paced.>", cb=on_raw)
     try:
         for log in logs:
