@@ -141,7 +141,7 @@ class StatusReply(Struct, kw_only=True):
     ok: bool = True
     jobs: list[JobStatus]
     providers: dict[str, ProviderInfo]
-    policy: dict[str, object]
+    policy: dict[str, Any]
     policy_revision: int
     limits: Limits
     stopped: list[StopRecord]
@@ -149,7 +149,7 @@ class StatusReply(Struct, kw_only=True):
     http: str | None
     hosts: list[ProviderHost]  # the live provider processes and the adapters each hosts
     # The published policy the other services follow (bars, batching, fallback, ...).
-    effective: dict[str, object] = {}
+    effective: dict[str, Any] = {}
 
 
 class ReloadReply(Struct, kw_only=True):
@@ -158,7 +158,7 @@ class ReloadReply(Struct, kw_only=True):
     ok: bool = True
     status: str = "reloaded"
     policy_revision: int
-    policy: dict[str, object]
+    policy: dict[str, Any]
     providers: list[str]
     config: dict[str, str]
 
