@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -29,7 +30,7 @@ from shared.bus.publisher import JsPublisher
 from shared.contract import names
 from shared.contract.control import ErrorBody, ErrorReply
 from shared.logging import configure_logging
-from shared.metrics import serve_metrics
+from shared.metrics import Health, serve_metrics
 from shared.settings import Settings
 from shared.version import VERSION
 
@@ -71,6 +72,7 @@ class Context:
     tasks: list[asyncio.Task[object]] = field(default_factory=list)
     consumers: list[PullConsumer] = field(default_factory=list)
     crashed: bool = False  # a background task died: exit non-zero so a supervisor sees it
+    health: Health = field(default_factory=Health)  # what /healthz and /readyz report
 
     def spawn(self, coro: Coroutine[Any, Any, object], name: str) -> asyncio.Task[object]:
         """Run a background task owned by the service; its crash is logged and stops the service."""
@@ -157,6 +159,13 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
+async def _beat(health: Health) -> None:
+    """Show `/healthz` that the event loop runs."""
+    while True:
+        health.beat = time.monotonic()
+        await asyncio.sleep(1.0)
+
+
 async def serve(service: Service, settings: Settings) -> int:
     """Run a service until SIGTERM/SIGINT; return the exit code."""
     log = configure_logging(service.name, settings.log_level, settings.log_format)
@@ -176,12 +185,14 @@ async def serve(service: Service, settings: Settings) -> int:
     except Exception as exc:
         log.error("nats_connect_failed", url=settings.nats_url, error=repr(exc))
         return 2
+    health = Health(connected=lambda: nc.is_connected)
     js = nc.jetstream(timeout=10)
     await _with_retries(log, "declare_streams", lambda: _declare(js, settings))
+    health.declared = True
     publisher = JsPublisher(nc, max_in_flight=4096, log=log)
     await publisher.start()
     try:
-        metrics_port = serve_metrics(settings.metrics_port)
+        metrics_port = serve_metrics(settings.metrics_port, health=health)
     except OSError as exc:
         log.error("metrics_port_unavailable", port=settings.metrics_port, error=str(exc))
         await nc.close()
@@ -195,6 +206,7 @@ async def serve(service: Service, settings: Settings) -> int:
     )
     ctx = Context(service.name, settings, nc, js, publisher, micro, log, metrics_port)
     ctx.stopping = stop_signal
+    ctx.health = health
     try:
         await service.start(ctx)
     except Exception as exc:
@@ -203,6 +215,8 @@ async def serve(service: Service, settings: Settings) -> int:
         return 1
     # Readiness: answered only once start() is done (PING answers as soon as it registers).
     await micro.add_endpoint(name="ready", subject=names.ready(service.name), handler=_answer_ready)
+    health.started = True
+    ctx.spawn(_beat(health), "health-beat")
     log.info("started", nats=settings.nats_url, metrics_port=metrics_port, pid=os.getpid())
 
     await stop_signal.wait()

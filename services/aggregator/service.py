@@ -100,6 +100,7 @@ class AggregatorService:
         self.store = CheckpointStore(ctx, kv, names.checkpoint_key(self.durable))
         self.lease = Lease(kv, names.lease_key(self.durable), self.instance, log=self.log)
         self.active = asyncio.Event()
+        ctx.health.details["lease"] = "standby"
         ctx.spawn(activate_with_retries(self._become_active, ctx.stopping, self.log), "activate")
 
     async def _become_active(self) -> None:
@@ -120,6 +121,7 @@ class AggregatorService:
             dead_letter_poison=True,
         )
         self.active.set()
+        self.ctx.health.details["lease"] = "active"
         self.log.info("active", durable=self.durable, resume_after_seq=self.last_seq)
         ctx.spawn(keep_lease(self.lease, ctx.stopping, self.log), "lease")
         ctx.spawn(self._watch_policy(), "policy")
