@@ -350,6 +350,7 @@ class Session:
                 ib.disconnect()
         self.by_req.clear()
         self.qualifying.clear()
+        self.watchdog.interrupted()
         for entry in self.symbols.values():
             entry.sub = None
         if self.connection != "connecting":
@@ -374,6 +375,7 @@ class Session:
                     await self._act(*action)
                     while not self.actions.empty():
                         await self._act(*self.actions.get_nowait())
+                    self._report()
                 now = loop.time()
                 await self._watch(now)
                 if now - last_retry >= RETRY_BRING_UP_S and bring_up.done():
@@ -621,8 +623,10 @@ class Session:
             if entry is not None:
                 self._delayed(entry)
         elif action is Action.FALLBACK:
-            if entry is not None:
+            if entry is not None and not entry.no_tick_by_tick:
                 entry.no_tick_by_tick = True
+                with contextlib.suppress(ConnectionError):
+                    await self._cancel(entry)  # the other tick-by-tick request of the symbol
                 self._drop_sub(entry)
                 await self._subscribe(entry, reason=str(code))
         elif action is Action.FAIL_OVER:

@@ -242,6 +242,13 @@ class Watchdog:
         )
         watch.probe_until = now + watch.probe_s
 
+    def interrupted(self) -> None:
+        """The connection went: every symbol that ticked is in a gap until its next tick."""
+        for watch in self.watches.values():
+            if watch.stale_since is None and watch.last_tick is not None:
+                watch.stale_since = watch.last_tick
+            watch.probe_until = None
+
     def verify(self, now: float, symbols: Iterable[str] | None = None) -> None:
         """Probe symbols (all by default) that are not probed already: a tick must come soon."""
         for symbol in self.watches if symbols is None else symbols:
