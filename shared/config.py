@@ -125,7 +125,12 @@ class IbkrProvider(_ProviderBase):
     """`ibkr:` in data_providers.yaml; `params` are checked by the adapter's model (IbkrParams)."""
 
     enabled: bool = False
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 7497,
+        "client_id": 17,
+        "market_data_type": "live",
+    }
     pacing: PacingSection | None = PacingSection()  # IB's limits; `pacing: null` lifts them
 
 
