@@ -19,6 +19,7 @@ from services.provider.pacing import unlimited
 from shared.contract.control import JobSpec
 from shared.contract.messages import Tick
 from shared.contract.records import FeedStatus
+from tests.conftest import wait_for
 from tests.fakes.ibgateway import FakeGateway
 
 pytest.importorskip("ib_async")
@@ -85,14 +86,6 @@ class MemorySink:
         return [t.price for t in self.ticks.get(symbol, [])]
 
 
-async def until(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        await asyncio.sleep(0.01)
-
-
 @dataclass
 class Running:
     gw: FakeGateway
@@ -105,7 +98,7 @@ class Running:
 
     async def subscribed(self, count: int | None = None, timeout: float = 10.0) -> None:
         want = len(self.symbols) if count is None else count
-        await until(lambda: self.subs() >= want, timeout, f"{want} subscriptions")
+        await wait_for(lambda: self.subs() >= want, timeout, f"{want} subscriptions")
 
     async def trade(self, symbol: str, price: float, size: float = 100) -> int:
         return await self.gw.send_tick(symbol, price=price, size=size)
@@ -179,7 +172,7 @@ async def test_quotes_and_trades_of_every_kind_of_symbol(gw: FakeGateway, start:
     await gw.send_tick("EUR.USD", bid=1.1, ask=1.1002, bid_size=1e6, ask_size=2e6)
     await gw.send_tick("ES", price=6000.25, size=2)
     await gw.send_tick("SPX", price=6001.0)
-    await until(lambda: len(run.sink.ticks) == 5, what="a tick of every symbol")
+    await wait_for(lambda: len(run.sink.ticks) == 5, what="a tick of every symbol")
     [aapl] = run.sink.ticks["AAPL"]
     assert (aapl.seq, aapl.price, aapl.size, aapl.bid, aapl.ask) == (10, 189.51, 100, 189.5, 189.52)
     assert (aapl.bid_size, aapl.ask_size) == (300, 200)
@@ -187,7 +180,7 @@ async def test_quotes_and_trades_of_every_kind_of_symbol(gw: FakeGateway, start:
     assert fx.price == pytest.approx(1.1001) and fx.size == 0  # FX: the quote is the tick
     assert run.sink.ticks["IND:SPX@CBOE"][0].price == 6001.0
     assert set(run.sink.market_data.values()) == {"live"}
-    await until(lambda: run.sink.feed is not None and run.sink.feed.symbols["AAPL"].ticks == 1)
+    await wait_for(lambda: run.sink.feed is not None and run.sink.feed.symbols["AAPL"].ticks == 1)
     feed = run.sink.feed
     assert feed is not None
     assert (feed.connection, feed.server_version, feed.market_data_type) == (
@@ -202,13 +195,13 @@ async def test_error_200_refuses_that_symbol_alone(gw: FakeGateway, start: Any) 
     gw.reject_symbol("MSFT")
     run = await start(["AAPL", "MSFT", "BAD!!"])
     await run.subscribed(1)
-    await until(lambda: len(run.sink.refused) == 2, what="two refusals")
+    await wait_for(lambda: len(run.sink.refused) == 2, what="two refusals")
     reasons = {s: (c, r) for s, c, r in run.sink.refused}
     assert reasons["MSFT"][0] == 200 and "no security definition" in reasons["MSFT"][1]
     assert reasons["BAD!!"][0] == 0 and "not a ticker" in reasons["BAD!!"][1]
     await run.trade("AAPL", 190.0)
-    await until(lambda: run.sink.prices("AAPL") == [190.0])
-    await until(lambda: run.sink.feed is not None and run.sink.feed.symbols["MSFT"].code == 200)
+    await wait_for(lambda: run.sink.prices("AAPL") == [190.0])
+    await wait_for(lambda: run.sink.feed is not None and run.sink.feed.symbols["MSFT"].code == 200)
     assert run.sink.feed is not None and run.sink.feed.symbols["MSFT"].state == "refused"
 
 
@@ -235,12 +228,12 @@ async def test_dropped_connections_reconnect_resubscribe_and_report_the_gap(
     await run.subscribed()
     await run.trade("AAPL", 100.0)
     await run.trade("MSFT", 200.0)
-    await until(lambda: len(run.sink.stream) >= 4)
+    await wait_for(lambda: len(run.sink.stream) >= 4)
     gw.drop_connections()
     took = await run.resumes(["AAPL", "MSFT"], 300.0)
     no_tick_twice(run.sink)
     assert run.sink.feed is not None and run.sink.feed.reconnects == 1
-    await until(lambda: run.sink.feed is not None and run.sink.feed.symbols["AAPL"].gaps == 1)
+    await wait_for(lambda: run.sink.feed is not None and run.sink.feed.symbols["AAPL"].gaps == 1)
     assert "connection" in run.sink.failures
     print(f"resumed {took:.2f} s after the drop")
     assert took < 5
@@ -268,12 +261,12 @@ async def test_1101_resubscribes_everything(gw: FakeGateway, start: Any) -> None
     run = await start(["AAPL", "MSFT"])
     await run.subscribed()
     await run.trade("AAPL", 100.0)
-    await until(lambda: run.sink.prices("AAPL") == [100.0])
+    await wait_for(lambda: run.sink.prices("AAPL") == [100.0])
     await gw.send_error(1100, "Connectivity between IB and Trader Workstation has been lost.")
-    await until(lambda: run.sink.feed is not None and run.sink.feed.connection == "degraded")
+    await wait_for(lambda: run.sink.feed is not None and run.sink.feed.connection == "degraded")
     await gw.send_error(1101, "Connectivity restored - data lost.")
     took = await run.resumes(["AAPL", "MSFT"], 300.0)
-    await until(lambda: run.sink.feed is not None and run.sink.feed.resubscriptions >= 2)
+    await wait_for(lambda: run.sink.feed is not None and run.sink.feed.resubscriptions >= 2)
     assert run.sink.feed is not None and run.sink.feed.connection == "connected"
     no_tick_twice(run.sink)
     print(f"resumed {took:.2f} s after 1101")
@@ -285,7 +278,7 @@ async def test_10182_re_requests_that_subscription(gw: FakeGateway, start: Any) 
     [aapl] = [s for s in gw.subscriptions[17] if s.key == "AAPL"]
     await gw.send_error(10182, "Failed to request live updates (disconnected).", req_id=aapl.req_id)
     took = await run.resumes(["AAPL"], 300.0)
-    await until(lambda: run.sink.feed is not None and run.sink.feed.resubscriptions == 1)
+    await wait_for(lambda: run.sink.feed is not None and run.sink.feed.resubscriptions == 1)
     feed = run.sink.feed
     assert feed is not None and feed.symbols["AAPL"].resubscriptions == 1
     assert feed.symbols["MSFT"].resubscriptions == 0
@@ -304,7 +297,7 @@ async def test_silent_data_loss_is_found_by_tick_age_and_resubscribed(
     gw.kill_streams("AAPL")  # AAPL's stream dies, the socket stays up
     took = await run.resumes(["AAPL", "MSFT"], 300.0)
     feed = run.sink.feed
-    await until(lambda: run.sink.feed is not None and run.sink.feed.symbols["AAPL"].gaps == 1)
+    await wait_for(lambda: run.sink.feed is not None and run.sink.feed.symbols["AAPL"].gaps == 1)
     feed = run.sink.feed
     assert feed is not None and feed.data_stopped >= 1
     assert feed.symbols["AAPL"].resubscriptions >= 1
@@ -317,21 +310,21 @@ async def test_data_that_stays_stopped_counts_failures(gw: FakeGateway, start: A
     await run.subscribed()
     await run.trade("AAPL", 100.0)
     gw.stop_ticks()  # nothing flows, resubscribing does not help
-    await until(lambda: run.sink.failures.count("data_stopped") >= 2, 15, "failed probes")
+    await wait_for(lambda: run.sink.failures.count("data_stopped") >= 2, 15, "failed probes")
 
 
 async def test_delayed_data_is_marked_never_mixed(gw: FakeGateway, start: Any) -> None:
     run = await start(["AAPL"])
     await run.subscribed()
     await run.trade("AAPL", 100.0)
-    await until(lambda: run.sink.prices("AAPL") == [100.0])
+    await wait_for(lambda: run.sink.prices("AAPL") == [100.0])
     await gw.set_market_data_type(3)
-    await until(lambda: run.sink.market_data.get("AAPL") == "delayed")
+    await wait_for(lambda: run.sink.market_data.get("AAPL") == "delayed")
     await run.trade("AAPL", 101.0)
-    await until(lambda: run.sink.prices("AAPL") == [100.0, 101.0])
+    await wait_for(lambda: run.sink.prices("AAPL") == [100.0, 101.0])
     kinds = [item if isinstance(item, str) else item.price for _, item in run.sink.stream]
     assert kinds == ["live", 100.0, "delayed", 101.0]
-    await until(
+    await wait_for(
         lambda: run.sink.feed is not None and run.sink.feed.symbols["AAPL"].market_data == "delayed"
     )
 
@@ -344,21 +337,21 @@ async def test_tick_by_tick_with_ib_time_and_the_fallback_on_10190(
     assert sorted(s.tick_type for s in gw.subscriptions[17]) == ["AllLast", "BidAsk"]
     await gw.send_quote_tbt("AAPL", 99.0, 99.1, 5, 6, epoch=1_700_000_000)
     await gw.send_trade_tbt("AAPL", 99.05, 3, epoch=1_700_000_001)
-    await until(lambda: run.sink.prices("AAPL") == [99.05])
+    await wait_for(lambda: run.sink.prices("AAPL") == [99.05])
     [tick] = run.sink.ticks["AAPL"]
     assert tick.ts == 1_700_000_001 * 1_000_000_000 and (tick.bid, tick.ask) == (99.0, 99.1)
     [last] = [s for s in gw.subscriptions[17] if s.tick_type == "AllLast"]
     await gw.send_error(10190, "Max number of tick-by-tick requests has been reached.", last.req_id)
-    await until(lambda: [s.kind for s in gw.subscriptions[17]] == ["mktdata"], what="fallback")
+    await wait_for(lambda: [s.kind for s in gw.subscriptions[17]] == ["mktdata"], what="fallback")
     await run.trade("AAPL", 99.2)
-    await until(lambda: run.sink.prices("AAPL") == [99.05, 99.2])
+    await wait_for(lambda: run.sink.prices("AAPL") == [99.05, 99.2])
 
 
 async def test_pacing_errors_cool_down_and_count(gw: FakeGateway, start: Any) -> None:
     run = await start(["AAPL"])
     await run.subscribed()
     await gw.send_error(100, "Max rate of messages per second has been exceeded")
-    await until(lambda: "pacing" in run.sink.failures)
+    await wait_for(lambda: "pacing" in run.sink.failures)
 
 
 async def test_1300_reconnects_on_the_new_port(start: Any) -> None:
@@ -367,4 +360,6 @@ async def test_1300_reconnects_on_the_new_port(start: Any) -> None:
         run.gw = first
         await run.subscribed()
         await first.send_error(1300, f"TWS socket port has been reset - new port {second.port}")
-        await until(lambda: second.subscriptions.get(17), what="the subscription on the new port")
+        await wait_for(
+            lambda: second.subscriptions.get(17), what="the subscription on the new port"
+        )
