@@ -363,3 +363,23 @@ async def test_1300_reconnects_on_the_new_port(start: Any) -> None:
         await wait_for(
             lambda: second.subscriptions.get(17), what="the subscription on the new port"
         )
+
+
+async def test_a_degraded_farm_pauses_the_watchdog_but_not_for_ever(
+    gw: FakeGateway, start: Any
+) -> None:
+    run = await start(["AAPL"])
+    await run.subscribed()
+    for i in range(10):
+        await run.trade("AAPL", 100 + i / 100)
+        await asyncio.sleep(0.05)
+    await gw.send_error(2103, "Market data farm connection is broken:usfarm")
+    await wait_for(lambda: run.sink.feed is not None and run.sink.feed.connection == "degraded")
+    assert run.sink.feed is not None and run.sink.feed.degraded[0].startswith("2103")
+    gw.kill_streams("AAPL")
+    began = time.monotonic()
+    await run.resumes(["AAPL"], 300.0)
+    waited = time.monotonic() - began
+    assert waited >= FAST["stale_max_s"] - 0.5  # paused: the gateway said why data stops
+    await gw.send_error(2104, "Market data farm connection is OK:usfarm")
+    await wait_for(lambda: run.sink.feed is not None and run.sink.feed.connection == "connected")

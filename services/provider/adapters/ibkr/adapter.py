@@ -202,6 +202,7 @@ class Session:
         self.data_stopped = 0
         self.last_error: tuple[int, str] | None = None
         self.degraded: dict[int, str] = {}
+        self.degraded_since = 0.0  # loop time: when the open degradations began
         self.last_failure_at = 0.0
         self.announced: set[str] = set()
         self.fail_over_alerted = False
@@ -638,6 +639,8 @@ class Session:
 
     def _degrade_update(self) -> None:
         """The connection state and the watchdog follow the open degradations."""
+        if self.degraded and not self.watchdog.paused:
+            self.degraded_since = asyncio.get_running_loop().time()
         self.watchdog.paused = bool(self.degraded)
         if self.connection in ("connected", "degraded"):
             self._set_connection("degraded" if self.degraded else "connected")
@@ -674,6 +677,10 @@ class Session:
 
     async def _watch(self, now: float) -> None:
         """Resubscribe what the watchdog finds silent; count failed probes against the breaker."""
+        if self.watchdog.paused and now - self.degraded_since >= self.params.stale_max_s:
+            # The gateway never said the degradation ended: do not trust it for ever.
+            self.log.warning("ibkr_degraded_too_long", degraded=sorted(self.degraded))
+            self.watchdog.paused = False
         wall = utc_now_from(time.time())
 
         def open_now(symbol: str) -> bool:
