@@ -232,3 +232,13 @@ def write(root: Path) -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
+
+
+def stale(root: Path) -> list[Path]:
+    """The generated files under `root` that differ from what the code generates now."""
+    out = []
+    for relative, text in render().items():
+        path = root / relative
+        if not path.is_file() or path.read_text() != text:
+            out.append(path)
+    return out
