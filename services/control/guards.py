@@ -6,6 +6,11 @@ data_providers.yaml) -> `provider_disabled` -> `symbols_empty` -> `symbol_invali
 pattern, or would not survive as text) -> `invalid_request` (too many symbols, bad params) ->
 `already_running` (the same job is live, or the job limit is reached). A reset request is
 `invalid_request` (malformed, no text `provider`) or `unknown_provider`.
+
+Every body is decoded strictly into its struct of `shared.contract.control`: any other JSON
+type anywhere, an unknown field, invalid JSON or UTF-8, or no body where one is required is
+`invalid_request`, its message naming the JSON path (msgspec's `- at `$.provider``; `$` for the
+body itself; a provider's `params` as `params.<key>`, as the adapter says it).
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ from services.provider.adapters.base import (
     params_models,
 )
 from shared.config import DEFAULT_SYMBOL_PATTERN, Config, ProviderConfig, load_from_environment
-from shared.contract.control import JobSpec, ResetRequest, StartRequest, StopRequest
+from shared.contract.control import (
+    JobSpec,
+    ReloadRequest,
+    ResetRequest,
+    StartRequest,
+    StatusRequest,
+    StopRequest,
+)
 from shared.contract.names import escape_symbol
 from shared.contract.records import ProviderHost, ProviderState
 from shared.runtime import ServiceError
@@ -45,6 +57,7 @@ HTTP_STATUS = {
     "unknown_provider": 404,
     "provider_disabled": 409,
     "already_running": 409,
+    "no_fallback": 400,
     "internal": 500,
 }
 
@@ -59,22 +72,39 @@ class ControlError(ServiceError):
 R = TypeVar("R")
 
 
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _invalid(what: str, problem: str) -> ControlError:
+    """`invalid_request` whose message always names a JSON path (`$` for the body itself)."""
+    # msgspec names the path only below the root: say `$` for a wrong body type too.
+    where = "" if " - at `$" in problem else " - at `$`"
+    return ControlError("invalid_request", f"{what}: {problem}{where}")
+
+
 def _decode(body: bytes, typ: type[R], what: str) -> R:
+    """`body` decoded strictly as `typ`; any other JSON (or none) is `invalid_request`."""
     try:
         return msgspec.json.decode(body, type=typ)
     except msgspec.ValidationError as exc:
-        raise ControlError("invalid_request", f"{what}: {exc}") from None
+        raise _invalid(what, str(exc)) from None
+    except RecursionError:
+        raise _invalid(what, "JSON nested too deeply") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec refuses `"\ud800"` (a lone surrogate): valid JSON that is no text. Decode it
-        # leniently so that such a symbol is refused as `symbol_invalid`, like any other bad one.
+        # leniently so that such a symbol is refused as `symbol_invalid`, like any other bad one;
+        # NaN and Infinity stay refused, as msgspec refuses them.
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise ControlError("invalid_request", f"{what}: malformed JSON: {exc}") from None
+            data = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            raise _invalid(what, f"malformed JSON: {exc}") from None
         try:
             return msgspec.convert(data, type=typ)
         except msgspec.ValidationError as err:
-            raise ControlError("invalid_request", f"{what}: {err}") from None
+            raise _invalid(what, str(err)) from None
+        except RecursionError:
+            raise _invalid(what, "JSON nested too deeply") from None
 
 
 def parse_start(body: bytes) -> StartRequest:
@@ -83,7 +113,8 @@ def parse_start(body: bytes) -> StartRequest:
     if not JOB_NAME.match(request.job):
         raise ControlError(
             "invalid_request",
-            f"job name {request.job!r} must be 1-64 characters of A-Z a-z 0-9 _ -",
+            f"start request: job name {request.job!r} is not 1-64 characters of "
+            "[A-Za-z0-9_-] - at `$.job`",
         )
     return request
 
@@ -92,12 +123,29 @@ def parse_stop(body: bytes) -> StopRequest:
     """Decode a stop request (the body is optional)."""
     request: StopRequest = _decode(body.strip() or b"{}", StopRequest, "stop request")
     if not JOB_NAME.match(request.job):
-        raise ControlError("invalid_request", f"job name {request.job!r} is not valid")
+        raise ControlError(
+            "invalid_request",
+            f"stop request: job name {request.job!r} is not 1-64 characters of "
+            "[A-Za-z0-9_-] - at `$.job`",
+        )
     if not REASON.match(request.reason):
         raise ControlError(
             "invalid_request",
-            f"reason {request.reason!r} must be 1-64 characters of A-Z a-z 0-9 _ . : -",
+            f"stop request: reason {request.reason!r} is not 1-64 characters of "
+            "[A-Za-z0-9_.:-] - at `$.reason`",
         )
+    return request
+
+
+def parse_status(body: bytes) -> StatusRequest:
+    """Decode a status request: no body, or `{}`."""
+    request: StatusRequest = _decode(body.strip() or b"{}", StatusRequest, "status request")
+    return request
+
+
+def parse_reload(body: bytes) -> ReloadRequest:
+    """Decode a reload request: no body, or `{}`."""
+    request: ReloadRequest = _decode(body.strip() or b"{}", ReloadRequest, "reload request")
     return request
 
 

@@ -34,8 +34,10 @@ from services.control.guards import (
     live_host,
     load_checked_config,
     next_deadline,
+    parse_reload,
     parse_reset,
     parse_start,
+    parse_status,
     parse_stop,
     standby_jobs,
 )
@@ -198,7 +200,11 @@ class ControlService:
     # -- request handling ----------------------------------------------------------------------
 
     async def answer(self, verb: str, body: bytes) -> bytes:
-        """Run one request; its JSON reply, or a `ControlError` (counted, logged) to answer."""
+        """Run one request; its JSON reply, or a `ControlError` (counted, logged) to answer.
+
+        Nothing else leaves it: a failure is an `internal` error reply, never an exception
+        the runtime would turn into an empty reply.
+        """
         try:
             reply = await self.handlers[verb](body)
         except ControlError as exc:
@@ -206,7 +212,10 @@ class ControlService:
         except Exception as exc:
             self.ctx.log.error("control_failed", verb=verb, error=repr(exc), exc_info=True)
             error = ControlError("internal", f"{verb} failed: {exc!r}")
-            await self._event(Failed(time.time_ns(), error.message, stage=verb))
+            try:
+                await self._event(Failed(time.time_ns(), error.message, stage=verb))
+            except Exception as event_exc:  # NATS down, say: the reply still goes out
+                self.ctx.log.error("failed_event_lost", verb=verb, error=repr(event_exc))
         else:
             return msgspec.json.encode(reply)
         INGEST_ERRORS.labels(self._provider_label(body), verb).inc()
@@ -224,7 +233,7 @@ class ControlService:
         # Only configured names become label values: a client must not mint time series.
         try:
             value = msgspec.json.decode(body or b"{}")
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return "none"
         name = value.get("provider") if isinstance(value, dict) else None
         if name is None:
@@ -331,7 +340,7 @@ class ControlService:
 
     async def status(self, body: bytes) -> StatusReply:
         """Jobs with their state and counters, the providers, the policy, recent stops."""
-        del body
+        parse_status(body)
         jobs: list[JobStatus] = []
         now = time.time_ns()
         for key in sorted(await kv_keys(self.ctx.js, names.KV_JOBS)):
@@ -393,7 +402,7 @@ class ControlService:
 
     async def reload(self, body: bytes) -> ReloadReply:
         """Re-read both files; an invalid one is refused and the running config kept."""
-        del body
+        parse_reload(body)
         try:
             config = await asyncio.to_thread(load_checked_config)
         except ConfigError as exc:
