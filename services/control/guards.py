@@ -4,8 +4,9 @@ The guards of a start request run in this order, the first failure answering:
 `invalid_request` (malformed JSON, wrong types, bad job name) -> `unknown_provider` (not in
 data_providers.yaml) -> `provider_disabled` -> `symbols_empty` -> `symbol_invalid` (fails the
 pattern, or would not survive as text) -> `invalid_request` (too many symbols, bad params) ->
-`already_running` (the same job is live, or the job limit is reached). A reset request is
-`invalid_request` (malformed, no text `provider`) or `unknown_provider`.
+`path_not_allowed` (a replay path outside `MDP_REPLAY__ROOTS`) -> `already_running` (the same
+job is live, or the job limit is reached). A reset request is `invalid_request` (malformed, no
+text `provider`) or `unknown_provider`.
 
 Every body is decoded strictly into its struct of `shared.contract.control`: any other JSON
 type anywhere, an unknown field, invalid JSON or UTF-8, or no body where one is required is
@@ -18,8 +19,9 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping, Set
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence, Set
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 from pydantic import BaseModel
@@ -32,6 +34,7 @@ from services.provider.adapters.base import (
     params_model,
     params_models,
 )
+from services.provider.adapters.replay import PathNotAllowed
 from shared.config import DEFAULT_SYMBOL_PATTERN, Config, ProviderConfig, load_from_environment
 from shared.contract.control import (
     JobSpec,
@@ -58,6 +61,7 @@ HTTP_STATUS = {
     "provider_disabled": 409,
     "already_running": 409,
     "no_fallback": 400,
+    "path_not_allowed": 403,
     "internal": 500,
 }
 
@@ -192,16 +196,26 @@ def load_checked_config() -> Config:
     return load_from_environment(params_models=params_models(_adapters()))
 
 
+@runtime_checkable
+class RootedParams(Protocol):
+    """Params naming files (replay's `path`): confined to the data roots before a job starts."""
+
+    def check_roots(self, roots: Sequence[Path]) -> None:
+        """Raise an `AdapterError` (`PathNotAllowed`) for a path outside every root."""
+
+
 def job_params(
     name: str,
     provider: ProviderConfig,
     requested: Mapping[str, Any],
     adapters: Mapping[str, type[Adapter]] | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
     """The provider's configured params overridden by the request's, checked when typed.
 
     The model is the adapter's own `Params` (found in the registry), else the typed params of
     the provider's section (ibkr, which has no adapter yet); any other params pass through.
+    With `roots`, params that name files must name them under a root (`path_not_allowed`).
     """
     adapter = (_adapters() if adapters is None else adapters).get(name)
     model: type[BaseModel] | None = params_model(adapter) if adapter is not None else None
@@ -215,6 +229,10 @@ def job_params(
         return merged
     try:
         checked = check_params(name, model, merged)
+        if roots is not None and isinstance(checked, RootedParams):
+            checked.check_roots(roots)
+    except PathNotAllowed as exc:
+        raise ControlError("path_not_allowed", str(exc)) from None
     except AdapterError as exc:
         raise ControlError("invalid_request", str(exc)) from None
     params: dict[str, Any] = checked.model_dump(exclude_none=True)
@@ -226,11 +244,12 @@ def build_job(
     config: Config,
     now_ns: int,
     adapters: Mapping[str, type[Adapter]] | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> JobSpec:
     """Apply the configuration's guards in order and return the job for `ingest_jobs`.
 
     `adapters` is the registry whose `Params` models check the params (default: the installed
-    adapters, `load_adapters`).
+    adapters, `load_adapters`); `roots` the directories a replay may read (None: any).
     """
     providers = config.providers.providers
     guards = config.policy.guards
@@ -259,7 +278,7 @@ def build_job(
             "invalid_request",
             f"{len(symbols)} symbols, more than guards.max_symbols = {guards.max_symbols}",
         )
-    params = job_params(request.provider, provider, request.params, adapters)
+    params = job_params(request.provider, provider, request.params, adapters, roots)
     max_runtime_s = config.policy.write_path.max_runtime_seconds
     return JobSpec(
         job=request.job,
@@ -278,6 +297,7 @@ def standby_jobs(
     config: Config,
     live_adapters: Set[str],
     adapters: Mapping[str, type[Adapter]] | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> list[JobSpec]:
     """The hot standbys of a live job: one job per other source in its symbols' fallback order.
 
@@ -317,7 +337,7 @@ def standby_jobs(
                 "invalid_request",
                 f"standby job name {job!r} is longer than 64 characters; use a shorter job name",
             )
-        params = job_params(name, providers[name], {}, adapters)
+        params = job_params(name, providers[name], {}, adapters, roots)
         standbys.append(
             msgspec.structs.replace(
                 spec,

@@ -135,6 +135,8 @@ class ControlService:
         # Validated before connecting: a bad file is a clean exit with its message, no traceback.
         self.config: Config = load_or_exit(load_checked_config)
         self.http_settings = settings.control
+        # Resolved once: the directories a replay job may read (the working directory may move).
+        self.replay_roots = settings.replay_roots()
         self.policy_revision = 0
         self.lock = asyncio.Lock()
         self.jobs: dict[str, JobSpec] = {}  # as last seen in `ingest_jobs` (for the timer)
@@ -246,7 +248,7 @@ class ControlService:
         """Validate, apply the guards, write the job, announce it."""
         request = parse_start(body)
         async with self.lock:
-            spec = build_job(request, self.config, time.time_ns())
+            spec = build_job(request, self.config, time.time_ns(), roots=self.replay_roots)
             standbys: list[JobSpec] = []
             if request.standby:
                 live_adapters = {
@@ -255,7 +257,7 @@ class ControlService:
                     for adapter in host.adapters
                     if adapter.live
                 }
-                standbys = standby_jobs(spec, self.config, live_adapters)
+                standbys = standby_jobs(spec, self.config, live_adapters, roots=self.replay_roots)
             live = await self._live_jobs()
             max_jobs = self.config.policy.guards.max_concurrent_jobs
             for job in (spec, *standbys):
