@@ -49,11 +49,17 @@ async def request(nc: NATS, verb: str, body: dict[str, Any]) -> tuple[dict[str, 
     return msgspec.json.decode(msg.data), (msg.headers or {}).get("Nats-Service-Error-Code", "")
 
 
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """The one replay root of the test's system."""
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
 async def test_a_50_mb_line_is_one_bad_row_and_no_job_stops(
-    pipeline: PipelineFactory, nc: NATS, tmp_path: Path
+    pipeline: PipelineFactory, nc: NATS, tmp_path: Path, data: Path
 ) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
     path = data / "long.csv"
     rows = slice_with_a_long_line(path)
     store_url = f"sqlite:///{tmp_path / 'bars.db'}"
@@ -107,10 +113,8 @@ async def test_a_50_mb_line_is_one_bad_row_and_no_job_stops(
 
 
 async def test_replay_paths_are_confined_and_file_contents_never_echoed(
-    pipeline: PipelineFactory, nc: NATS, tmp_path: Path
+    pipeline: PipelineFactory, nc: NATS, tmp_path: Path, data: Path
 ) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
     outside = tmp_path / "outside.csv"
     outside.write_text("ts_ns,symbol,price,size\n1,A,1,1\n")
     (data / "link.csv").symlink_to(outside)

@@ -97,28 +97,20 @@ def test_unique_keys_load_as_the_safe_loader_does(data: dict[str, int]) -> None:
     assert load_yaml(text) == yaml.safe_load(text)
 
 
+def run(module: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m module args` in the checkout, its output captured."""
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
 def test_mdp_config_check_and_a_service_start_refuse_it(tmp_path: Path) -> None:
     text = SHIPPED[PROVIDERS_FILE] + "\nsynthetic:\n  enabled: false\n"
     problems_of(tmp_path, PROVIDERS_FILE, text)  # writes both files
     env = {**os.environ, "MDP_CONFIG_DIR": str(tmp_path), "MDP_NATS_URL": "nats://127.0.0.1:1"}
     expected = "duplicate key 'synthetic' (first at line "
-    check = subprocess.run(
-        [sys.executable, "-m", "mdp.cli", "config", "check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    check = run("mdp.cli", "config", "check", env=env)
     assert check.returncode == 1 and expected in check.stderr, check
     # The control service validates its files before it connects: a clean exit 2, no traceback.
-    service = subprocess.run(
-        [sys.executable, "-m", "services.control"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    service = run("services.control", env=env)
     assert service.returncode == 2 and expected in service.stderr, service
     assert "Traceback" not in service.stderr
