@@ -155,7 +155,7 @@ class StoreService:
             seq = stream_sequence(msg)
         for index, bar, reason in bad:
             # One dead letter per bar, so its id is the message's with the bar's place in it.
-            msg_id = f"{names.dead_letter_id(self.name, msg.subject, seq)}:bar{index}"
+            msg_id = names.dead_part_id(self.name, msg.subject, seq, index)
             body, headers = encode(bar), {names.CONTENT_TYPE: JSON}
             await dead_letter_payload(
                 self.ctx.publisher, self.name, msg.subject, body, headers, reason, "invalid_bar",

@@ -250,6 +250,11 @@ def dead_letter_id(service: str, subject: str, stream_seq: int) -> str:
     return f"dlq:{service}:{subject}:{stream_seq}"
 
 
+def dead_part_id(service: str, subject: str, stream_seq: int, index: int) -> str:
+    """One dead-lettered part (a bar of a batch) of a stream message; the rest went on."""
+    return f"{dead_letter_id(service, subject, stream_seq)}:part{index}"
+
+
 def late_tick_id(interval: str, symbol: str, seq: int, ts: int) -> str:
     """A tick dead-lettered as beyond the revise window of one interval."""
     return f"late:{interval}:{symbol}:{seq}:{ts}"

@@ -255,6 +255,12 @@ def test_a_second_system_on_one_data_dir_is_refused_and_replay_joins_it(workdir:
         )  # fmt: skip
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["jobs"][0]["provider"] == "synthetic"
+        outside = subprocess.run(
+            [sys.executable, "-m", "mdp.cli", "replay", str(SLICE)],
+            cwd=workdir, env=_env(), capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        # The joined system reads only inside its replay roots (its directory, its data dir).
+        assert outside.returncode == 1 and "path_not_allowed" in outside.stderr, outside.stderr
         local = workdir / SLICE.name
         local.write_bytes(SLICE.read_bytes())
         joined = subprocess.run(
