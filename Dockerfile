@@ -28,9 +28,11 @@ COPY README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY mdp ./mdp
-# --no-deps: they are all in the layer above already.
+# --no-deps: they are all in the layer above already. The ibkr adapter's client (ib_async,
+# from the extra) must import in the image.
 # hadolint ignore=DL3013
-RUN pip install --no-deps '.[ibkr]' && mdp service --help >/dev/null
+RUN pip install --no-deps '.[ibkr]' && mdp service --help >/dev/null \
+    && python -c "import ib_async, services.provider.adapters.ibkr.adapter"
 
 # --- runtime: the virtualenv, the configuration files, a non-root user ----------------------
 FROM python:3.11-slim

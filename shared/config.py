@@ -14,8 +14,9 @@ Environment overrides follow the YAML path, `__` between keys, upper case, value
     MDP_PROVIDERS__SYNTHETIC__PARAMS__RATE=500       data_providers.yaml: synthetic.params.rate
 
 A provider's `params:` are checked by its adapter's own `Params` model (`SyntheticAdapter.Params`,
-`ReplayAdapter.Params`), the very one that checks a job's params in control and in the adapter:
-the caller passes those models in (`params_models`), so this module needs no adapter.
+`ReplayAdapter.Params`, `IbkrAdapter.Params`), the very one that checks a job's params in control
+and in the adapter: the caller passes those models in (`params_models`), so this module needs no
+adapter.
 
 Settings of one process that do not belong in a shared file (ports, bearer tokens, timeouts) are
 sections of `shared.settings.Settings` (`MDP_CONTROL__*`, `MDP_STORE__*`).
@@ -100,17 +101,6 @@ class PacingSection(_Model):
     )
 
 
-class IbkrParams(_Model):
-    """Interactive Brokers TWS / Gateway connection (no adapter yet: the model lives here)."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(7497, ge=1, le=65535)
-    client_id: int = Field(17, ge=0)
-    market_data_type: Literal[1, 2, 3, 4] = Field(
-        1, description="1 live, 2 frozen, 3 delayed, 4 delayed frozen"
-    )
-
-
 class _ProviderBase(_Model):
     enabled: bool = True
     symbols: list[str] = []
@@ -132,10 +122,15 @@ class ReplayProvider(_ProviderBase):
 
 
 class IbkrProvider(_ProviderBase):
-    """`ibkr:` in data_providers.yaml."""
+    """`ibkr:` in data_providers.yaml; `params` are checked by the adapter's model (IbkrParams)."""
 
     enabled: bool = False
-    params: IbkrParams = IbkrParams()
+    params: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 7497,
+        "client_id": 17,
+        "market_data_type": "live",
+    }
     pacing: PacingSection | None = PacingSection()  # IB's limits; `pacing: null` lifts them
 
 

@@ -362,6 +362,7 @@ class ControlService:
                     provider_state.owner or UNSET,
                     provider_state.attempts or UNSET,
                     provider_state.next_attempt_ns or UNSET,
+                    UNSET if provider_state.feed is None else provider_state.feed,
                 )
             view = JobStatus(
                 **msgspec.structs.asdict(_job_view(spec)), state=state, provider_state=report

@@ -17,6 +17,7 @@ from typing import ClassVar, TypeVar
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 from structlog.typing import FilteringBoundLogger
@@ -33,9 +34,15 @@ from shared.config import EffectivePolicy, local_policy
 from shared.contract import names
 from shared.contract.codec import JSON, encode
 from shared.contract.control import JobSpec
-from shared.contract.events import Failed, Stopped
+from shared.contract.events import Failed, Refused, Stopped
 from shared.contract.messages import BadRow, EndOfStream, Tick, TickBatch
-from shared.contract.records import AdapterInfo, JobState, ProviderHost, ProviderState
+from shared.contract.records import (
+    AdapterInfo,
+    FeedStatus,
+    JobState,
+    ProviderHost,
+    ProviderState,
+)
 from shared.lease import Lease, LeaseLost
 from shared.runtime import Context
 from shared.settings import Settings
@@ -66,6 +73,32 @@ REJECTED_LINES_SHOWN = 10  # line numbers of rejected rows named in a `Stopped` 
 
 
 @dataclass
+class SinkStore:
+    """An adapter's small persistent store (KV `mdp_checkpoints`); an outage reads as a miss."""
+
+    kv: KeyValue
+    log: FilteringBoundLogger
+
+    async def get(self, key: str) -> bytes | None:
+        """The value under `key`, None when absent or unreadable."""
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None
+        except Exception as exc:  # a cache: the adapter asks its source instead
+            self.log.warning("store_read_failed", key=key, error=repr(exc))
+            return None
+        return entry.value or None
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Store `value` under `key`; a failure is logged (the adapter works without it)."""
+        try:
+            await self.kv.put(key, value)
+        except Exception as exc:
+            self.log.warning("store_write_failed", key=key, error=repr(exc))
+
+
+@dataclass
 class JobSink:
     """Where an adapter writes: per-symbol batching, then publication with deterministic ids."""
 
@@ -77,6 +110,10 @@ class JobSink:
     published_seq: dict[str, int] = field(default_factory=dict)
     attempts: int = 0  # retries of a live job since it last ran healthily
     pacer: Pacer = field(default_factory=unlimited)  # the provider's shared rate budget
+    store: SinkStore | None = None  # where a live adapter caches (ibkr: qualified contracts)
+    feed: FeedStatus | None = None  # a live adapter's latest report, in the job's state record
+    # What the source serves each symbol (`live`, `delayed`, ...), sent as a batch header.
+    market_data: dict[str, str] = field(default_factory=dict)
 
     async def put(self, symbol: str, ticks: list[Tick]) -> None:
         """Buffer ticks; publish every batch that became full."""
@@ -100,6 +137,9 @@ class JobSink:
         }
         if self.spec.dry_run:
             headers[names.DRY_RUN] = "1"
+        kind = self.market_data.get(symbol)
+        if kind:
+            headers[names.MARKET_DATA] = kind
         await ctx.publisher.publish(names.raw(self.spec.provider, symbol), body, headers)
         self.ticks += len(ticks)
         self.published_seq[symbol] = ticks[-1].seq
@@ -136,6 +176,25 @@ class JobSink:
         """Count one failure of the provider that the adapter saw (a pacing error: `"pacing"`)."""
         if self.on_failure is not None:
             await self.on_failure(kind)
+
+    def report(self, feed: FeedStatus) -> None:
+        """Keep the adapter's report on its feed; the job's next state record carries it."""
+        self.feed = feed
+
+    async def set_market_data(self, symbol: str, kind: str) -> None:
+        """From now on `symbol`'s ticks are of `kind`: what is buffered goes out as before."""
+        if self.market_data.get(symbol) == kind:
+            return
+        pending = self.batcher.pop(symbol)
+        if pending:
+            await self.publish(symbol, pending)
+        self.market_data[symbol] = kind
+
+    async def refuse(self, symbol: str, code: int, reason: str) -> None:
+        """Announce that the source refused `symbol` (an `ingest.events.refused` event)."""
+        spec = self.spec
+        event = Refused(time.time_ns(), spec.job, spec.run, spec.provider, symbol, code, reason)
+        await publish_event(self.ctx.publisher, event, event.event_id)
 
 
 @dataclass
@@ -395,7 +454,14 @@ class ProviderService:
             self.settings.provider.batch_max_ticks,
             self.settings.provider.batch_max_delay_ms * 1_000_000,
         )
-        sink = JobSink(self.ctx, spec, adapter.clock_rate, batcher, pacer=self.pacer(spec.provider))
+        sink = JobSink(
+            self.ctx,
+            spec,
+            adapter.clock_rate,
+            batcher,
+            pacer=self.pacer(spec.provider),
+            store=SinkStore(self.lease_kv, self.ctx.log),
+        )
         sink.on_failure = functools.partial(self._adapter_failure, spec)
         resume = dict(previous.resume) if previous is not None else {}
         sink.published_seq.update(resume)
@@ -680,6 +746,8 @@ class ProviderService:
         attempts: int = 0,
         next_attempt_ns: int = 0,
     ) -> None:
+        job = self.jobs.get(spec.job)
+        feed = job.sink.feed if job is not None and job.spec.run == spec.run else None
         record = ProviderState(
             spec.job,
             spec.run,
@@ -692,6 +760,7 @@ class ProviderService:
             self.instance,
             attempts,
             next_attempt_ns,
+            feed,
         )
         try:
             await self.state_kv.put(names.provider_state_key(spec.job), msgspec.json.encode(record))

@@ -9,7 +9,7 @@ from typing import Any
 
 from msgspec import UNSET, Struct, UnsetType
 
-from shared.contract.records import CircuitState, ProviderHost, StopRecord
+from shared.contract.records import CircuitState, FeedStatus, ProviderHost, StopRecord
 
 
 class StartRequest(Struct, forbid_unknown_fields=True):
@@ -91,6 +91,7 @@ class ProviderReport(Struct):
     owner: str | UnsetType = UNSET
     attempts: int | UnsetType = UNSET
     next_attempt_ns: int | UnsetType = UNSET
+    feed: FeedStatus | UnsetType = UNSET  # a live feed's connection report (ibkr)
 
 
 class JobStatus(JobView, kw_only=True):

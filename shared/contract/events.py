@@ -125,6 +125,27 @@ class Gap(Struct, frozen=True, omit_defaults=True):
         return names.gap_id(self.symbol, self.since_ns, self.state)
 
 
+class Refused(Struct, frozen=True, omit_defaults=True):
+    """A live source refused one symbol of a job; the job's other symbols go on.
+
+    `code` is the source's own (Interactive Brokers: 200 no security definition, 354 not
+    subscribed, 101 too many tickers, ...; 0 for a symbol that does not parse).
+    """
+
+    ts: int
+    job: str
+    run: str
+    provider: str
+    symbol: str
+    code: int
+    reason: str
+
+    @property
+    def event_id(self) -> str:
+        """A deterministic `Nats-Msg-Id`: one per run, symbol and code."""
+        return names.refused_id(self.run, self.symbol, self.code)
+
+
 class Suppressed(Struct):
     """The aggregator kept a batch of `bars` bars from the store (dry run, disabled path)."""
 
@@ -135,7 +156,18 @@ class Suppressed(Struct):
 # `completed`: every bar of a symbol's bounded run is stored; the body is its EndOfStream.
 Completed = EndOfStream
 
-Event = Started | Stopped | Failed | Reloaded | Failover | Circuit | Gap | Suppressed | Completed
+Event = (
+    Started
+    | Stopped
+    | Failed
+    | Reloaded
+    | Failover
+    | Circuit
+    | Gap
+    | Suppressed
+    | Completed
+    | Refused
+)
 
 EVENT_NAMES: dict[type[Event], str] = {
     Started: "started",
@@ -147,6 +179,7 @@ EVENT_NAMES: dict[type[Event], str] = {
     Gap: "gap",
     Suppressed: "suppressed",
     Completed: "completed",
+    Refused: "refused",
 }
 _DECODERS = {name: msgspec.json.Decoder(typ) for typ, name in EVENT_NAMES.items()}
 _encoder = msgspec.json.Encoder()

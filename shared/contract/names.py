@@ -134,8 +134,11 @@ PRODUCER = "Mdp-Producer"  # which process instance published a bar
 # The seqs of a batch's ticks the router dead-lettered (comma-separated): the aggregator counts
 # them as delivered, so a bounded run still completes.
 REJECTED_SEQS = "Mdp-Rejected-Seqs"
+# What a live source serves a batch's symbol (`live`, `frozen`, `delayed`, `delayed_frozen`): a
+# batch never mixes two, so delayed data is never taken for live (the ibkr adapter sets it).
+MARKET_DATA = "Mdp-Market-Data"
 # Carried from md.raw to md.quotes by the router, unchanged.
-FORWARDED = (CLOCK_RATE, END_OF_STREAM, RUN, DRY_RUN)
+FORWARDED = (CLOCK_RATE, END_OF_STREAM, RUN, DRY_RUN, MARKET_DATA)
 
 # ---------------------------------------------------------------------------------------------
 # Streams, KV buckets and keys
@@ -196,6 +199,14 @@ def lease_key(durable: str) -> str:
     return f"lease.{durable}"
 
 
+IBKR_CONTRACT_PREFIX = "ibkr.contract."  # KV_CHECKPOINTS: one IbkrContract per symbol
+
+
+def ibkr_contract_key(symbol: str) -> str:
+    """KV_CHECKPOINTS key of a symbol's qualified Interactive Brokers contract (IbkrContract)."""
+    return IBKR_CONTRACT_PREFIX + escape_symbol(symbol)
+
+
 def rate_key(provider: str) -> str:
     """KV_CHECKPOINTS key of a provider's shared pacing budget (a RateRecord)."""
     return f"rate.{_check_name('provider', provider)}"
@@ -238,6 +249,11 @@ def completed_id(run: str, symbol: str) -> str:
 def circuit_event_id(provider: str, revision: int, index: int) -> str:
     """A circuit event: the `index`-th transition stored by KV revision `revision` of its key."""
     return f"circuit:{provider}:{revision}:{index}"
+
+
+def refused_id(run: str, symbol: str, code: int) -> str:
+    """A symbol a live source refused, once per run, symbol and code."""
+    return f"refused:{run}:{escape_symbol(symbol)}:{code}"
 
 
 def gap_id(symbol: str, since_ns: int, state: str) -> str:

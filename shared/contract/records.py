@@ -31,6 +31,78 @@ class ProviderState(Struct, omit_defaults=True):
     owner: str = ""  # the provider process (its instance) that runs the job
     attempts: int = 0  # retries of a live job since it last ran healthily
     next_attempt_ns: int = 0  # while `retrying`: when the next attempt starts
+    feed: FeedStatus | None = None  # a live feed's own report (the ibkr adapter's connection)
+
+
+FeedConnection = Literal["connecting", "connected", "degraded", "disconnected"]
+SymbolFeedState = Literal["qualifying", "subscribing", "live", "stale", "refused"]
+
+
+class SymbolFeed(Struct, omit_defaults=True):
+    """One symbol of a live feed: its state, data type, tick age and recoveries.
+
+    `market_data` is what the gateway serves it (`live`, `frozen`, `delayed`,
+    `delayed_frozen`); `age_s` the seconds since its last tick as of the report's `updated_ns`
+    (absent before the first tick); `gaps` the silences the feed detected and recovered from,
+    `last_gap_s` the length of the latest; `reason` why it is refused or stale.
+    """
+
+    state: SymbolFeedState
+    market_data: str = ""
+    last_tick_ns: int = 0
+    age_s: float | None = None
+    ticks: int = 0
+    resubscriptions: int = 0
+    gaps: int = 0
+    last_gap_s: float | None = None
+    reason: str | None = None
+    code: int | None = None  # the gateway's error code behind `reason`, if any
+
+
+class FeedStatus(Struct, omit_defaults=True):
+    """A live feed's report on its connection (`ProviderState.feed`, shown in `status`).
+
+    `market_data_type` is the type requested; a symbol the gateway serves otherwise says so in
+    its own `market_data`. `last_error_code` / `last_error` are the gateway's latest error.
+    """
+
+    connection: FeedConnection
+    updated_ns: int
+    host: str = ""
+    port: int = 0
+    client_id: int = 0
+    server_version: int = 0
+    market_data_type: str = ""
+    connected_since_ns: int = 0
+    reconnects: int = 0
+    resubscriptions: int = 0
+    data_stopped: int = 0  # silences the watchdog detected
+    last_error_code: int | None = None
+    last_error: str | None = None
+    degraded: list[str] = []  # why the feed is degraded (1100, 2103, ...), empty when healthy
+    symbols: dict[str, SymbolFeed] = {}
+
+
+class IbkrContract(Struct, omit_defaults=True):
+    """A qualified Interactive Brokers contract, cached (`mdp_checkpoints`, `ibkr.contract.<sym>`).
+
+    Written once a symbol qualifies, so a restarted provider does not ask the gateway again;
+    `spec` is the symbol as the job names it, `qualified_ns` when the gateway confirmed it.
+    """
+
+    spec: str
+    con_id: int
+    symbol: str
+    sec_type: str
+    exchange: str
+    currency: str
+    qualified_ns: int
+    primary_exchange: str = ""
+    local_symbol: str = ""
+    trading_class: str = ""
+    last_trade_date: str = ""
+    multiplier: str = ""
+    time_zone: str = ""
 
 
 class StopRecord(Struct):

@@ -289,6 +289,7 @@ class FakeGateway:
         self._ids_in_use: set[int] = set()
         self._state: dict[int, dict[str, float]] = {}
         self._unanswered: set[int] = set()
+        self._dead: set[tuple[int, SubKind, int]] = set()  # (conn, kind, reqId): streams that died
 
     # lifecycle
 
@@ -472,6 +473,21 @@ class FakeGateway:
     def unsilence(self, key: str) -> None:
         """Undo ``silence``."""
         self._silenced.discard(self.contract(key).key)
+
+    def kill_streams(self, key: str | None = None) -> int:
+        """The open subscriptions (of one contract, or all) die silently: no ticks, no error.
+
+        The socket and the subscriptions stay up, as after a farm flap; a new request for the
+        same contract (a resubscription) is served again. Returns how many died.
+        """
+        con_id = None if key is None else self.contract(key).con_id
+        killed = 0
+        for conn in self._ready(None):
+            for sub in conn.subs.values():
+                if con_id is None or sub.con_id == con_id:
+                    self._dead.add((conn.conn_id, sub.kind, sub.req_id))
+                    killed += 1
+        return killed
 
     def stop_ticks(self) -> None:
         """Stop all ticks (``send_tick`` and friends deliver nothing); sockets stay up."""
@@ -962,7 +978,9 @@ class FakeGateway:
             (conn, sub)
             for conn in self._ready(None)
             for sub in conn.subs.values()
-            if sub.kind == kind and sub.con_id == contract.con_id
+            if sub.kind == kind
+            and sub.con_id == contract.con_id
+            and (conn.conn_id, sub.kind, sub.req_id) not in self._dead
         ]
 
     def _tick_messages(

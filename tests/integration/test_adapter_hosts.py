@@ -160,7 +160,7 @@ def test_an_unknown_adapter_refuses_to_start_the_provider() -> None:
         cwd=REPO,
     )
     assert result.returncode == 2
-    assert "unknown adapter 'nope' (registered: replay, synthetic" in result.stderr
+    assert "unknown adapter 'nope' (registered: ibkr, replay, synthetic" in result.stderr
 
 
 async def test_a_failing_live_job_retries_with_backoff_and_resumes(hosts_system: System) -> None:

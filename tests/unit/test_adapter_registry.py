@@ -68,8 +68,8 @@ def test_a_process_hosts_what_it_is_told() -> None:
     registry = load_adapters()
     assert set(resolve_hosted([], registry)) == set(registry)
     assert set(resolve_hosted(["synthetic"], registry)) == {"synthetic"}
-    with pytest.raises(AdapterError, match=r"unknown adapter 'ibkr' \(registered: .*synthetic"):
-        resolve_hosted(["synthetic", "ibkr"], registry)
+    with pytest.raises(AdapterError, match=r"unknown adapter 'polygon' \(registered: .*synthetic"):
+        resolve_hosted(["synthetic", "polygon"], registry)
 
 
 def test_a_module_class_spec_is_loaded_by_its_name() -> None:

@@ -24,6 +24,7 @@ from services.provider.adapters.base import (
     get_adapter,
     load_adapters,
 )
+from services.provider.adapters.ibkr.adapter import IbkrAdapter
 from services.provider.adapters.replay import MAX_BAD_ROWS, ReplayAdapter
 from services.provider.adapters.synthetic import SyntheticAdapter
 from services.provider.batching import TickBatcher
@@ -118,7 +119,7 @@ def test_registry_falls_back_to_builtins_without_metadata(
 ) -> None:
     monkeypatch.setattr(base.metadata, "entry_points", lambda **_: metadata.EntryPoints(()))
     adapters = load_adapters()
-    assert adapters == {"synthetic": SyntheticAdapter, "replay": ReplayAdapter}
+    assert adapters == {"synthetic": SyntheticAdapter, "replay": ReplayAdapter, "ibkr": IbkrAdapter}
 
 
 def test_a_broken_plugin_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,7 +130,7 @@ def test_a_broken_plugin_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch) 
     )
     errors: dict[str, str] = {}
     adapters = load_adapters(errors)
-    assert set(adapters) == {"synthetic", "replay"}
+    assert set(adapters) == {"synthetic", "replay", "ibkr"}
     assert "no_such_module_xyz" in errors["ghost"]
     assert "not an adapter class" in errors["fn"]
 

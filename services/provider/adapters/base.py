@@ -22,9 +22,10 @@ from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from shared.breaker import FailureKind
 from shared.contract.control import JobSpec
 from shared.contract.messages import Tick
-from shared.contract.records import AdapterInfo
+from shared.contract.records import AdapterInfo, FeedStatus
 from shared.version import VERSION
 
 ENTRY_POINT_GROUP = "mdp.adapters"
@@ -34,6 +35,7 @@ ENTRY_POINT_GROUP = "mdp.adapters"
 BUILTIN_ADAPTERS: dict[str, str] = {
     "synthetic": "services.provider.adapters.synthetic:SyntheticAdapter",
     "replay": "services.provider.adapters.replay:ReplayAdapter",
+    "ibkr": "services.provider.adapters.ibkr.adapter:IbkrAdapter",
 }
 
 log = structlog.get_logger(__name__)
@@ -83,6 +85,47 @@ class TickSink(Protocol):
         self, symbols: Sequence[str], ticks_per_symbol: Mapping[str, int]
     ) -> None:
         """Called once by a bounded source after its last `put`."""
+        ...
+
+
+class Store(Protocol):
+    """A small persistent key-value store a live adapter may cache in (keys: KV key syntax)."""
+
+    async def get(self, key: str) -> bytes | None:
+        """The value under `key`, None when absent (or unreadable: it is a cache)."""
+        ...
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Store `value` under `key` (best effort)."""
+        ...
+
+
+@runtime_checkable
+class FeedSink(TickSink, Protocol):
+    """What the provider's sink offers a live feed beyond ticks (`JobSink`); all optional.
+
+    An adapter checks `isinstance(sink, FeedSink)` and works without these when it is not.
+    """
+
+    @property
+    def store(self) -> Store | None:
+        """Where to cache what is costly to ask the source again (None: nowhere)."""
+        ...
+
+    async def failure(self, kind: FailureKind) -> None:
+        """Count one failure the adapter survived against the provider's circuit breaker."""
+        ...
+
+    def report(self, feed: FeedStatus) -> None:
+        """The feed's state for `status` (kept; written with the job's next state record)."""
+        ...
+
+    async def set_market_data(self, symbol: str, kind: str) -> None:
+        """Mark `symbol`'s next ticks as `kind` data (`live`, `delayed`, ...): a batch header."""
+        ...
+
+    async def refuse(self, symbol: str, code: int, reason: str) -> None:
+        """Announce that the source refused `symbol` (the job's others go on)."""
         ...
 
 

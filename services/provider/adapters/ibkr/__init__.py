@@ -1,0 +1,1 @@
+"""The `ibkr` adapter: Interactive Brokers TWS / IB Gateway through ib_async."""
