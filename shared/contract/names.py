@@ -73,6 +73,11 @@ def bars(interval: str, symbol: str) -> str:
     return f"md.bars.{_check_name('interval', interval)}.{escape_symbol(symbol)}"
 
 
+def bars_of(interval: str) -> str:
+    """`md.bars.<interval>.*`: every symbol's bars of one interval (for subscribers)."""
+    return f"md.bars.{_check_name('interval', interval)}.*"
+
+
 def dlq(service: str) -> str:
     """`md.dlq.<service>`: rejected messages with reason headers."""
     return f"md.dlq.{_check_name('service', service)}"
