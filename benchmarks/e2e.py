@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -83,7 +84,9 @@ async def run(path: Path, repeat: int) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix="mdp-bench-"))
     store_url = f"sqlite:///{workdir / 'bench.db'}"
     # No NATS URL: the supervisor runs its own server beside the services, as `mdp up` does.
-    sup = Supervisor(data_dir=workdir, store_url=store_url, env={"MDP_LOG_LEVEL": "WARNING"})
+    roots = os.path.dirname(os.path.abspath(path))  # noqa: ASYNC240 (no I/O)
+    env = {"MDP_LOG_LEVEL": "WARNING", "MDP_REPLAY__ROOTS": roots}
+    sup = Supervisor(data_dir=workdir, store_url=store_url, env=env)
     results: dict[str, object] = {"file": str(path)}
     try:
         sup.start()

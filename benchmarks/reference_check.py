@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -49,7 +50,9 @@ async def check(data: Path, stems: list[str], speed: str) -> list[dict[str, Any]
     workdir = Path(tempfile.mkdtemp(prefix="mdp-refcheck-"))
     store_url = f"sqlite:///{workdir / 'bars.db'}"
     # No NATS URL: the supervisor runs its own server beside the services, as `mdp up` does.
-    sup = Supervisor(data_dir=workdir, store_url=store_url, env={"MDP_LOG_LEVEL": "WARNING"})
+    roots = os.path.abspath(data)  # noqa: ASYNC240 (no I/O)
+    env = {"MDP_LOG_LEVEL": "WARNING", "MDP_REPLAY__ROOTS": roots}
+    sup = Supervisor(data_dir=workdir, store_url=store_url, env=env)
     rows: list[dict[str, Any]] = []
     try:
         sup.start()

@@ -20,23 +20,42 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from mdp.supervisor import Supervisor, scrape
+from mdp.supervisor import DataDirBusy, Supervisor, running_system, scrape
 from services.registry import SERVICES
 from shared.contract import names
 from shared.contract.events import Failed, Stopped, decode_event
 from shared.contract.messages import EndOfStream
+from shared.contract.names import dlq
 from shared.logging import configure_logging
 
 DEFAULT_SYMBOLS = "AAPL,MSFT,BRK.B,BTC/USD"
 
 
 class CliError(Exception):
-    """A failure to report in one line and exit 1."""
+    """A failure to report in one line and exit with `code` (1 unless said otherwise)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nats", help="NATS URL (env MDP_NATS_URL); default: embedded server")
-    parser.add_argument("--store", help="sqlite:///PATH or postgresql://... (env MDP_STORE_URL)")
+    parser.add_argument(
+        "--nats",
+        help="NATS URL (env MDP_NATS_URL); default: the server of the system `mdp up` runs "
+        "on --data-dir, else (up, replay) a new embedded one",
+    )
+    parser.add_argument(
+        "--store",
+        help="sqlite:///PATH or postgresql://... (env MDP_STORE_URL); default: the running "
+        "system's, else sqlite:///DATA_DIR/mdp.db",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("MDP_DATA_DIR", "var")),
+        help="where `mdp up` keeps its state and records its URLs (env MDP_DATA_DIR; ./var)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--provider", default="synthetic", help="provider to start (default synthetic)")
     up.add_argument("--symbols", default=DEFAULT_SYMBOLS, help="comma-separated symbols")
     up.add_argument("--rate", type=float, default=200, help="synthetic ticks/s per symbol")
-    up.add_argument("--data-dir", type=Path, default=Path("var"), help="state directory (./var)")
 
     service = sub.add_parser("service", help="run one service in the foreground")
     _common(service)
@@ -65,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     _common(replay)
     replay.add_argument("file", type=Path)
     replay.add_argument("--speed", default="max", help="'max' (default) or a factor (1 = real)")
-    replay.add_argument("--data-dir", type=Path, default=Path("var"))
     replay.add_argument("--timeout", type=float, default=0, help="give up after S seconds")
 
     bars = sub.add_parser("bars", help="read stored bars")
@@ -103,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate data_providers.yaml and ingestion_policy.yaml with their MDP_* overrides",
     )
     check.add_argument("--config-dir", type=Path, help="default: $MDP_CONFIG_DIR, else ./configs")
+
+    schema = sub.add_parser("schema", help="write the AsyncAPI document and JSON Schemas")
+    schema.add_argument("--out", type=Path, default=Path("."), help="writes OUT/docs/... (.)")
+    schema.add_argument(
+        "--check", action="store_true", help="exit 1 if the files under OUT differ instead"
+    )
     return parser
 
 
@@ -119,35 +142,65 @@ def _apply_overrides(args: argparse.Namespace) -> None:
         os.environ["MDP_PROVIDER__ADAPTERS"] = args.adapters
 
 
-def _nats_url() -> str:
+def _nats_url(data_dir: Path) -> str:
+    """--nats or MDP_NATS_URL, else the server of the system running on `data_dir`."""
     url = os.environ.get("MDP_NATS_URL")
-    if not url:
-        raise CliError("no NATS server: pass --nats URL or set MDP_NATS_URL")
-    return url
+    if url:
+        return url
+    running = running_system(data_dir)
+    if running is None:
+        raise CliError(
+            f"no NATS server: pass --nats URL, set MDP_NATS_URL, or run `mdp up` "
+            f"(nothing runs on {data_dir}/; --data-dir says where to look)"
+        )
+    return running.nats_url
 
 
-CONNECT_TIMEOUT_S = 10.0
+def _store_url(data_dir: Path) -> str:
+    """--store or MDP_STORE_URL, else the running system's store, else DATA_DIR/mdp.db."""
+    url = os.environ.get("MDP_STORE_URL")
+    if url:
+        return url
+    running = running_system(data_dir)
+    return running.store_url if running else f"sqlite:///{data_dir / 'mdp.db'}"
+
+
+CONNECT_TIMEOUT_S = 5.0
 
 
 async def _connect(url: str) -> NATS:
     """Connect, reconnecting later without limit; an unreachable server fails in seconds."""
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)  # said once in the CliError, not as a traceback per attempt
+
     try:
         return await asyncio.wait_for(
-            nats.connect(url.split(","), max_reconnect_attempts=-1, connect_timeout=3),
+            nats.connect(
+                url.split(","), max_reconnect_attempts=-1, connect_timeout=2, error_cb=on_error
+            ),
             CONNECT_TIMEOUT_S,
         )
     except TimeoutError:
+        last = f" (last error: {_reason(errors[-1])})" if errors else ""
         raise CliError(
-            f"cannot connect to NATS at {url} within {CONNECT_TIMEOUT_S:g} s: is it running?"
+            f"cannot connect to NATS at {url} within {CONNECT_TIMEOUT_S:g} s{last}: is it running?"
         ) from None
     except Exception as exc:
-        raise CliError(f"cannot connect to NATS at {url}: {exc}") from None
+        raise CliError(f"cannot connect to NATS at {url}: {_reason(exc)}") from None
 
 
-async def control_request(nc: NATS, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+async def control_request(
+    nc: NATS, verb: str, body: dict[str, Any], timeout: float = 10
+) -> dict[str, Any]:
     """Send one `ingest.control.<verb>` request and return the decoded reply."""
     try:
-        msg = await nc.request(names.control(verb), msgspec.json.encode(body), timeout=10)
+        msg = await nc.request(names.control(verb), msgspec.json.encode(body), timeout=timeout)
     except Exception as exc:
         raise CliError(
             f"no reply on {names.control(verb)} ({type(exc).__name__}): is the control "
@@ -183,11 +236,11 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
         body = {"job": args.job, "reason": args.reason}
     elif args.verb == "reset":
         body = {"provider": args.provider}
-    nc = await _connect(_nats_url())
+    nc = await _connect(_nats_url(args.data_dir))
     try:
         reply = await control_request(nc, args.verb, body)
     finally:
-        await nc.close()
+        await _close(nc)
     # The reply as JSON on stdout (for scripts), a one-glance summary on stderr (for people).
     print(json.dumps(reply, indent=2, sort_keys=True))
     if not reply.get("ok"):
@@ -262,23 +315,53 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """`mdp schema`: (re)write docs/asyncapi.yaml and docs/schemas.json, or check them."""
+    from mdp.schema import stale, write
+
+    if args.check:
+        drifted = stale(args.out)
+        for path in drifted:
+            print(f"mdp: {path} differs from the structs: run `mdp schema`", file=sys.stderr)
+        return 1 if drifted else 0
+    for path in write(args.out):
+        print(path)
+    return 0
+
+
 async def cmd_bars_export(args: argparse.Namespace) -> int:
     """`mdp bars export`: CSV of the stored bars on stdout."""
     from services.store.writers import export_csv, read_bars
-    from shared.settings import Settings
 
-    bars = await read_bars(Settings().store_url, symbol=args.symbol, interval=args.interval)
+    url = _store_url(args.data_dir)
+    if url.startswith("sqlite:"):
+        path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
+        if not path.is_file():  # noqa: ASYNC240 (one stat before any I/O starts)
+            raise CliError(f"no store at {url}: nothing was stored there (--store, --data-dir)")
+    try:
+        bars = await read_bars(url, symbol=args.symbol, interval=args.interval)
+    except Exception as exc:
+        raise CliError(f"cannot read bars from {url}: {exc}") from None
     export_csv(bars, sys.stdout)
     return 0
 
 
-def _supervisor(data_dir: Path) -> Supervisor:
+def _supervisor(data_dir: Path, env: dict[str, str] | None = None) -> Supervisor:
     store = os.environ.get("MDP_STORE_URL") or f"sqlite:///{data_dir / 'mdp.db'}"
     return Supervisor(
         data_dir=data_dir,
         store_url=store,
         nats_url=os.environ.get("MDP_NATS_URL") or None,
+        env=env or {},
         say=lambda line: print(line, file=sys.stderr, flush=True),
+        die_with_parent=True,
+    )
+
+
+def _refuse_busy(exc: DataDirBusy, data_dir: Path) -> CliError:
+    return CliError(
+        f"{exc}: stop it first, or pass another --data-dir (`mdp ingest status "
+        f"--data-dir {data_dir}` talks to it)"
     )
 
 
@@ -309,20 +392,45 @@ class Progress:
         )
 
 
+class Interrupt:
+    """SIGINT/SIGTERM during a command: cancel it (its `finally` stops what it started), or,
+    while a command has set `gentle`, set that event so it can wind down in its own way."""
+
+    def __init__(self, task: asyncio.Task[int]) -> None:
+        self.task = task
+        self.signal = 0
+        self.gentle: asyncio.Event | None = None
+
+    def __call__(self, sig: int) -> None:
+        """The signal handler."""
+        first = not self.signal
+        self.signal = sig
+        if first and self.gentle is not None:
+            self.gentle.set()
+        else:  # a second signal never waits for the gentle path
+            self.task.cancel()
+
+
 async def cmd_up(args: argparse.Namespace) -> int:
     """`mdp up`: embedded NATS, every service, the synthetic provider, a live progress line."""
+    busy = running_system(args.data_dir)
+    if busy is not None and not os.environ.get("MDP_NATS_URL"):
+        raise _refuse_busy(DataDirBusy(args.data_dir, busy), args.data_dir)
     sup = _supervisor(args.data_dir)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        url = sup.start_nats()
+        try:
+            url = sup.start_nats()
+        except DataDirBusy as exc:  # lost a race with another `mdp up`
+            raise _refuse_busy(exc, args.data_dir) from None
         print(f"nats: {url} (store: {sup.store_url}, logs: {sup.log_dir})", file=sys.stderr)
         for name in sup.services:
             sup.spawn(name)
         await sup.wait_ready()
         nc = await _connect(url)
+        control_url = await sup.record_control_url(nc)
+        if control_url:
+            print(f"control: {control_url} (recorded in {args.data_dir}/)", file=sys.stderr)
         symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
         params = {"rate": args.rate} if args.provider == "synthetic" else {}
         reply = await control_request(
@@ -331,6 +439,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         if not reply.get("ok"):
             raise CliError(f"start refused: {reply.get('error')}")
         print(f"started {args.provider} for {', '.join(symbols)}; Ctrl-C stops", file=sys.stderr)
+        args.interrupt.gentle = stop  # from here a signal stops the job, then the system
         deadline = time.monotonic() + args.duration if args.duration > 0 else None
         progress = Progress()
         tty = sys.stdout.isatty()
@@ -347,7 +456,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         with contextlib.suppress(CliError):
             await control_request(nc, "stop", {"reason": "operator_request"})
         print("\n" + await progress.line(nc), flush=True)
-        await nc.close()
+        await _close(nc)
     finally:
         codes = sup.stop()
     failed = {name: code for name, code in codes.items() if code != 0}
@@ -359,14 +468,16 @@ async def cmd_up(args: argparse.Namespace) -> int:
 
 
 async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> dict[str, Any]:
-    """Start a replay job and wait until the store reports every symbol of it committed."""
+    """Start a replay job; wait until the store has committed every symbol of it and the
+    provider has said how it ended (`ticks`, `symbols`, `rejected_rows`, `rejected_lines`)."""
     completed: dict[str, int] = {}
     outcome: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     run = ""
     expected = -1
+    ended: Stopped | None = None
 
     async def on_event(msg: Msg) -> None:
-        nonlocal expected
+        nonlocal expected, ended
         if outcome.done():
             return
         try:
@@ -380,12 +491,21 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
             case Failed(run=r, error=error) if r == run:
                 outcome.set_exception(CliError(f"replay failed: {error}"))
                 return
-            case Stopped(run=r, reason="completed", ticks=ticks) if r == run and not ticks:
-                expected = 0
+            case Stopped(run=r, reason="completed") if r == run:
+                ended = event
+                if not event.ticks:
+                    expected = 0
             case _:
                 return
-        if expected >= 0 and len(completed) >= expected:
-            outcome.set_result({"symbols": len(completed), "ticks": sum(completed.values())})
+        if ended is not None and expected >= 0 and len(completed) >= expected:
+            outcome.set_result(
+                {
+                    "symbols": len(completed),
+                    "ticks": sum(completed.values()),
+                    "rejected_rows": ended.rejected_rows or 0,
+                    "rejected_lines": ended.rejected_lines or [],
+                }
+            )
 
     absolute = os.path.abspath(path)  # noqa: ASYNC240 (no I/O; the provider has its own cwd)
     # An ordered JetStream consumer, not a core subscription: an event published while this
@@ -413,14 +533,49 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
             error = reply.get("error", {})
             raise CliError(f"replay refused ({error.get('code')}): {error.get('message')}")
         run = reply["job"]["run"]
-        result = await asyncio.wait_for(outcome, timeout=timeout or None)
+        result = await _while_connected(nc, outcome, timeout)
         result["seconds"] = time.perf_counter() - started
         result["job"] = job
         return result
     finally:
-        await sub.unsubscribe()
-        with contextlib.suppress(CliError):
-            await control_request(nc, "stop", {"job": job, "reason": "replay_done"})
+        # Bounded: on a signal or a lost server the command must still end in seconds.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(sub.unsubscribe(), 2)
+        if nc.is_connected:
+            with contextlib.suppress(CliError):
+                await control_request(nc, "stop", {"job": job, "reason": "replay_done"}, 2)
+
+
+LOST_AFTER_S = 10.0
+
+
+async def _while_connected(
+    nc: NATS, outcome: asyncio.Future[dict[str, Any]], timeout: float
+) -> dict[str, Any]:
+    """`outcome`, unless `timeout` passes (TimeoutError) or NATS stays away `LOST_AFTER_S`."""
+    deadline = time.monotonic() + timeout if timeout else None
+    away_since: float | None = None
+    while True:
+        done, _ = await asyncio.wait({outcome}, timeout=0.5)
+        if done:
+            return outcome.result()
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            outcome.cancel()
+            raise TimeoutError
+        away_since = None if nc.is_connected else (away_since or now)
+        if away_since is not None and now - away_since >= LOST_AFTER_S:
+            outcome.cancel()
+            raise CliError(
+                f"lost the NATS server for {LOST_AFTER_S:g} s: did the system stop? "
+                "(the replay may be incomplete)"
+            )
+
+
+async def _close(nc: NATS) -> None:
+    """Close a connection in bounded time, whatever state it is in."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), 5)
 
 
 def _speed(value: str) -> str | float:
@@ -436,32 +591,64 @@ def _speed(value: str) -> str | float:
 
 
 async def cmd_replay(args: argparse.Namespace) -> int:
-    """`mdp replay FILE`: returns once every bar of the file is stored."""
+    """`mdp replay FILE`: returns once every bar of the file is stored; exit 3 if rows were
+    rejected (each dead-lettered with its reason), 1 if nothing could be replayed."""
     if not args.file.is_file():
         raise CliError(f"{args.file}: no such file")
+    if args.file.stat().st_size == 0:
+        raise CliError(f"{args.file}: the file is empty")
     speed = _speed(args.speed)
     sup = None
-    if not os.environ.get("MDP_NATS_URL"):
-        sup = _supervisor(args.data_dir)
-        sup.start()
-        await sup.wait_ready()
+    url = os.environ.get("MDP_NATS_URL")
+    running = None if url else running_system(args.data_dir)
+    if running is not None:
+        url = running.nats_url  # join the system `mdp up` runs here, never a second server
+        print(f"replaying into the system running on {args.data_dir}/ ({url})", file=sys.stderr)
+    elif not url:
+        # Its own embedded system may always read FILE, wherever it lies.
+        sup = _supervisor(args.data_dir, {"MDP_REPLAY__ROOTS": str(args.file.resolve().parent)})
     try:
-        nc = await _connect(sup.nats_url if sup else _nats_url())  # type: ignore[arg-type]
+        if sup is not None:
+            try:
+                url = sup.start_nats()
+            except DataDirBusy as exc:
+                raise _refuse_busy(exc, args.data_dir) from None
+            for name in sup.services:
+                sup.spawn(name)
+            await sup.wait_ready()
+        assert url
+        nc = await _connect(url)
         try:
             result = await replay_file(nc, args.file, str(speed), args.timeout)
         except TimeoutError:
             raise CliError(f"replay did not complete within {args.timeout} s") from None
         finally:
-            await nc.close()
+            await _close(nc)
     finally:
         if sup is not None:
             sup.stop()
+    return _replay_report(args.file, result)
+
+
+def _replay_report(path: Path, result: dict[str, Any]) -> int:
     rate = result["ticks"] / result["seconds"] if result["seconds"] else 0.0
+    rejected, lines = result["rejected_rows"], result["rejected_lines"]
+    if not result["ticks"]:
+        what = f"every one of its {rejected:,} rows was rejected" if rejected else "no rows"
+        raise CliError(f"{path}: nothing to replay ({what})", 3 if rejected else 1)
     print(
         f"replayed {result['ticks']:,} ticks of {result['symbols']} symbols in "
         f"{result['seconds']:.2f} s ({rate:,.0f} ticks/s); every bar is stored"
     )
-    return 0
+    if not rejected:
+        return 0
+    shown = ", ".join(str(n) for n in lines) + (", ..." if rejected > len(lines) else "")
+    print(
+        f"mdp: {rejected:,} row(s) rejected (lines {shown}); each is on {dlq('provider')} "
+        "with its reason",
+        file=sys.stderr,
+    )
+    return 3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -470,6 +657,8 @@ def main(argv: list[str] | None = None) -> None:
     _apply_overrides(args)
     if args.command == "config":
         sys.exit(cmd_config_check(args))
+    if args.command == "schema":
+        sys.exit(cmd_schema(args))
     if args.command == "service":
         from services.registry import service_factory
         from shared.runtime import main as run_service
@@ -481,13 +670,30 @@ def main(argv: list[str] | None = None) -> None:
     handlers = {"up": cmd_up, "replay": cmd_replay, "ingest": cmd_ingest}
     handler = cmd_bars_export if args.command == "bars" else handlers[args.command]
     try:
-        code = asyncio.run(handler(args))
+        code = asyncio.run(_interruptible(handler, args))
     except CliError as exc:
         print(f"mdp: {exc}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        code = 130
+        code = exc.code
     sys.exit(code)
+
+
+async def _interruptible(handler: Any, args: argparse.Namespace) -> int:
+    """Run a command; SIGINT/SIGTERM cancel it (or stop it gently) and give 128 + signal."""
+    task: asyncio.Task[int] = asyncio.ensure_future(handler(args))
+    args.interrupt = interrupt = Interrupt(task)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt, sig)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not interrupt.signal:
+            raise
+        print(f"mdp: stopped by {signal.Signals(interrupt.signal).name}", file=sys.stderr)
+        return 128 + interrupt.signal
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 if __name__ == "__main__":

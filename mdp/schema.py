@@ -30,11 +30,11 @@ MESSAGES: dict[str, type[Any]] = {
     "BadRow": messages.BadRow,
 }
 EVENTS: dict[str, type[Any]] = {name: typ for typ, name in events.EVENT_NAMES.items()}
-REQUESTS: dict[str, tuple[type[Any] | None, type[Any]]] = {
+REQUESTS: dict[str, tuple[type[Any], type[Any]]] = {
     "start": (control.StartRequest, control.StartReply),
     "stop": (control.StopRequest, control.StopReply),
-    "status": (None, control.StatusReply),
-    "reload": (None, control.ReloadReply),
+    "status": (control.StatusRequest, control.StatusReply),
+    "reload": (control.ReloadRequest, control.ReloadReply),
     "reset": (control.ResetRequest, control.ResetReply),
 }
 RECORDS: dict[str, type[Any]] = {
@@ -194,10 +194,7 @@ def asyncapi() -> dict[str, Any]:
             "channel": {"$ref": f"#/channels/{channel}"},
             "reply": {"channel": {"$ref": f"#/channels/{channel}_reply"}},
         }
-        if request is not None:
-            component_messages[request_name] = _message(request_name, f"`{verb}` request")
-        else:
-            component_messages[request_name] = {"name": "Empty", "summary": "any body, ignored"}
+        component_messages[request_name] = _message(request_name, f"`{verb}` request")
         component_messages[reply.__name__] = _message(reply.__name__, f"`{verb}` success reply")
     component_messages["ErrorReply"] = _message("ErrorReply", "a refused request: code, message")
     return {
@@ -232,3 +229,13 @@ def write(root: Path) -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
+
+
+def stale(root: Path) -> list[Path]:
+    """The generated files under `root` that differ from what the code generates now."""
+    out = []
+    for relative, text in render().items():
+        path = root / relative
+        if not path.is_file() or path.read_text() != text:
+            out.append(path)
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -21,10 +22,57 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.registry import SERVICES
 from shared.contract import names
-from shared.natsserver import EmbeddedNats
+from shared.contract.records import ServiceUrl
+from shared.natsserver import EmbeddedNats, parent_death_signal
 
 # Stop order: sources first, so every later stage can drain what is in flight.
 STOP_ORDER = ["provider", "control", "router", "aggregator", "store"]
+
+
+RUN_FILE = "run.json"
+LOCK_FILE = "mdp.lock"
+
+
+class RunRecord(msgspec.Struct, omit_defaults=True):
+    """What a running system records in its data dir (`run.json`) for commands run beside it."""
+
+    pid: int
+    nats_url: str
+    store_url: str
+    started_ns: int
+    control_url: str = ""  # the HTTP facade, once control has started
+
+
+class DataDirBusy(RuntimeError):
+    """Another process runs a system on this data dir (its record, when it wrote one)."""
+
+    def __init__(self, data_dir: Path, record: RunRecord | None) -> None:
+        where = f" (pid {record.pid}, NATS {record.nats_url})" if record else ""
+        super().__init__(f"a system already runs on {data_dir}{where}")
+        self.record = record
+
+
+def running_system(data_dir: Path) -> RunRecord | None:
+    """The system running on `data_dir` (its lock is held), None when nothing runs there."""
+    lock = data_dir / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_record(data_dir)
+    finally:
+        os.close(fd)  # closing drops a lock this call took
+    return None
+
+
+def _read_record(data_dir: Path) -> RunRecord | None:
+    try:
+        return msgspec.json.decode((data_dir / RUN_FILE).read_bytes(), type=RunRecord)
+    except (OSError, msgspec.DecodeError):
+        return None
 
 
 @dataclass
@@ -50,6 +98,9 @@ class Supervisor:
     say: Callable[[str], None] = print
     children: dict[str, Child] = field(default_factory=dict)
     nats_server: EmbeddedNats | None = None
+    # The CLI's: children die with it, even when it is SIGKILLed (Linux; main thread only).
+    die_with_parent: bool = False
+    _lock_fd: int | None = None
 
     @property
     def log_dir(self) -> Path:
@@ -57,15 +108,53 @@ class Supervisor:
         return self.data_dir / "logs"
 
     def start_nats(self) -> str:
-        """Start the embedded nats-server unless a URL was given; return the URL."""
+        """Start the embedded nats-server unless a URL was given; return the URL.
+
+        The data dir is locked first: a second system on it raises `DataDirBusy` instead of
+        starting a second server on the same store (which corrupts it).
+        """
         if self.nats_url:
             return self.nats_url
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
         self.nats_server = EmbeddedNats(
-            self.data_dir / "nats", log_file=self.log_dir / "nats-server.log"
+            self.data_dir / "nats",
+            log_file=self.log_dir / "nats-server.log",
+            die_with_parent=self.die_with_parent,
         )
         self.nats_url = self.nats_server.start()
+        self.write_record()
         return self.nats_url
+
+    def _lock(self) -> None:
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirBusy(self.data_dir, _read_record(self.data_dir)) from None
+        self._lock_fd = fd
+
+    def write_record(self, control_url: str = "") -> None:
+        """Record where this system listens, for commands run beside it (`running_system`)."""
+        record = RunRecord(
+            os.getpid(), self.nats_url or "", self.store_url, time.time_ns(), control_url
+        )
+        tmp = self.data_dir / f".{RUN_FILE}.tmp"
+        tmp.write_bytes(msgspec.json.encode(record))
+        tmp.replace(self.data_dir / RUN_FILE)
+
+    async def record_control_url(self, nc: NATS) -> str:
+        """Read where the control facade listens (KV) and add it to the run record."""
+        try:
+            kv = await nc.jetstream().key_value(names.KV_STATE)
+            entry = await kv.get(names.HTTP_CONTROL_KEY)
+            url = msgspec.json.decode(entry.value or b"", type=ServiceUrl).url
+        except Exception:
+            return ""
+        if self._lock_fd is not None:
+            self.write_record(url)
+        return url
 
     def child_env(self) -> dict[str, str]:
         """The environment every service starts with."""
@@ -91,6 +180,7 @@ class Supervisor:
             stdout=log,
             stderr=log,
             start_new_session=True,
+            preexec_fn=parent_death_signal() if self.die_with_parent else None,
         )
         log.close()
         child.started = time.monotonic()
@@ -166,6 +256,11 @@ class Supervisor:
             codes[name] = proc.returncode
         if self.nats_server is not None:
             self.nats_server.stop()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                (self.data_dir / RUN_FILE).unlink()
+            os.close(self._lock_fd)
+            self._lock_fd = None
         return codes
 
 

@@ -553,6 +553,69 @@ def _is_text(symbol: str) -> bool:
     return True
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class DuplicateKeyError(yaml.YAMLError):  # type: ignore[misc]  # (PyYAML has no type stubs)
+    """A YAML mapping names a key twice; `problems` are `line N: duplicate key ...` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """PyYAML's SafeLoader refusing a repeated key at any level (it keeps the last silently)."""
+
+    def construct_document(self, node: Any) -> Any:
+        """The document, after checking every mapping of its node tree for repeated keys."""
+        problems = duplicate_keys(node, self)
+        if problems:
+            raise DuplicateKeyError(problems)
+        return super().construct_document(node)
+
+
+def duplicate_keys(root: Any, loader: Any) -> list[str]:
+    """`line N: duplicate key 'k' in a.b (first at line M)` for each repeat, by line.
+
+    Checked on the composed nodes, before `<<` merges are flattened: a key that overrides a
+    merged one is written once, so it is no repeat.
+    """
+    found: list[tuple[int, str]] = []
+    visited: set[int] = set()  # an alias is checked once, and cannot loop
+    stack: list[tuple[Any, str]] = [(root, "")]
+    while stack:
+        node, where = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack += [(item, f"{where}[{i}]") for i, item in enumerate(node.value)]
+            continue
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        first: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            child = where
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != MERGE_TAG:
+                key = loader.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                inside = f" in {where}" if where else ""
+                if key in first:
+                    problem = f"duplicate key {key!r}{inside} (first at line {first[key]})"
+                    found.append((line, f"line {line}: {problem}"))
+                first.setdefault(key, line)
+                child = f"{where}.{key}" if where else str(key)
+            stack.append((value_node, child))
+    return [problem for _line, problem in sorted(found)]
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one YAML document safely; `DuplicateKeyError` when a mapping repeats a key."""
+    # A SafeLoader subclass: plain data only, never arbitrary Python objects.
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def _read_yaml(path: Path | None) -> tuple[dict[str, Any], list[str]]:
     assert path is not None
     try:
@@ -560,7 +623,9 @@ def _read_yaml(path: Path | None) -> tuple[dict[str, Any], list[str]]:
     except (OSError, UnicodeDecodeError) as exc:
         return {}, [f"{path}: cannot be read: {exc}"]
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except DuplicateKeyError as exc:
+        return {}, [f"{path}: {problem}" for problem in exc.problems]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"

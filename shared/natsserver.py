@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MIN_VERSION = (2, 14)
@@ -63,12 +66,14 @@ class EmbeddedNats:
         name: str = "mdp",
         extra_args: list[str] | None = None,
         log_file: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port
         self.name = name
         self.extra_args = extra_args or []
         self.log_file = log_file
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -86,7 +91,13 @@ class EmbeddedNats:
             "--ports_file_dir", str(ports_dir), *self.extra_args,
         ]  # fmt: skip
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=parent_death_signal() if self.die_with_parent else None,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -137,3 +148,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` that has Linux send `sig` to the child when its parent dies (even by
+    SIGKILL), so a killed `mdp up` never leaves a server or services behind; None elsewhere.
+
+    Only for children started from a thread that lives as long as the parent (the main one):
+    the kernel signals when the forking thread exits.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not after fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sig)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec

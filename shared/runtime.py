@@ -167,80 +167,154 @@ async def _beat(health: Health) -> None:
 
 
 async def serve(service: Service, settings: Settings) -> int:
-    """Run a service until SIGTERM/SIGINT; return the exit code."""
+    """Run a service until SIGTERM/SIGINT (honoured in every state); return the exit code.
+
+    0 after a requested stop, 1 when a task crashed, the service failed to start or its NATS
+    connection closed on its own (so a supervisor restarts it), 2 for a setup error.
+    """
     log = configure_logging(service.name, settings.log_level, settings.log_format)
     stop_signal = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_signal.set)
+    startup = _Startup(service, settings, log, stop_signal)
+    starting = asyncio.create_task(startup.run(), name="start")
+    stopped = asyncio.create_task(stop_signal.wait(), name="stop-signal")
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        # Stopped while connecting, declaring or starting: nothing was served, nothing to flush.
+        log.info("stopped_while_starting", step=startup.step)
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+        await startup.close()
+        return 1 if startup.lost else 0
+    stopped.cancel()
+    ctx = starting.result()
+    if isinstance(ctx, int):
+        await startup.close()
+        return ctx
+    return await _run(service, ctx, startup)
 
+
+@dataclass
+class _Startup:
+    """Connect, declare, serve metrics, register and start the service; `step` says where."""
+
+    service: Service
+    settings: Settings
+    log: FilteringBoundLogger
+    stop_signal: asyncio.Event
+    step: str = "connecting"
+    nc: NATS | None = None
     publisher: JsPublisher | None = None
+    stopping: bool = False  # set once this process closes its own connection
+    lost: bool = False  # the connection closed without this process asking
 
-    def on_disconnect() -> None:
-        if publisher is not None:
-            publisher.disconnected()
+    async def run(self) -> Context | int:
+        """The started service's context, or an exit code when it cannot start."""
+        settings, log, name = self.settings, self.log, self.service.name
 
-    try:
-        nc = await connect(settings, service.name, log, on_disconnect)
-    except Exception as exc:
-        log.error("nats_connect_failed", url=settings.nats_url, error=repr(exc))
-        return 2
-    health = Health(connected=lambda: nc.is_connected)
-    js = nc.jetstream(timeout=10)
-    await _with_retries(log, "declare_streams", lambda: _declare(js, settings))
-    health.declared = True
-    publisher = JsPublisher(nc, max_in_flight=4096, log=log)
-    await publisher.start()
-    try:
-        metrics_port = serve_metrics(settings.metrics_port, health=health)
-    except OSError as exc:
-        log.error("metrics_port_unavailable", port=settings.metrics_port, error=str(exc))
-        await nc.close()
-        return 2
-    micro = await add_service(
-        nc,
-        name=f"mdp-{service.name}",
-        version=VERSION,
-        description=f"mdp {service.name} service",
-        metadata={"metrics_port": str(metrics_port)},
-    )
-    ctx = Context(service.name, settings, nc, js, publisher, micro, log, metrics_port)
-    ctx.stopping = stop_signal
-    ctx.health = health
-    try:
-        await service.start(ctx)
-    except Exception as exc:
-        log.error("start_failed", error=repr(exc), exc_info=True)
-        await nc.close()
-        return 1
-    # Readiness: answered only once start() is done (PING answers as soon as it registers).
-    await micro.add_endpoint(name="ready", subject=names.ready(service.name), handler=_answer_ready)
-    health.started = True
-    ctx.spawn(_beat(health), "health-beat")
-    log.info("started", nats=settings.nats_url, metrics_port=metrics_port, pid=os.getpid())
+        def on_disconnect() -> None:
+            if self.publisher is not None:
+                self.publisher.disconnected()
 
-    await stop_signal.wait()
-    log.info("stopping")
-    code = 1 if ctx.crashed else 0
-    try:
+        def on_closed() -> None:
+            if not self.stopping:  # nats-py gave up or the server closed us: never idle
+                log.error("nats_connection_lost", step=self.step)
+                self.lost = True
+                self.stop_signal.set()
+
+        try:
+            nc = await connect(settings, name, log, on_disconnect, on_closed)
+        except Exception as exc:
+            log.error("nats_connect_failed", url=settings.nats_url, error=repr(exc))
+            return 2
+        self.nc = nc
+        health = Health(connected=lambda: nc.is_connected)
+        js = nc.jetstream(timeout=10)
+        self.step = "declaring"
+        await _with_retries(log, "declare_streams", lambda: _declare(js, settings))
+        health.declared = True
+        self.publisher = publisher = JsPublisher(nc, max_in_flight=4096, log=log)
+        await publisher.start()
+        try:
+            metrics_port = serve_metrics(settings.metrics_port, health=health)
+        except OSError as exc:
+            log.error("metrics_port_unavailable", port=settings.metrics_port, error=str(exc))
+            return 2
+        micro = await add_service(
+            nc,
+            name=f"mdp-{name}",
+            version=VERSION,
+            description=f"mdp {name} service",
+            metadata={"metrics_port": str(metrics_port)},
+        )
+        ctx = Context(name, settings, nc, js, publisher, micro, log, metrics_port)
+        ctx.stopping = self.stop_signal
+        ctx.health = health
+        self.step = "starting"
+        try:
+            await self.service.start(ctx)
+        except Exception as exc:
+            log.error("start_failed", error=repr(exc), exc_info=True)
+            return 1
+        # Readiness: answered only once start() is done (PING answers as soon as it registers).
+        await micro.add_endpoint(name="ready", subject=names.ready(name), handler=_answer_ready)
+        health.started = True
+        ctx.spawn(_beat(health), "health-beat")
+        self.step = "running"
+        log.info("started", nats=settings.nats_url, metrics_port=metrics_port, pid=os.getpid())
+        return ctx
+
+    async def close(self) -> None:
+        """Close what was opened so far (a stop during start-up, or a failed start)."""
+        self.stopping = True
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                await self.publisher.close()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+
+STOP_BUDGET_S = 20.0  # the time a connected service takes to stop, at most
+STOP_BUDGET_OFFLINE_S = 3.0  # the same without a server
+
+
+async def _run(service: Service, ctx: Context, startup: _Startup) -> int:
+    """Serve until the stop signal, then stop consumers, the service and the publisher."""
+    log, publisher = ctx.log, ctx.publisher
+    await ctx.stopping.wait()
+    log.info("stopping", connection_lost=startup.lost)
+    code = 1 if ctx.crashed or startup.lost else 0
+
+    async def wind_down() -> None:
         for consumer in reversed(ctx.consumers):
             await consumer.stop()
         await service.stop()
-        # Flush and drain together stay well under a supervisor's 30 s before SIGKILL.
-        await asyncio.wait_for(publisher.flush(), timeout=15)
+        await publisher.flush()
+
+    # The whole stop stays well under a supervisor's 30 s before SIGKILL. Without a server
+    # nothing can be acknowledged or checkpointed: a short budget, and what was not
+    # acknowledged is sent again after the restart (the ids make it harmless).
+    budget = STOP_BUDGET_S if ctx.nc.is_connected else STOP_BUDGET_OFFLINE_S
+    try:
+        await asyncio.wait_for(wind_down(), timeout=budget)
     except Exception as exc:
-        log.error("stop_failed", error=repr(exc))
+        log.error("stop_failed", error=repr(exc), budget_s=budget)
         code = 1
     for task in ctx.tasks:
         task.cancel()
     for task in ctx.tasks:
         with contextlib.suppress(BaseException):
             await task
+    startup.stopping = True
     with contextlib.suppress(Exception):
-        await micro.stop()
+        await ctx.micro.stop()
     with contextlib.suppress(Exception):
         await publisher.close()
-        await nc.drain()
+        await (ctx.nc.drain() if ctx.nc.is_connected else ctx.nc.close())
     log.info("stopped", code=code)
     return code
 

@@ -6,6 +6,8 @@ process: `shared.config` loads them.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -103,6 +105,23 @@ class ControlSettings(BaseModel):
     http_token: str = Field("", description="bearer token required when set")
 
 
+class ReplaySettings(BaseModel):
+    """Where a replay job may read its file: `MDP_REPLAY__ROOTS`, checked by control at start."""
+
+    roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="directories replay paths must resolve into, colon- or comma-separated; "
+        "empty: the working directory and MDP_DATA_DIR",
+    )
+
+    @field_validator("roots", mode="before")
+    @classmethod
+    def _separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in re.split(r"[:,]", value) if part.strip()]
+        return value
+
+
 class Settings(BaseSettings):
     """Everything a process reads at start; `MDP_AGGREGATOR__GRACE_MS=0` reaches nested fields."""
 
@@ -125,6 +144,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     store: StoreSettings = StoreSettings()
     control: ControlSettings = ControlSettings()
+    replay: ReplaySettings = ReplaySettings()
 
     @field_validator("store_url")
     @classmethod
@@ -132,6 +152,11 @@ class Settings(BaseSettings):
         if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise ValueError(f"store URL {value!r} must start with sqlite:///PATH or postgresql://")
         return value
+
+    def replay_roots(self) -> list[Path]:
+        """The replay roots, absolute with symlinks resolved (default: cwd and the data dir)."""
+        roots = self.replay.roots or [Path.cwd(), self.data_dir]
+        return [Path(os.path.realpath(root.expanduser())) for root in roots]
 
     @property
     def content_type(self) -> str:

@@ -4,8 +4,14 @@ The guards of a start request run in this order, the first failure answering:
 `invalid_request` (malformed JSON, wrong types, bad job name) -> `unknown_provider` (not in
 data_providers.yaml) -> `provider_disabled` -> `symbols_empty` -> `symbol_invalid` (fails the
 pattern, or would not survive as text) -> `invalid_request` (too many symbols, bad params) ->
-`already_running` (the same job is live, or the job limit is reached). A reset request is
-`invalid_request` (malformed, no text `provider`) or `unknown_provider`.
+`path_not_allowed` (a replay path outside `MDP_REPLAY__ROOTS`) -> `already_running` (the same
+job is live, or the job limit is reached). A reset request is `invalid_request` (malformed, no
+text `provider`) or `unknown_provider`.
+
+Every body is decoded strictly into its struct of `shared.contract.control`: any other JSON
+type anywhere, an unknown field, invalid JSON or UTF-8, or no body where one is required is
+`invalid_request`, its message naming the JSON path (msgspec's `- at `$.provider``; `$` for the
+body itself; a provider's `params` as `params.<key>`, as the adapter says it).
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping, Set
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence, Set
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 from pydantic import BaseModel
@@ -27,8 +34,16 @@ from services.provider.adapters.base import (
     params_model,
     params_models,
 )
+from services.provider.adapters.replay import PathNotAllowed
 from shared.config import DEFAULT_SYMBOL_PATTERN, Config, ProviderConfig, load_from_environment
-from shared.contract.control import JobSpec, ResetRequest, StartRequest, StopRequest
+from shared.contract.control import (
+    JobSpec,
+    ReloadRequest,
+    ResetRequest,
+    StartRequest,
+    StatusRequest,
+    StopRequest,
+)
 from shared.contract.names import escape_symbol
 from shared.contract.records import ProviderHost, ProviderState
 from shared.runtime import ServiceError
@@ -45,6 +60,8 @@ HTTP_STATUS = {
     "unknown_provider": 404,
     "provider_disabled": 409,
     "already_running": 409,
+    "no_fallback": 400,
+    "path_not_allowed": 403,
     "internal": 500,
 }
 
@@ -59,22 +76,39 @@ class ControlError(ServiceError):
 R = TypeVar("R")
 
 
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _invalid(what: str, problem: str) -> ControlError:
+    """`invalid_request` whose message always names a JSON path (`$` for the body itself)."""
+    # msgspec names the path only below the root: say `$` for a wrong body type too.
+    where = "" if " - at `$" in problem else " - at `$`"
+    return ControlError("invalid_request", f"{what}: {problem}{where}")
+
+
 def _decode(body: bytes, typ: type[R], what: str) -> R:
+    """`body` decoded strictly as `typ`; any other JSON (or none) is `invalid_request`."""
     try:
         return msgspec.json.decode(body, type=typ)
     except msgspec.ValidationError as exc:
-        raise ControlError("invalid_request", f"{what}: {exc}") from None
+        raise _invalid(what, str(exc)) from None
+    except RecursionError:
+        raise _invalid(what, "JSON nested too deeply") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec refuses `"\ud800"` (a lone surrogate): valid JSON that is no text. Decode it
-        # leniently so that such a symbol is refused as `symbol_invalid`, like any other bad one.
+        # leniently so that such a symbol is refused as `symbol_invalid`, like any other bad one;
+        # NaN and Infinity stay refused, as msgspec refuses them.
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise ControlError("invalid_request", f"{what}: malformed JSON: {exc}") from None
+            data = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            raise _invalid(what, f"malformed JSON: {exc}") from None
         try:
             return msgspec.convert(data, type=typ)
         except msgspec.ValidationError as err:
-            raise ControlError("invalid_request", f"{what}: {err}") from None
+            raise _invalid(what, str(err)) from None
+        except RecursionError:
+            raise _invalid(what, "JSON nested too deeply") from None
 
 
 def parse_start(body: bytes) -> StartRequest:
@@ -83,7 +117,8 @@ def parse_start(body: bytes) -> StartRequest:
     if not JOB_NAME.match(request.job):
         raise ControlError(
             "invalid_request",
-            f"job name {request.job!r} must be 1-64 characters of A-Z a-z 0-9 _ -",
+            f"start request: job name {request.job!r} is not 1-64 characters of "
+            "[A-Za-z0-9_-] - at `$.job`",
         )
     return request
 
@@ -92,12 +127,29 @@ def parse_stop(body: bytes) -> StopRequest:
     """Decode a stop request (the body is optional)."""
     request: StopRequest = _decode(body.strip() or b"{}", StopRequest, "stop request")
     if not JOB_NAME.match(request.job):
-        raise ControlError("invalid_request", f"job name {request.job!r} is not valid")
+        raise ControlError(
+            "invalid_request",
+            f"stop request: job name {request.job!r} is not 1-64 characters of "
+            "[A-Za-z0-9_-] - at `$.job`",
+        )
     if not REASON.match(request.reason):
         raise ControlError(
             "invalid_request",
-            f"reason {request.reason!r} must be 1-64 characters of A-Z a-z 0-9 _ . : -",
+            f"stop request: reason {request.reason!r} is not 1-64 characters of "
+            "[A-Za-z0-9_.:-] - at `$.reason`",
         )
+    return request
+
+
+def parse_status(body: bytes) -> StatusRequest:
+    """Decode a status request: no body, or `{}`."""
+    request: StatusRequest = _decode(body.strip() or b"{}", StatusRequest, "status request")
+    return request
+
+
+def parse_reload(body: bytes) -> ReloadRequest:
+    """Decode a reload request: no body, or `{}`."""
+    request: ReloadRequest = _decode(body.strip() or b"{}", ReloadRequest, "reload request")
     return request
 
 
@@ -144,16 +196,26 @@ def load_checked_config() -> Config:
     return load_from_environment(params_models=params_models(_adapters()))
 
 
+@runtime_checkable
+class RootedParams(Protocol):
+    """Params naming files (replay's `path`): confined to the data roots before a job starts."""
+
+    def check_roots(self, roots: Sequence[Path]) -> None:
+        """Raise an `AdapterError` (`PathNotAllowed`) for a path outside every root."""
+
+
 def job_params(
     name: str,
     provider: ProviderConfig,
     requested: Mapping[str, Any],
     adapters: Mapping[str, type[Adapter]] | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
     """The provider's configured params overridden by the request's, checked when typed.
 
     The model is the adapter's own `Params` (found in the registry), else the typed params of
     the provider's section (ibkr, which has no adapter yet); any other params pass through.
+    With `roots`, params that name files must name them under a root (`path_not_allowed`).
     """
     adapter = (_adapters() if adapters is None else adapters).get(name)
     model: type[BaseModel] | None = params_model(adapter) if adapter is not None else None
@@ -167,6 +229,10 @@ def job_params(
         return merged
     try:
         checked = check_params(name, model, merged)
+        if roots is not None and isinstance(checked, RootedParams):
+            checked.check_roots(roots)
+    except PathNotAllowed as exc:
+        raise ControlError("path_not_allowed", str(exc)) from None
     except AdapterError as exc:
         raise ControlError("invalid_request", str(exc)) from None
     params: dict[str, Any] = checked.model_dump(exclude_none=True)
@@ -178,11 +244,12 @@ def build_job(
     config: Config,
     now_ns: int,
     adapters: Mapping[str, type[Adapter]] | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> JobSpec:
     """Apply the configuration's guards in order and return the job for `ingest_jobs`.
 
     `adapters` is the registry whose `Params` models check the params (default: the installed
-    adapters, `load_adapters`).
+    adapters, `load_adapters`); `roots` the directories a replay may read (None: any).
     """
     providers = config.providers.providers
     guards = config.policy.guards
@@ -211,7 +278,7 @@ def build_job(
             "invalid_request",
             f"{len(symbols)} symbols, more than guards.max_symbols = {guards.max_symbols}",
         )
-    params = job_params(request.provider, provider, request.params, adapters)
+    params = job_params(request.provider, provider, request.params, adapters, roots)
     max_runtime_s = config.policy.write_path.max_runtime_seconds
     return JobSpec(
         job=request.job,
@@ -230,6 +297,7 @@ def standby_jobs(
     config: Config,
     live_adapters: Set[str],
     adapters: Mapping[str, type[Adapter]] | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> list[JobSpec]:
     """The hot standbys of a live job: one job per other source in its symbols' fallback order.
 
@@ -269,7 +337,7 @@ def standby_jobs(
                 "invalid_request",
                 f"standby job name {job!r} is longer than 64 characters; use a shorter job name",
             )
-        params = job_params(name, providers[name], {}, adapters)
+        params = job_params(name, providers[name], {}, adapters, roots)
         standbys.append(
             msgspec.structs.replace(
                 spec,

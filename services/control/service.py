@@ -34,8 +34,10 @@ from services.control.guards import (
     live_host,
     load_checked_config,
     next_deadline,
+    parse_reload,
     parse_reset,
     parse_start,
+    parse_status,
     parse_stop,
     standby_jobs,
 )
@@ -133,6 +135,8 @@ class ControlService:
         # Validated before connecting: a bad file is a clean exit with its message, no traceback.
         self.config: Config = load_or_exit(load_checked_config)
         self.http_settings = settings.control
+        # Resolved once: the directories a replay job may read (the working directory may move).
+        self.replay_roots = settings.replay_roots()
         self.policy_revision = 0
         self.lock = asyncio.Lock()
         self.jobs: dict[str, JobSpec] = {}  # as last seen in `ingest_jobs` (for the timer)
@@ -198,7 +202,11 @@ class ControlService:
     # -- request handling ----------------------------------------------------------------------
 
     async def answer(self, verb: str, body: bytes) -> bytes:
-        """Run one request; its JSON reply, or a `ControlError` (counted, logged) to answer."""
+        """Run one request; its JSON reply, or a `ControlError` (counted, logged) to answer.
+
+        Nothing else leaves it: a failure is an `internal` error reply, never an exception
+        the runtime would turn into an empty reply.
+        """
         try:
             reply = await self.handlers[verb](body)
         except ControlError as exc:
@@ -206,7 +214,10 @@ class ControlService:
         except Exception as exc:
             self.ctx.log.error("control_failed", verb=verb, error=repr(exc), exc_info=True)
             error = ControlError("internal", f"{verb} failed: {exc!r}")
-            await self._event(Failed(time.time_ns(), error.message, stage=verb))
+            try:
+                await self._event(Failed(time.time_ns(), error.message, stage=verb))
+            except Exception as event_exc:  # NATS down, say: the reply still goes out
+                self.ctx.log.error("failed_event_lost", verb=verb, error=repr(event_exc))
         else:
             return msgspec.json.encode(reply)
         INGEST_ERRORS.labels(self._provider_label(body), verb).inc()
@@ -224,7 +235,7 @@ class ControlService:
         # Only configured names become label values: a client must not mint time series.
         try:
             value = msgspec.json.decode(body or b"{}")
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return "none"
         name = value.get("provider") if isinstance(value, dict) else None
         if name is None:
@@ -237,7 +248,7 @@ class ControlService:
         """Validate, apply the guards, write the job, announce it."""
         request = parse_start(body)
         async with self.lock:
-            spec = build_job(request, self.config, time.time_ns())
+            spec = build_job(request, self.config, time.time_ns(), roots=self.replay_roots)
             standbys: list[JobSpec] = []
             if request.standby:
                 live_adapters = {
@@ -246,7 +257,7 @@ class ControlService:
                     for adapter in host.adapters
                     if adapter.live
                 }
-                standbys = standby_jobs(spec, self.config, live_adapters)
+                standbys = standby_jobs(spec, self.config, live_adapters, roots=self.replay_roots)
             live = await self._live_jobs()
             max_jobs = self.config.policy.guards.max_concurrent_jobs
             for job in (spec, *standbys):
@@ -331,7 +342,7 @@ class ControlService:
 
     async def status(self, body: bytes) -> StatusReply:
         """Jobs with their state and counters, the providers, the policy, recent stops."""
-        del body
+        parse_status(body)
         jobs: list[JobStatus] = []
         now = time.time_ns()
         for key in sorted(await kv_keys(self.ctx.js, names.KV_JOBS)):
@@ -394,7 +405,7 @@ class ControlService:
 
     async def reload(self, body: bytes) -> ReloadReply:
         """Re-read both files; an invalid one is refused and the running config kept."""
-        del body
+        parse_reload(body)
         try:
             config = await asyncio.to_thread(load_checked_config)
         except ConfigError as exc:

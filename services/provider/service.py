@@ -69,6 +69,9 @@ BREAKER_POLL_S = 1.0  # a job held by an open breaker re-reads it this often (a 
 T = TypeVar("T")
 
 
+REJECTED_LINES_SHOWN = 10  # line numbers of rejected rows named in a `Stopped` event
+
+
 @dataclass
 class SinkStore:
     """An adapter's small persistent store (KV `mdp_checkpoints`); an outage reads as a miss."""
@@ -551,9 +554,12 @@ class ProviderService:
                 await self._failed(spec, str(exc))
                 await self._finish(spec)
                 return
-        await self._report_bad_rows(spec, adapter)
+        rejected, lines = await self._report_bad_rows(spec, adapter)
         await self._record(spec, "completed", ticks=sink.ticks)
-        event = Stopped(time.time_ns(), spec.job, spec.run, spec.provider, "completed", sink.ticks)
+        event = Stopped(
+            time.time_ns(), spec.job, spec.run, spec.provider, "completed", sink.ticks,
+            rejected_rows=rejected or None, rejected_lines=lines or None,
+        )  # fmt: skip
         await publish_event(self.ctx.publisher, event)
         log.info("job_completed", ticks=sink.ticks)
         await self._finish(spec)
@@ -703,11 +709,12 @@ class ProviderService:
                     job.spec, "running", ticks=ticks, resume=resume, attempts=job.sink.attempts
                 )
 
-    async def _report_bad_rows(self, spec: JobSpec, adapter: Adapter) -> None:
+    async def _report_bad_rows(self, spec: JobSpec, adapter: Adapter) -> tuple[int, list[int]]:
+        """Dead-letter the rows the adapter rejected; their count and first line numbers."""
         bad_rows = getattr(adapter, "bad_rows", None) or []
         count = int(getattr(adapter, "bad_row_count", len(bad_rows)))
         if not count:
-            return
+            return 0, []
         BAD_ROWS.labels(spec.provider).inc(count)
         for line, reason in bad_rows:
             headers = {
@@ -718,6 +725,7 @@ class ProviderService:
             }
             body = msgspec.json.encode(BadRow(spec.job, spec.run, line))
             await self.ctx.publisher.publish(names.dlq(self.name), body, headers)
+        return count, [line for line, _ in bad_rows[:REJECTED_LINES_SHOWN]]
 
     async def _previous_state(self, spec: JobSpec) -> ProviderState | None:
         """What an earlier process recorded for this very run (None for a new run)."""

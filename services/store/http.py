@@ -5,6 +5,8 @@ the same idempotent writer as the bus path, answering only after the commit:
 
     200 {"ok": true, "batch_id": ..., "rows": N}      committed (a repeat changes nothing)
     400 {"ok": false, "error": {"code": "invalid_request" | "invalid_bar", ...}}   do not retry
+        (`invalid_bar`: a bar breaks an invariant of `services/store/invariants.py`; the batch
+        is refused whole, nothing of it written)
     401 without the bearer token when `MDP_STORE__HTTP_TOKEN` is set
     415 another Content-Type;  503 the database is unavailable (retry)
 
@@ -23,6 +25,7 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 from structlog.typing import FilteringBoundLogger
 
+from services.store.invariants import split_bars
 from services.store.writers import InvalidBarError, StoreError
 from shared.contract.codec import JSON, MSGPACK, Codec, DecodeError
 from shared.contract.messages import Bar, BarBatch
@@ -84,6 +87,15 @@ class IngestApi(HttpServer):
             batch = self.codec.decode(body, {CONTENT_TYPE: ctype})
         except DecodeError as exc:
             return _error(400, "invalid_request", f"not a BarBatch: {exc}")
+        _, bad = split_bars(batch.bars)
+        if bad:
+            index, bar, reason = bad[0]
+            return _error(
+                400,
+                "invalid_bar",
+                f"{len(bad)} of {len(batch.bars)} bars break the bar invariants; the first, "
+                f"bars[{index}] ({bar.bar_id}): {reason}",
+            )
         try:
             await self.write(batch.bars)
         except InvalidBarError as exc:

@@ -29,6 +29,7 @@ from services.store.http import (
     Rejected,
     RetryableForwardError,
 )
+from services.store.invariants import split_bars
 from services.store.writers import (
     BarWriter,
     InvalidBarError,
@@ -36,7 +37,8 @@ from services.store.writers import (
     StoreUnavailableError,
     open_writer,
 )
-from shared.bus.deadletter import dead_letter
+from shared.bus.consumer import stream_sequence
+from shared.bus.deadletter import dead_letter, dead_letter_payload
 from shared.bus.kv import follow
 from shared.bus.publisher import publish_event
 from shared.config import EffectivePolicy
@@ -119,28 +121,50 @@ class StoreService:
 
     async def handle(self, msgs: list[Msg]) -> None:
         """Write every bar of the pulled batches in one transaction, then report completions."""
-        batches: list[tuple[Msg, BarBatch]] = []
+        batches: list[tuple[Msg, list[Bar]]] = []
         markers: list[str] = []
         for msg in msgs:
             headers = msg.headers or {}
             try:
-                batches.append((msg, self.codec.decode(msg.data, headers)))
+                batch = self.codec.decode(msg.data, headers)
             except DecodeError as exc:
                 await dead_letter(self.ctx.publisher, self.name, msg, str(exc), "decode")
                 continue
+            batches.append((msg, await self._valid_bars(msg, batch)))
             if names.END_OF_STREAM in headers:
                 markers.append(headers[names.END_OF_STREAM])
         try:
-            await self._write([bar for _, batch in batches for bar in batch.bars])
+            await self._write([bar for _, bars in batches for bar in bars])
         except InvalidBarError:
             # One bad batch must not hold back the others: write them one by one.
-            for msg, batch in batches:
+            for msg, bars in batches:
                 try:
-                    await self._write(batch.bars)
+                    await self._write(bars)
                 except InvalidBarError as exc:
                     await dead_letter(self.ctx.publisher, self.name, msg, str(exc), "value")
         BATCHES_STORED.inc(len(msgs))
         await self._completed(markers)
+
+    async def _valid_bars(self, msg: Msg, batch: BarBatch) -> list[Bar]:
+        """The bars of `batch` that keep the bar invariants; each other one is dead-lettered."""
+        good, bad = split_bars(batch.bars)
+        if not bad:
+            return batch.bars
+        seq = 0
+        with contextlib.suppress(Exception):  # a message without JetStream metadata
+            seq = stream_sequence(msg)
+        for index, bar, reason in bad:
+            # One dead letter per bar, so its id is the message's with the bar's place in it.
+            msg_id = names.dead_part_id(self.name, msg.subject, seq, index)
+            body, headers = encode(bar), {names.CONTENT_TYPE: JSON}
+            await dead_letter_payload(
+                self.ctx.publisher, self.name, msg.subject, body, headers, reason, "invalid_bar",
+                msg_id,
+            )  # fmt: skip
+            self.ctx.log.warning(
+                "bar_dead_lettered", batch_id=batch.batch_id, bar=bar.bar_id, reason=reason
+            )
+        return good
 
     async def _completed(self, markers: list[str]) -> None:
         for header in markers:
@@ -172,10 +196,15 @@ class StoreService:
                 continue
             if names.END_OF_STREAM in headers:
                 markers.append(headers[names.END_OF_STREAM])
-            if not batch.bars:
-                continue  # an end-of-stream carrier: nothing to post
+            bars = await self._valid_bars(msg, batch)
+            if not bars:
+                continue  # an end-of-stream carrier, or nothing valid: nothing to post
             is_json = headers.get(names.CONTENT_TYPE, JSON).startswith(JSON)
-            sends.append((msg, batch.batch_id, msg.data if is_json else encode(batch, JSON)))
+            if bars is batch.bars and is_json:
+                body = msg.data
+            else:  # re-encoded without the bars just dead-lettered
+                body = encode(BarBatch(batch.batch_id, bars), JSON)
+            sends.append((msg, batch.batch_id, body))
         limit = asyncio.Semaphore(FORWARD_CONCURRENCY)
 
         async def send(item: tuple[Msg, str, bytes]) -> Rejected | None:

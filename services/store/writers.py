@@ -74,6 +74,7 @@ __all__ = [
     "open_writer",
     "redact_url",
     "sqlite_path",
+    "storage_problem",
 ]
 
 log = structlog.get_logger(__name__)
@@ -231,8 +232,8 @@ def _latest(bars: Iterable[Bar]) -> dict[tuple[str, int, str], Bar]:
     return latest
 
 
-def check_bar(bar: Bar) -> None:
-    """Raise InvalidBarError unless both back ends can store `bar` exactly."""
+def storage_problem(bar: Bar) -> str | None:
+    """Why both back ends could not store `bar` exactly, None when they can."""
     isfinite = math.isfinite
     # SQLite turns NaN into NULL and PostgreSQL stores it: reject it so the two never disagree.
     if not (
@@ -243,17 +244,25 @@ def check_bar(bar: Bar) -> None:
         and isfinite(bar.volume)
         and (bar.vwap is None or isfinite(bar.vwap))
     ):
-        raise InvalidBarError(f"bar {bar.bar_id}: prices and volume must be finite")
+        return "prices and volume must be finite"
     if not (
         _I64_MIN <= bar.start <= _I64_MAX
         and _I64_MIN <= bar.end <= _I64_MAX
         and _I64_MIN <= bar.trade_count <= _I64_MAX
         and _I64_MIN <= bar.rev <= _I64_MAX
     ):
-        raise InvalidBarError(f"bar {bar.bar_id}: an integer field is outside 64 bits")
+        return "an integer field is outside 64 bits"
     # PostgreSQL text cannot hold NUL.
     if "\x00" in bar.symbol or "\x00" in bar.interval or "\x00" in bar.provider:
-        raise InvalidBarError(f"bar {bar.bar_id!r}: text fields must not contain NUL")
+        return "text fields must not contain NUL"
+    return None
+
+
+def check_bar(bar: Bar) -> None:
+    """Raise InvalidBarError unless both back ends can store `bar` exactly."""
+    problem = storage_problem(bar)
+    if problem is not None:
+        raise InvalidBarError(f"bar {bar.bar_id!r}: {problem}")
 
 
 def _rows(

@@ -16,8 +16,14 @@ async def connect(
     name: str,
     log: FilteringBoundLogger,
     on_disconnect: Callable[[], None] | None = None,
+    on_closed: Callable[[], None] | None = None,
 ) -> NATS:
-    """Connect with unlimited reconnects, logging callbacks and a per-service inbox prefix."""
+    """Connect with unlimited reconnects, logging callbacks and a per-service inbox prefix.
+
+    The first connect retries without limit too (a service may start before its server), so
+    the caller races it against its stop signal. `on_closed` is called when the connection is
+    closed, asked for or not: a caller that did not ask exits non-zero rather than idle.
+    """
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=repr(exc))
@@ -31,8 +37,10 @@ async def connect(
     async def on_reconnected() -> None:
         log.info("nats_reconnected", url=str(nc.connected_url.netloc if nc.connected_url else ""))
 
-    async def on_closed() -> None:
+    async def closed() -> None:
         log.info("nats_closed")
+        if on_closed is not None:
+            on_closed()
 
     nc = await nats.connect(
         servers=[u.strip() for u in settings.nats_url.split(",")],
@@ -45,7 +53,7 @@ async def connect(
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
-        closed_cb=on_closed,
+        closed_cb=closed,
         pending_size=64 * 1024 * 1024,
         # Bounded: a subscription whose reader was cancelled at shutdown never drains, and
         # nats-py's default (30 s) equals a supervisor's patience before SIGKILL.

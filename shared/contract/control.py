@@ -37,6 +37,14 @@ class ResetRequest(Struct, forbid_unknown_fields=True):
     provider: str
 
 
+class StatusRequest(Struct, forbid_unknown_fields=True):
+    """`ingest.control.status`: no fields; the body is optional (empty or `{}`)."""
+
+
+class ReloadRequest(Struct, forbid_unknown_fields=True):
+    """`ingest.control.reload`: no fields; the body is optional (empty or `{}`)."""
+
+
 class JobSpec(Struct, omit_defaults=True):
     """A job the providers must run, as the control service writes it into `ingest_jobs`."""
 

@@ -37,6 +37,10 @@ class Stopped(Struct, omit_defaults=True):
     provider: str
     reason: str
     ticks: int | None = None
+    # A bounded source that rejected rows (each dead-lettered on md.dlq.provider with its
+    # reason): how many, and the first line numbers.
+    rejected_rows: int | None = None
+    rejected_lines: list[int] | None = None
 
 
 class Failed(Struct, omit_defaults=True):

@@ -73,6 +73,11 @@ def bars(interval: str, symbol: str) -> str:
     return f"md.bars.{_check_name('interval', interval)}.{escape_symbol(symbol)}"
 
 
+def bars_of(interval: str) -> str:
+    """`md.bars.<interval>.*`: every symbol's bars of one interval (for subscribers)."""
+    return f"md.bars.{_check_name('interval', interval)}.*"
+
+
 def dlq(service: str) -> str:
     """`md.dlq.<service>`: rejected messages with reason headers."""
     return f"md.dlq.{_check_name('service', service)}"
@@ -264,6 +269,11 @@ def gap_id(symbol: str, since_ns: int, state: str) -> str:
 def dead_letter_id(service: str, subject: str, stream_seq: int) -> str:
     """A dead-lettered stream message."""
     return f"dlq:{service}:{subject}:{stream_seq}"
+
+
+def dead_part_id(service: str, subject: str, stream_seq: int, index: int) -> str:
+    """One dead-lettered part (a bar of a batch) of a stream message; the rest went on."""
+    return f"{dead_letter_id(service, subject, stream_seq)}:part{index}"
 
 
 def late_tick_id(interval: str, symbol: str, seq: int, ts: int) -> str:

@@ -248,7 +248,9 @@ async def test_late_ticks_within_the_window_revise_to_the_reference(
     must_revise = revised_1s_bars(shuffled, set())
     assert len(shuffled.fates) >= 40 and len(must_revise) >= 10  # the generator did its job
     store_url = f"sqlite:///{tmp_path / 'bars.db'}"
-    sup = pipeline(store_url=store_url, env={"MDP_PROVIDER__BATCH_MAX_TICKS": str(BATCH)})
+    # The shuffled file is in tmp_path, outside the default replay roots.
+    env = {"MDP_PROVIDER__BATCH_MAX_TICKS": str(BATCH), "MDP_REPLAY__ROOTS": str(tmp_path)}
+    sup = pipeline(store_url=store_url, env=env)
     await sup.wait_ready()
 
     result = await replay_file(nc, shuffled.path, "max", timeout=120)
@@ -294,6 +296,7 @@ async def test_late_ticks_beyond_the_window_are_counted_and_dead_lettered(
         "MDP_PROVIDER__BATCH_MAX_TICKS": str(BATCH),
         "MDP_POLICY__BARS__REVISE_WINDOW_SECONDS": "5",
         "MDP_POLICY__BARS__GRACE_MS": "0",
+        "MDP_REPLAY__ROOTS": str(tmp_path),
     }
     sup = pipeline(store_url=store_url, env=env)
     await sup.wait_ready()

@@ -109,3 +109,32 @@ def test_an_unreachable_nats_server_fails_in_seconds_with_a_clear_message(
     result = mdp("ingest", "status", "--nats", "nats://127.0.0.1:1", cwd=tmp_path, timeout=30)
     assert result.returncode == 1
     assert "cannot connect to NATS at nats://127.0.0.1:1" in result.stderr
+
+
+def test_replay_reports_rejected_rows_and_exits_3(tmp_path: Path) -> None:
+    import gzip
+
+    rows = gzip.decompress((DATA / "lean_equity_20131008_slice.ticks.csv.gz").read_bytes())
+    lines = rows.decode().splitlines()[:3001]
+    # Line 101 has a NaN price, line 2001 a negative size (the header is line 1).
+    lines[100] = lines[100].split(",")[0] + ",2013-10-08T13:30:00Z,BAC,NaN,100,P,0,0"
+    lines[2000] = lines[2000].split(",")[0] + ",2013-10-08T13:30:00Z,SPY,167.4,-5,P,0,0"
+    path = tmp_path / "some_bad.csv"
+    path.write_text("\n".join(lines) + "\n")
+    result = mdp("replay", str(path), cwd=tmp_path)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "replayed 2,998 ticks" in result.stdout
+    assert "2 row(s) rejected (lines 101, 2001)" in result.stderr
+    assert "md.dlq.provider" in result.stderr
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    refused = mdp("replay", str(empty), cwd=tmp_path)
+    assert refused.returncode == 1 and "the file is empty" in refused.stderr
+
+
+def test_export_of_a_store_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    result = mdp("bars", "export", "--store", f"sqlite:///{tmp_path / 'none.db'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "no store at" in result.stderr
+    assert not (tmp_path / "none.db").exists()  # looking did not create it

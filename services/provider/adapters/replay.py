@@ -19,6 +19,8 @@ import asyncio
 import csv
 import gzip
 import math
+import os
+import re
 import time
 import zlib
 from bisect import bisect_right
@@ -38,19 +40,24 @@ from services.provider.adapters.base import (
     check_params,
     job_symbols,
 )
+from shared.config import DEFAULT_SYMBOL_PATTERN
 from shared.contract.control import JobSpec
 from shared.contract.messages import Tick
 
 MAX_BAD_ROWS = 1000
 """How many bad-row reasons are kept; `bad_row_count` counts them all."""
 
+MAX_LINE_BYTES = 1 << 20
+"""The longest line read as a row (1 MiB); a longer one is a bad row, skipped unread."""
+
 REQUIRED_COLUMNS = ("ts_ns", "symbol", "price", "size")
 RECV_COLUMN = "recv_ns"
 
 _GZIP_MAGIC = b"\x1f\x8b"
-_MAX_HEADER_BYTES = 1 << 20
+_MAX_HEADER_BYTES = MAX_LINE_BYTES
 _NAME_CACHE_LIMIT = 100_000
-_SHOW_LIMIT = 40
+_SYMBOL = re.compile(DEFAULT_SYMBOL_PATTERN)
+SYMBOL_RULE = "empty, over 64 characters, not UTF-8, or has control or edge blank characters"
 
 # Decoded symbols by their raw bytes (None: empty or not UTF-8), and the per-row path's symbols,
 # which are already `str`, map to themselves.
@@ -115,6 +122,11 @@ class ReplayAdapter:
                     f"{adapter}: params.path is required (the .csv or .csv.gz file to replay)"
                 )
 
+        def check_roots(self, roots: Sequence[Path]) -> None:
+            """Refuse (`PathNotAllowed`) a path that resolves outside every root; opens nothing."""
+            if self.path:
+                confine(self.path, roots)
+
     def __init__(
         self,
         job: JobSpec,
@@ -123,6 +135,7 @@ class ReplayAdapter:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         chunk_bytes: int = 256 * 1024,
         pacing_quantum_s: float = 0.01,
+        max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         params = check_params(self.name, self.Params, job.params)
         assert params.path  # check_job
@@ -133,8 +146,10 @@ class ReplayAdapter:
         self._job_symbols = symbols
         self._layout = _read_layout(self.path)
         # Blocks of about 256 KiB (a few thousand rows) keep the working set in cache, which
-        # measured faster than bigger blocks, and keep each pause of the event loop short.
-        self._chunk_bytes = max(1, chunk_bytes)
+        # measured faster than bigger blocks, and keep each pause of the event loop short. A
+        # chunk no longer than a line may be keeps every line but a block's first within limit.
+        self._max_line = max(1, max_line_bytes)
+        self._chunk_bytes = max(1, min(chunk_bytes, self._max_line))
         self._clock = clock
         self._sleep = sleep
         self._quantum_s = pacing_quantum_s
@@ -190,35 +205,62 @@ class ReplayAdapter:
         self._max_ts = 0  # largest event time replayed so far (pacing never goes backwards)
 
     def _blocks(self, stream: IO[bytes]) -> Iterator[tuple[int, bytes, int]]:
-        """Blocks of whole data lines: (number of the first line, block, lines in it)."""
-        carry = b""
-        line_no = 0  # 0 until the header line has been skipped
+        """Blocks of whole data lines: (number of the first line, block, lines in it).
+
+        A line longer than `max_line_bytes` is one bad row, read past chunk by chunk and never
+        held whole: memory stays within a chunk and a line of the limit, whatever the file.
+        """
+        limit = self._max_line
+        carry = b""  # the start of the line numbered `line_no`, no newline yet
+        line_no = 1
+        header = True  # line 1, checked by `_read_layout`, is no row
+        skipping = False  # inside a line over the limit, looking for its end
+
+        def drop_line() -> None:
+            nonlocal header, line_no
+            if not header:
+                self._bad(line_no, f"the line is longer than {limit} bytes (the row limit)")
+            header = False
+            line_no += 1
+
         try:
-            while True:
-                chunk = stream.read(self._chunk_bytes)
-                if not chunk:
-                    break
+            while chunk := stream.read(self._chunk_bytes):
+                if skipping:
+                    end = chunk.find(b"\n")
+                    if end < 0:
+                        continue
+                    skipping = False
+                    drop_line()
+                    chunk = chunk[end + 1 :]
                 data = carry + chunk if carry else chunk
                 cut = data.rfind(b"\n")
                 if cut < 0:
                     carry = data
+                    if len(carry) > limit:
+                        skipping, carry = True, b""
                     continue
-                block, carry = data[:cut], data[cut + 1 :]
-                if line_no == 0:
-                    line_no = 2
-                    newline = block.find(b"\n")
-                    if newline < 0:
-                        continue  # the block was just the header line
-                    block = block[newline + 1 :]
-                lines = block.count(b"\n") + 1
-                yield line_no, block, lines
-                line_no += lines
+                block: bytes | None = data[:cut]
+                carry = data[cut + 1 :]
+                # Only the first line can be over the limit: it alone may span chunks, and a
+                # chunk is no longer than the limit.
+                first = data.find(b"\n", 0, cut)
+                if header or (first if first >= 0 else cut) > limit:
+                    drop_line()
+                    block = None if first < 0 else data[first + 1 : cut]
+                if block is not None:
+                    lines = block.count(b"\n") + 1
+                    yield line_no, block, lines
+                    line_no += lines
+                if len(carry) > limit:
+                    skipping, carry = True, b""
         except (OSError, EOFError, zlib.error) as exc:
             where = f"after line {max(line_no - 1, 1)}"
             raise AdapterError(
                 f"replay: params.path {str(self.path)!r} could not be read {where}: {exc}"
             ) from exc
-        if carry and line_no:
+        if skipping:
+            drop_line()  # the last line, over the limit, had no newline
+        elif carry and not header:
             yield line_no, carry, carry.count(b"\n") + 1  # the last line had no newline
 
     def _parse(self, line_no: int, block: bytes, rows: int) -> _Columns | None:
@@ -275,6 +317,7 @@ class ReplayAdapter:
             or not math.isfinite(sum(price))
             or not math.isfinite(sum(size))
             or min(size) < 0
+            or min(price) < 0
         ):
             return self._parse_rows(line_no, block)
         return _Columns(symbols, names, unique_kept, ts, recv, price, size)
@@ -298,8 +341,11 @@ class ReplayAdapter:
             if quoted:
                 try:
                     fields = next(csv.reader([line.decode("utf-8")]), [])
-                except (UnicodeDecodeError, csv.Error) as exc:
-                    bad(number, f"unreadable row: {exc}")
+                except UnicodeDecodeError:
+                    bad(number, "a quoted row that is not UTF-8 text")
+                    continue
+                except csv.Error:
+                    bad(number, "a row whose quoting is not valid CSV")
                     continue
             else:
                 fields = line.split(b",")
@@ -314,9 +360,9 @@ class ReplayAdapter:
             if isinstance(raw_symbol, bytes):
                 symbol = self._names.get(raw_symbol) or self._name(raw_symbol)
             else:
-                symbol = raw_symbol or None
+                symbol = raw_symbol if _is_symbol(raw_symbol) else None
             if symbol is None:
-                bad(number, f"symbol {_show(raw_symbol)} is empty or not UTF-8")
+                bad(number, f"symbol is {SYMBOL_RULE}")
                 continue
             if wanted is not None and symbol not in wanted:
                 continue
@@ -324,10 +370,10 @@ class ReplayAdapter:
             try:
                 ts = int(raw)
             except ValueError:
-                bad(number, f"ts_ns {_show(raw)} is not an integer")
+                bad(number, "ts_ns is not an integer")
                 continue
             if ts <= 0:
-                bad(number, f"ts_ns {ts} is not positive")
+                bad(number, "ts_ns is not positive")
                 continue
             price = _number(fields[lay.price], "price", number, bad)
             if price is None:
@@ -335,16 +381,13 @@ class ReplayAdapter:
             size = _number(fields[lay.size], "size", number, bad)
             if size is None:
                 continue
-            if size < 0:
-                bad(number, f"size {_show(fields[lay.size])} is negative")
-                continue
             recv = ts
             if lay.recv >= 0 and lay.recv < len(fields) and fields[lay.recv].strip():
                 raw = fields[lay.recv]
                 try:
                     recv = int(raw)
                 except ValueError:
-                    bad(number, f"recv_ns {_show(raw)} is not an integer")
+                    bad(number, "recv_ns is not an integer")
                     continue
             symbols.append(symbol)
             ts_col.append(ts)
@@ -358,10 +401,12 @@ class ReplayAdapter:
         return _Columns(symbols, names, names, ts_col, recv_col, price_col, size_col)
 
     def _name(self, raw: bytes) -> str | None:
-        """Decode (and cache) a raw symbol; None when it is empty or not UTF-8."""
+        """Decode (and cache) a raw symbol; None when it is not a symbol (`_is_symbol`)."""
         try:
-            name: str | None = raw.decode("utf-8") or None
+            name: str | None = raw.decode("utf-8")
         except UnicodeDecodeError:
+            name = None
+        if name is not None and not _is_symbol(name):
             name = None
         if len(self._names) >= _NAME_CACHE_LIMIT:
             self._names.clear()  # a file of countless distinct symbols must not grow it forever
@@ -487,6 +532,27 @@ class ReplayAdapter:
 # Params and header
 
 
+class PathNotAllowed(AdapterError):
+    """A replay path outside every configured root (`MDP_REPLAY__ROOTS`): `path_not_allowed`."""
+
+
+def confine(value: str, roots: Sequence[Path]) -> Path:
+    """`value` resolved (`~`, `..`, symlinks), or `PathNotAllowed` if it is under no root.
+
+    Only names are resolved, nothing is opened: a refused path is never read. `roots` must be
+    resolved already (`Settings.replay_roots`).
+    """
+    resolved = Path(os.path.realpath(Path(value).expanduser()))
+    if any(resolved.is_relative_to(root) for root in roots):
+        return resolved
+    shown = repr(value) if str(resolved) == value else f"{value!r} (resolves to {str(resolved)!r})"
+    allowed = ", ".join(str(root) for root in roots) or "none"
+    raise PathNotAllowed(
+        f"replay: params.path {shown} is outside the replay roots ({allowed}); "
+        "MDP_REPLAY__ROOTS (colon- or comma-separated) sets the directories a replay may read"
+    )
+
+
 def _path_param(value: str) -> Path:
     path = Path(value).expanduser()
     if not path.exists():
@@ -542,9 +608,11 @@ def _read_layout(path: Path) -> _Layout:
         index.setdefault(name, i)  # the first of duplicate names wins
     for name in REQUIRED_COLUMNS:
         if name not in index:
+            # The header's own names are not shown: the file may be anything (`/etc/shadow`).
             raise AdapterError(
-                f"replay: params.path {shown} has no column {name!r} in its header "
-                f"(found: {', '.join(columns)}; required: {', '.join(REQUIRED_COLUMNS)})"
+                f"replay: params.path {shown}: line 1 (the header, {len(columns)} "
+                f"column{'s' if len(columns) != 1 else ''}) has no column {name!r}; required: "
+                f"{', '.join(REQUIRED_COLUMNS)} (any order, extra columns allowed)"
             )
     required = [index[name] for name in REQUIRED_COLUMNS]
     return _Layout(
@@ -562,20 +630,22 @@ def _read_layout(path: Path) -> _Layout:
 def _number(
     raw: bytes | str, column: str, line: int, bad: Callable[[int, str], None]
 ) -> float | None:
+    """A finite, non-negative price or size; else None, the row reported (never its text)."""
     try:
         value = float(raw)
     except ValueError:
-        bad(line, f"{column} {_show(raw)} is not a number")
+        bad(line, f"{column} is not a number")
         return None
     if not math.isfinite(value):
-        bad(line, f"{column} {_show(raw)} is not finite")
+        bad(line, f"{column} is not finite (NaN or infinity)")
+        return None
+    if value < 0:
+        bad(line, f"{column} is negative")
         return None
     return value
 
 
-def _show(raw: bytes | str) -> str:
-    """A raw field, quoted and cut short, for a bad-row reason."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    if len(text) > _SHOW_LIMIT:
-        text = text[:_SHOW_LIMIT] + "..."
-    return repr(text)
+def _is_symbol(name: str) -> bool:
+    """Whether a file's symbol is one the pipeline can carry (`DEFAULT_SYMBOL_PATTERN`)."""
+    # A field of half a megabyte would become a subject the server refuses with the connection.
+    return _SYMBOL.match(name) is not None
