@@ -35,13 +35,14 @@ from nats.aio.msg import Msg
 
 from benchmarks.soak import read_cpu_s, read_memory
 from mdp.cli import control_request
-from mdp.supervisor import Supervisor
+from mdp.supervisor import Supervisor, scrape
 from services.registry import SERVICES
 from shared.contract import names
 from shared.contract.messages import Bar
 
 MB = 1024 * 1024
 SECOND = 1_000_000_000
+TICKS = "provider_ticks_published_total"
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Run:
     seconds: float
     expected: int = 0
     delivered: int = 0
+    ticks_per_s: float = 0.0  # what the provider published while measuring
     latencies_ms: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # share of one core
     rss_mb: dict[str, tuple[float, float]] = field(default_factory=dict)  # start, end
@@ -100,6 +102,7 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
         if not reply.get("ok"):
             raise SystemExit(f"start refused: {reply.get('error')}")
         await asyncio.sleep(warmup)
+        ticks0 = (await scrape(nc, "provider", [TICKS]))[TICKS]
         cpu0 = {name: read_cpu_s(pid) or 0.0 for name, pid in pids.items()}
         rss0 = {name: (read_memory(pid) or (0, 0))[0] for name, pid in pids.items()}
         t0 = time.monotonic()
@@ -109,6 +112,7 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
         elapsed = time.monotonic() - t0
         cpu1 = {name: read_cpu_s(pid) or 0.0 for name, pid in pids.items()}
         rss1 = {name: (read_memory(pid) or (0, 0))[0] for name, pid in pids.items()}
+        result.ticks_per_s = ((await scrape(nc, "provider", [TICKS]))[TICKS] - ticks0) / elapsed
         # Bars that closed before the stop may still be on their way: wait for them.
         await asyncio.sleep(grace_ms / 1000 + 3.0)
         await control_request(nc, "stop", {"job": "live", "reason": "bench_done"})
@@ -134,7 +138,8 @@ def report(run: Run, grace_ms: int) -> str:
     """One run as text."""
     lines = [
         f"{run.symbols} symbols x {run.rate:g} ticks/s = {run.symbols * run.rate:,.0f} ticks/s "
-        f"for {run.seconds:g} s: bars {run.delivered:,}/{run.expected:,} "
+        f"offered, {run.ticks_per_s:,.0f} published, for {run.seconds:g} s: "
+        f"bars {run.delivered:,}/{run.expected:,} "
         f"({100 * run.delivered / max(run.expected, 1):.2f} %); tick-to-bar latency p50 "
         f"{run.percentile(50):.0f} ms, p99 {run.percentile(99):.0f} ms, max "
         f"{max(run.latencies_ms, default=float('nan')):.0f} ms (grace {grace_ms} ms: p99 - grace "

@@ -214,7 +214,7 @@ def job_params(
     """The provider's configured params overridden by the request's, checked when typed.
 
     The model is the adapter's own `Params` (found in the registry), else the typed params of
-    the provider's section (ibkr, which has no adapter yet); any other params pass through.
+    the provider's section when it is a typed model; any other params pass through.
     With `roots`, params that name files must name them under a root (`path_not_allowed`).
     """
     adapter = (_adapters() if adapters is None else adapters).get(name)
