@@ -27,7 +27,7 @@ class ProviderSettings(BaseModel):
     host_ttl_s: float = Field(6.0, gt=0, description="a host record older than this is dead")
 
     batch_max_ticks: int = Field(1000, ge=1, le=100_000)
-    batch_max_delay_ms: int = Field(50, ge=1, le=10_000)
+    batch_max_delay_ms: int = Field(100, ge=1, le=10_000)
     max_in_flight: int = Field(256, ge=1, description="unacknowledged publishes per provider")
     # A live feed that stays connected but delivers nothing (a stalled subscription) is as
     # broken as one that raises: after this much silence its breaker counts a `data_stopped`.
@@ -61,6 +61,13 @@ class AggregatorSettings(BaseModel):
         10, ge=0, description="silent intervals before a gap event for a subscribed symbol; 0: off"
     )
     gap_interval: str = Field("", description="the interval gaps are counted in; default: smallest")
+    checkpoint_interval_ms: int = Field(
+        500,
+        ge=0,
+        le=60_000,
+        description="write the state at most this often (0: after every pulled batch); a restart "
+        "folds again what came after the last one",
+    )
 
     @field_validator("gap_interval")
     @classmethod

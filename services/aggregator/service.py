@@ -88,6 +88,8 @@ class AggregatorService:
         self.last_seq = 0
         self.durable = "aggregator" if cfg.partition is None else f"aggregator-p{cfg.partition}"
         self.dirty = False
+        self.checkpoint_every_ns = cfg.checkpoint_interval_ms * 1_000_000
+        self.checkpointed_at = 0  # monotonic ns of the last checkpoint written
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -223,9 +225,19 @@ class AggregatorService:
     # -- checkpoints ---------------------------------------------------------------------------
 
     async def _checkpoint(self, force: bool = False) -> None:
-        """Write the state with compare-and-swap; a failed swap means we were fenced off."""
+        """Write the state with compare-and-swap; a failed swap means we were fenced off.
+
+        At most every `checkpoint_interval_ms`: the state is proportional to the symbols, not
+        to what changed, so writing it after every pulled batch would cost more than folding.
+        Input acknowledged since the last checkpoint is safe: a restart rewinds the consumer
+        to the checkpoint's sequence (the stream keeps it) and folds it again; what that
+        publishes carries the same ids.
+        """
         await self._publish(self.router.notices())
         if not (self.dirty or force):
+            return
+        now = time.monotonic_ns()
+        if not force and now - self.checkpointed_at < self.checkpoint_every_ns:
             return
         if self.router.pending_rows > CHECKPOINT_MAX_PENDING:
             await self._publish(self.router.flush())
@@ -242,6 +254,7 @@ class AggregatorService:
         )
         await self.store.save(checkpoint)
         self.dirty = False
+        self.checkpointed_at = now
 
     async def _restore(self) -> None:
         checkpoint = await self.store.load()
@@ -308,7 +321,10 @@ class AggregatorService:
                 now, mono = time.time_ns(), time.monotonic_ns()
                 emitted = self.engine.advance(now)
                 gap_events = self.gaps.check(now) if self.gaps is not None else []
-                if not (emitted or gap_events or self.router.is_due(mono) or retry_checkpoint):
+                # A checkpoint the last batches skipped (too soon after the previous) is due too.
+                stale = self.dirty and mono - self.checkpointed_at >= self.checkpoint_every_ns
+                busy = emitted or gap_events or self.router.is_due(mono)
+                if not (busy or retry_checkpoint or stale):
                     continue
                 # Cut the due batch before the new bars join it: they start the next one.
                 due = self.router.due(mono)

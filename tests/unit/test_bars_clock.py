@@ -32,7 +32,7 @@ GRACE = 500 * MS
 WINDOW = 60 * S
 WALL0 = 1_000_000 * S  # the wall clock at the start of a run, unrelated to event time
 TIMER = 50 * MS  # the service's advance() period
-BATCH_DELAY = 50 * MS  # the provider's batch_max_delay_ms
+BATCH_DELAY = 100 * MS  # the provider's batch_max_delay_ms
 
 
 @cache

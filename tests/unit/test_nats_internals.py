@@ -48,3 +48,20 @@ def test_a_client_without_the_buffer_is_left_alone() -> None:
 
     assert not _nats_internals.supported(Other())  # type: ignore[arg-type]
     assert _nats_internals.drop_buffered_publishes(Other(), "_INBOX.x") == 0  # type: ignore[arg-type]
+
+
+def test_sequences_by_hand_equal_what_nats_py_parses() -> None:
+    from nats.aio.msg import Msg
+
+    from shared.bus.consumer import consumer_sequence, stream_sequence
+
+    for reply in (
+        "$JS.ACK.MD_QUOTES.aggregator.1.4711.42.1796289044002936324.7",  # v1: 9 tokens
+        "$JS.ACK.hub.ACCHASH.MD_QUOTES.aggregator.2.4711.42.1796289044002936324.7.rnd",  # v2
+        "$JS.ACK.hub.ACCHASH.MD_QUOTES.aggregator.2.4711.42.1796289044002936324.7",  # v2, 11
+    ):
+        msg = Msg(_client=None, subject="md.quotes.X", reply=reply)  # type: ignore[arg-type]
+        assert (stream_sequence(msg), consumer_sequence(msg)) == (
+            msg.metadata.sequence.stream,
+            msg.metadata.sequence.consumer,
+        ), reply
