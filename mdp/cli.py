@@ -374,14 +374,14 @@ class Progress:
 
     async def line(self, nc: NATS) -> str:
         """Scrape the services' metrics and format one progress line."""
-        ticks = await scrape(nc, "provider", ["provider_ticks_published_total"])
-        bars = await scrape(nc, "aggregator", ["aggregator_bars_emitted_total"])
-        rows = await scrape(nc, "store", ["store_rows_written_total"])
+        ticks = await scrape(nc, "provider", ["mdp_provider_ticks_published_total"])
+        bars = await scrape(nc, "aggregator", ["mdp_aggregator_bars_emitted_total"])
+        rows = await scrape(nc, "store", ["mdp_store_rows_written_total"])
         now = time.monotonic()
         current = {
-            "ticks": ticks["provider_ticks_published_total"],
-            "bars": bars["aggregator_bars_emitted_total"],
-            "rows": rows["store_rows_written_total"],
+            "ticks": ticks["mdp_provider_ticks_published_total"],
+            "bars": bars["mdp_aggregator_bars_emitted_total"],
+            "rows": rows["mdp_store_rows_written_total"],
         }
         elapsed = max(now - self.at, 1e-3)
         rate = (current["ticks"] - self.last.get("ticks", 0.0)) / elapsed

@@ -68,6 +68,11 @@ class AggregatorSettings(BaseModel):
         description="write the state at most this often (0: after every pulled batch); a restart "
         "folds again what came after the last one",
     )
+    late_ticks_by_symbol: bool = Field(
+        False,
+        description="also count late ticks per symbol (mdp_aggregator_late_ticks_by_symbol_total;"
+        " one series per symbol, so off by default)",
+    )
 
     @field_validator("gap_interval")
     @classmethod

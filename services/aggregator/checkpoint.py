@@ -9,11 +9,13 @@ that lost its lease can never overwrite the state of the instance that took over
 from __future__ import annotations
 
 import contextlib
+import time
 import zlib
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from prometheus_client import Gauge
 from structlog.typing import FilteringBoundLogger
 
 from services.aggregator.dedup import SeenSeqs
@@ -30,6 +32,12 @@ __all__ = [
     "decode_checkpoint",
     "encode_checkpoint",
 ]
+
+CHECKPOINT_AGE = Gauge(
+    "mdp_aggregator_checkpoint_age_seconds",
+    "Seconds since the consumer's checkpoint was last written (or restored, by this instance)",
+    ["consumer"],
+)
 
 # Past this many waiting bars a checkpoint sends the batch first, to keep checkpoints small.
 CHECKPOINT_MAX_PENDING = 2000
@@ -76,6 +84,7 @@ class CheckpointStore:
         self._kv = kv
         self._log: FilteringBoundLogger = ctx.log
         self._attempted = b""  # the last checkpoint we tried to write
+        self.saved_at: float | None = None  # monotonic time of the last write (or load)
 
     async def load(self) -> Checkpoint | None:
         """The stored checkpoint (adopting its revision), or None when there is none."""
@@ -88,7 +97,18 @@ class CheckpointStore:
             return None
         checkpoint = decode_checkpoint(entry.value)
         self.revision = entry.revision or 0
+        self._saved()
         return checkpoint
+
+    def _saved(self) -> None:
+        """Note a checkpoint just written or restored; its age is a gauge from then on."""
+        if self.saved_at is None:
+            CHECKPOINT_AGE.labels(self.key.rsplit(".", 1)[-1]).set_function(self.age)
+        self.saved_at = time.monotonic()
+
+    def age(self) -> float:
+        """Seconds since the last checkpoint this instance wrote or restored (0 before one)."""
+        return 0.0 if self.saved_at is None else time.monotonic() - self.saved_at
 
     async def save(self, checkpoint: Checkpoint) -> None:
         """Write with compare-and-swap; stop the service and raise Fenced if another instance
@@ -113,6 +133,7 @@ class CheckpointStore:
                     self.revision = await self._kv.update(self.key, data, last=self.revision)
                 else:
                     self.revision = await self._kv.create(self.key, data)
+                self._saved()
                 return
             except KeyWrongLastSequenceError as exc:
                 await self._fenced_unless_ours(exc, previous)

@@ -207,10 +207,10 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
     unknown = queried - exported
     assert not unknown, f"the dashboard queries metrics no service exports: {sorted(unknown)}"
     required = {
-        "provider_ticks_published_total",  # ticks in
-        "aggregator_bars_emitted_total",  # bars out
-        "store_rows_written_total",  # rows stored
-        "late_ticks_total",
+        "mdp_provider_ticks_published_total",  # ticks in
+        "mdp_aggregator_bars_emitted_total",  # bars out
+        "mdp_store_rows_written_total",  # rows stored
+        "mdp_aggregator_late_ticks_total",
         "mdp_dead_letters_total",
         "ingest_active",
         "ingest_writes_suppressed_total",

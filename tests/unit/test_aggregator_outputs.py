@@ -244,3 +244,30 @@ def test_a_new_policy_retunes_the_batch_being_filled() -> None:
     assert [len(msgspec.json.decode(b.data, type=BarBatch).bars) for b in batches] == [4]
     r.route(Emitted(bars=[bar(4)]), NOW)
     assert r.is_due(NOW + 50 * MS) and not r.is_due(NOW + 49 * MS)
+
+
+def _sample(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_late_ticks_are_counted_by_interval_and_by_symbol_only_when_asked() -> None:
+    late = LateTick("LATE1", "5m", tick(7, ts=123), "late: beyond the revise window")
+    by_interval = _sample("mdp_aggregator_late_ticks_total", interval="5m")
+    router().route(Emitted(late=[late]), NOW)
+    assert _sample("mdp_aggregator_late_ticks_total", interval="5m") == by_interval + 1
+    assert _sample("mdp_aggregator_late_ticks_by_symbol_total", symbol="LATE1") == 0
+    opted = OutputRouter(EffectivePolicy(), JSON, PRODUCER, "aggregator", late_by_symbol=True)
+    opted.route(Emitted(late=[late]), NOW)
+    assert _sample("mdp_aggregator_late_ticks_by_symbol_total", symbol="LATE1") == 1
+
+
+def test_tick_to_bar_latency_is_observed_for_first_publications_only() -> None:
+    def count() -> float:
+        return _sample("mdp_aggregator_tick_to_bar_seconds_count", interval="7s")
+
+    before = count()
+    first, revision = bar(0, interval="7s"), bar(0, interval="7s", rev=1)
+    router(mode="none").route(Emitted(bars=[first, revision]), NOW)
+    assert count() == before + 1
