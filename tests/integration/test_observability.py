@@ -2,9 +2,10 @@
 
 The five services run against a real nats-server with a synthetic job until bars are stored;
 then every service's `/metrics` is scraped. Every metric name in a PromQL expression of the
-Grafana dashboard must be one a service exports (a histogram's `_bucket`, `_sum`, `_count`
-allowed), or a `nats_*` series of the Prometheus NATS exporter. Every exported name follows the
-naming rule, and the lag, latency, checkpoint and lease metrics carry values.
+Grafana dashboard and of the Prometheus rules must be one a service exports (a histogram's
+`_bucket`, `_sum`, `_count` allowed), or a `nats_*` series of the Prometheus NATS exporter.
+Every exported name follows the naming rule, and the lag, latency, checkpoint and lease metrics
+carry values.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 # The control protocol's names (public API, kept); the client library's standard collectors.
 PROTOCOL = {
     "ingest_active",
@@ -81,7 +83,7 @@ def test_promql_metric_names() -> None:
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
-    """(dashboard file, expression) of every target of every panel, rows included."""
+    """(file, expression) of every panel target (rows included) and every alerting rule."""
     out = []
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
@@ -90,6 +92,8 @@ def dashboard_queries() -> list[tuple[str, str]]:
             panel = panels.pop()
             panels.extend(panel.get("panels", []))
             out += [(path.name, t["expr"]) for t in panel.get("targets", []) if "expr" in t]
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        out += [(RULES.name, rule["expr"]) for rule in group["rules"]]
     return out
 
 
