@@ -107,6 +107,24 @@ class StoreSettings(BaseModel):
     # SQLite: the busy timeout for the write lock; PostgreSQL: the statement timeout. A failed
     # attempt is retried with backoff, so a shorter timeout only makes an outage visible sooner.
     write_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # TimescaleDB only (services/store/timescale.py): how the bars hypertable ages.
+    chunk_hours: float = Field(
+        6, gt=0, le=24 * 30, description="chunk size; 6 h of 1 s bars is ~21,600 rows a symbol"
+    )
+    compress_after_days: float = Field(7, ge=0, description="compress older chunks; 0: never")
+    retention_days: float = Field(
+        365,
+        ge=0,
+        description="drop chunks older than this (the 5m/1h/1d rollups stay); 0: keep all",
+    )
+
+    @field_validator("retention_days")
+    @classmethod
+    def _retention_outlives_the_rollups(cls, value: float) -> float:
+        # The 1d rollup refreshes the last 10 days: dropping them first would empty its buckets.
+        if 0 < value <= 10:
+            raise ValueError("retention_days must be 0 (keep all) or more than 10")
+        return value
 
 
 class ControlSettings(BaseModel):

@@ -30,6 +30,7 @@ from services.store.http import (
     RetryableForwardError,
 )
 from services.store.invariants import split_bars
+from services.store.timescale import Aging
 from services.store.writers import (
     BarWriter,
     InvalidBarError,
@@ -84,8 +85,10 @@ class StoreService:
         self.settings = settings
         self.codec = Codec(BarBatch)
         self.http_settings = settings.store
+        store = settings.store
+        aging = Aging.of(store.chunk_hours, store.compress_after_days, store.retention_days)
         self.writer: BarWriter = open_writer(
-            settings.store_url, timeout_s=settings.store.write_timeout_s
+            settings.store_url, timeout_s=store.write_timeout_s, aging=aging
         )
         # One writer for both inputs: commits are serialised so they never interleave.
         self.write_lock = asyncio.Lock()
