@@ -15,13 +15,12 @@ WORKDIR /src
 
 # Dependencies first, from pyproject.toml alone, so that editing the code does not reinstall
 # them: install the project once with empty packages (this layer changes only with
-# pyproject.toml), then again below with the real code.
-COPY pyproject.toml ./
-# No lock file: versions are the ranges in pyproject.toml.
-# hadolint ignore=DL3013
+# pyproject.toml and constraints.txt), then again below with the real code.
+COPY pyproject.toml constraints.txt ./
+# Versions pinned by constraints.txt (the ones CI tests: scripts/freeze_constraints.sh).
 RUN mkdir -p shared services mdp \
     && touch README.md shared/__init__.py services/__init__.py mdp/__init__.py \
-    && pip install '.[ibkr]' \
+    && pip install -c constraints.txt '.[ibkr]' \
     && pip uninstall -y mdp
 
 COPY README.md ./
