@@ -135,6 +135,16 @@ class ControlSettings(BaseModel):
     http_token: str = Field("", description="bearer token required when set")
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry spans across hops (the `tracing` extra): `MDP_TRACING__*`, off by default."""
+
+    enabled: bool = False
+    endpoint: str = Field(
+        "http://127.0.0.1:4318", description="OTLP/HTTP collector; spans go to <endpoint>/v1/traces"
+    )
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of traces kept, by trace id")
+
+
 class ReplaySettings(BaseModel):
     """Where a replay job may read its file: `MDP_REPLAY__ROOTS`, checked by control at start."""
 
@@ -175,6 +185,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     control: ControlSettings = ControlSettings()
     replay: ReplaySettings = ReplaySettings()
+    tracing: TracingSettings = TracingSettings()
 
     @field_validator("store_url")
     @classmethod

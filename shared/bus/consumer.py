@@ -17,6 +17,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from prometheus_client import Counter, Gauge
 from structlog.typing import FilteringBoundLogger
 
+from shared import tracing
+
 _LAG_LABELS = ["stream", "consumer"]
 CONSUMER_PENDING = Gauge(
     "mdp_consumer_pending_messages",
@@ -323,7 +325,11 @@ class PullConsumer:
         failures = 0
         while True:
             try:
-                await self.handler(msgs)
+                if tracing.ON:
+                    with tracing.consuming(self.stream, self.durable, msgs):
+                        await self.handler(msgs)
+                else:
+                    await self.handler(msgs)
                 self._last_seq = max(self._last_seq, stream_sequence(msgs[-1]))
                 return True
             except (asyncio.CancelledError, StopConsuming):
