@@ -20,7 +20,7 @@ COPY pyproject.toml constraints.txt ./
 # Versions pinned by constraints.txt (the ones CI tests: scripts/freeze_constraints.sh).
 RUN mkdir -p shared services mdp \
     && touch README.md shared/__init__.py services/__init__.py mdp/__init__.py \
-    && pip install -c constraints.txt '.[ibkr]' \
+    && pip install -c constraints.txt '.[ibkr,tracing]' \
     && pip uninstall -y mdp
 
 COPY README.md ./
@@ -28,10 +28,11 @@ COPY shared ./shared
 COPY services ./services
 COPY mdp ./mdp
 # --no-deps: they are all in the layer above already. The ibkr adapter's client (ib_async,
-# from the extra) must import in the image.
+# from the extra) and OpenTelemetry (the tracing extra, off unless MDP_TRACING__ENABLED) must
+# import in the image.
 # hadolint ignore=DL3013
-RUN pip install --no-deps '.[ibkr]' && mdp service --help >/dev/null \
-    && python -c "import ib_async, services.provider.adapters.ibkr.adapter"
+RUN pip install --no-deps '.[ibkr,tracing]' && mdp service --help >/dev/null \
+    && python -c "import ib_async, services.provider.adapters.ibkr.adapter, opentelemetry.sdk"
 
 # --- runtime: the virtualenv, the configuration files, a non-root user ----------------------
 FROM python:3.11-slim

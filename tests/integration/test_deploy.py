@@ -137,6 +137,24 @@ def test_compose_single_node_config_is_valid() -> None:
                 assert source.exists(), f"{name} mounts {source}, which does not exist"
 
 
+def test_compose_exports_nats_metrics_and_has_a_tracing_profile() -> None:
+    services = load_yaml(COMPOSE)["services"]
+    exporter = services["nats-exporter"]
+    assert exporter["image"].startswith("natsio/prometheus-nats-exporter:")
+    assert "-prefix=nats" in exporter["command"] and "-jsz=all" in exporter["command"]
+    assert exporter["command"][-1] == "http://nats:8222/"
+    assert "8222" in services["nats"]["command"], "the server's monitoring port"
+    for name in ("otel-collector", "jaeger"):
+        assert services[name]["profiles"] == ["tracing"]
+    assert (ROOT / "deploy" / "otel" / "collector.yml").exists()
+    config = load_yaml(ROOT / "deploy" / "otel" / "collector.yml")
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["MDP_TRACING__ENDPOINT"] == "http://otel-collector:4318"
+        assert env["MDP_TRACING__ENABLED"] == "${MDP_TRACING:-false}"  # off by default
+
+
 def test_compose_cluster_config_is_valid() -> None:
     result = compose_config(COMPOSE, CLUSTER_COMPOSE, env_file=CLUSTER_ENV_EXAMPLE)
     assert result.returncode == 0, result.stderr
@@ -190,7 +208,7 @@ def test_dockerfile_builds_a_small_non_root_service_image() -> None:
     lines = [line.strip() for line in dockerfile.splitlines() if line.strip()]
     instructions = [line for line in lines if not line.startswith("#")]
     assert [i for i in instructions if i.startswith("FROM")][-1] == "FROM python:3.11-slim"
-    assert any("pip install" in i and "'.[ibkr]'" in i for i in instructions)
+    assert any("pip install" in i and "'.[ibkr,tracing]'" in i for i in instructions)
     user = [i for i in instructions if i.startswith("USER ")][-1].split()[1]
     assert user.split(":")[0] not in ("root", "0")
     metrics_port = re.search(r"MDP_METRICS_PORT=(\d+)", dockerfile)

@@ -57,5 +57,5 @@ def test_ci_and_the_image_install_with_the_constraints() -> None:
     assert "pip install --quiet -c constraints.txt -e '.[dev]'" in (ROOT / ".ci/run").read_text()
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY pyproject.toml constraints.txt ./" in dockerfile
-    assert "pip install -c constraints.txt '.[ibkr]'" in dockerfile
+    assert "pip install -c constraints.txt '.[ibkr,tracing]'" in dockerfile
     assert "!constraints.txt" in (ROOT / ".dockerignore").read_text().splitlines()
