@@ -56,16 +56,25 @@ LATE_TICKS_BY_SYMBOL = Counter(
 )
 TICK_TO_BAR = Histogram(
     "mdp_aggregator_tick_to_bar_seconds",
-    "Wall time a bar is first published minus its end (revisions not counted)",
+    "Wall time a bar is first published minus its end (not revisions, replays, backfills)",
     ["interval"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+LATENCY_MAX_S = 3600.0
+_TICK_TO_BAR_BY: dict[str, Histogram] = {}  # the labelled children, by interval
 
 
 def _observe_latency(bar: Bar) -> None:
-    """Tick-to-bar latency of a bar's first publication (a revision is late by design)."""
-    if bar.rev == 0:
-        TICK_TO_BAR.labels(bar.interval).observe(max(0.0, (time.time_ns() - bar.end) / 1e9))
+    """Tick-to-bar latency of a bar's first publication (a revision is late by design). A bar
+    that ends more than `LATENCY_MAX_S` before now is a replay or a backfill, not latency."""
+    if bar.rev:
+        return
+    seconds = (time.time_ns() - bar.end) / 1e9
+    if seconds < LATENCY_MAX_S:
+        child = _TICK_TO_BAR_BY.get(bar.interval)
+        if child is None:
+            child = _TICK_TO_BAR_BY[bar.interval] = TICK_TO_BAR.labels(bar.interval)
+        child.observe(max(0.0, seconds))
 
 
 def _count_late(interval: str, symbol: str, by_symbol: bool) -> None:

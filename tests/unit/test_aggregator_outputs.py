@@ -263,11 +263,18 @@ def test_late_ticks_are_counted_by_interval_and_by_symbol_only_when_asked() -> N
     assert _sample("mdp_aggregator_late_ticks_by_symbol_total", symbol="LATE1") == 1
 
 
-def test_tick_to_bar_latency_is_observed_for_first_publications_only() -> None:
+def test_tick_to_bar_latency_is_observed_for_first_live_publications_only() -> None:
+    import time
+
     def count() -> float:
         return _sample("mdp_aggregator_tick_to_bar_seconds_count", interval="7s")
 
     before = count()
-    first, revision = bar(0, interval="7s"), bar(0, interval="7s", rev=1)
-    router(mode="none").route(Emitted(bars=[first, revision]), NOW)
+    end = time.time_ns() - 500 * MS
+    first = msgspec.structs.replace(bar(0, interval="7s"), start=end - 7000 * MS, end=end)
+    revision = msgspec.structs.replace(first, rev=1)
+    replayed = bar(0, interval="7s")  # ended in 2023: a replay, not latency
+    router(mode="none").route(Emitted(bars=[first, revision, replayed]), NOW)
     assert count() == before + 1
+    total = _sample("mdp_aggregator_tick_to_bar_seconds_sum", interval="7s")
+    assert 0.5 <= total < 5
