@@ -43,6 +43,9 @@ from shared.contract.messages import Bar
 MB = 1024 * 1024
 SECOND = 1_000_000_000
 TICKS = "mdp_provider_ticks_published_total"
+# The services' own latency histograms (all intervals, both store modes): means over the run.
+TICK_TO_BAR = ("aggregator", "mdp_aggregator_tick_to_bar_seconds")
+PUBLISH_TO_STORE = ("store", "mdp_store_publish_to_store_seconds")
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Run:
     latencies_ms: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # share of one core
     rss_mb: dict[str, tuple[float, float]] = field(default_factory=dict)  # start, end
+    exported_ms: dict[str, float] = field(default_factory=dict)  # the histograms' means
 
     def percentile(self, q: float) -> float:
         """The q-th percentile latency in ms (nan with no bars)."""
@@ -103,6 +107,7 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
             raise SystemExit(f"start refused: {reply.get('error')}")
         await asyncio.sleep(warmup)
         ticks0 = (await scrape(nc, "provider", [TICKS]))[TICKS]
+        hist0 = {h: await histogram(nc, *h) for h in (TICK_TO_BAR, PUBLISH_TO_STORE)}
         cpu0 = {name: read_cpu_s(pid) or 0.0 for name, pid in pids.items()}
         rss0 = {name: (read_memory(pid) or (0, 0))[0] for name, pid in pids.items()}
         t0 = time.monotonic()
@@ -113,6 +118,10 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
         cpu1 = {name: read_cpu_s(pid) or 0.0 for name, pid in pids.items()}
         rss1 = {name: (read_memory(pid) or (0, 0))[0] for name, pid in pids.items()}
         result.ticks_per_s = ((await scrape(nc, "provider", [TICKS]))[TICKS] - ticks0) / elapsed
+        for h, (sum0, count0) in hist0.items():
+            total, count = await histogram(nc, *h)
+            if count > count0:
+                result.exported_ms[h[1]] = (total - sum0) / (count - count0) * 1000
         # Bars that closed before the stop may still be on their way: wait for them.
         await asyncio.sleep(grace_ms / 1000 + 3.0)
         await control_request(nc, "stop", {"job": "live", "reason": "bench_done"})
@@ -134,6 +143,12 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
     return result
 
 
+async def histogram(nc: nats.NATS, service: str, name: str) -> tuple[float, float]:
+    """(sum, count) of a histogram the service exports, over all its labels."""
+    got = await scrape(nc, service, [f"{name}_sum", f"{name}_count"])
+    return got[f"{name}_sum"], got[f"{name}_count"]
+
+
 def report(run: Run, grace_ms: int) -> str:
     """One run as text."""
     lines = [
@@ -144,6 +159,8 @@ def report(run: Run, grace_ms: int) -> str:
         f"{run.percentile(50):.0f} ms, p99 {run.percentile(99):.0f} ms, max "
         f"{max(run.latencies_ms, default=float('nan')):.0f} ms (grace {grace_ms} ms: p99 - grace "
         f"= {run.percentile(99) - grace_ms:.0f} ms)",
+        "  as the services measure it (mean): "
+        + "  ".join(f"{k} {v:.0f} ms" for k, v in run.exported_ms.items()),
         "  CPU (cores): " + "  ".join(f"{k} {v:.2f}" for k, v in run.cpu.items()),
         "  RSS MB start->end: "
         + "  ".join(f"{k} {a:.0f}->{b:.0f}" for k, (a, b) in run.rss_mb.items()),
