@@ -38,7 +38,7 @@ from mdp.cli import control_request
 from mdp.supervisor import Supervisor, scrape
 from services.registry import SERVICES
 from shared.contract import names
-from shared.contract.messages import Bar
+from shared.contract.messages import Bar, TickBatch
 
 MB = 1024 * 1024
 SECOND = 1_000_000_000
@@ -56,14 +56,16 @@ class Run:
     delivered: int = 0
     ticks_per_s: float = 0.0  # what the provider published while measuring
     latencies_ms: list[float] = field(default_factory=list)
+    quote_ms: list[float] = field(default_factory=list)  # newest tick of a batch to md.quotes
     cpu: dict[str, float] = field(default_factory=dict)  # share of one core
     rss_mb: dict[str, tuple[float, float]] = field(default_factory=dict)  # start, end
 
-    def percentile(self, q: float) -> float:
-        """The q-th percentile latency in ms (nan with no bars)."""
-        if not self.latencies_ms:
+    def percentile(self, q: float, of: list[float] | None = None) -> float:
+        """The q-th percentile of a latency list in ms (the bars' by default; nan if empty)."""
+        values = self.latencies_ms if of is None else of
+        if not values:
             return float("nan")
-        ordered = sorted(self.latencies_ms)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
@@ -93,6 +95,16 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
                 first_seen.setdefault((bar.symbol, bar.start), (arrived - bar.end) / 1e6)
 
         await nc.subscribe(names.bars_of("1s"), cb=on_bar, pending_msgs_limit=10_000_000)
+        measuring = False
+
+        async def on_quotes(msg: Msg) -> None:
+            arrived = time.time_ns()
+            if measuring:
+                batch = msgspec.json.decode(msg.data, type=TickBatch)
+                result.quote_ms.append((arrived - batch.ticks[-1].ts) / 1e6)
+
+        for symbol in names_[:: max(1, symbols // 20)]:  # a sample: the transit, not a load
+            await nc.subscribe(names.quotes(symbol), cb=on_quotes)
         pids = {name: sup.children[name].proc.pid for name in SERVICES}  # type: ignore[union-attr]
         pids["nats-server"] = sup.nats_server.proc.pid
         reply = await control_request(
@@ -107,7 +119,9 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
         rss0 = {name: (read_memory(pid) or (0, 0))[0] for name, pid in pids.items()}
         t0 = time.monotonic()
         measure_from = time.time_ns()
+        measuring = True
         await asyncio.sleep(seconds)
+        measuring = False
         measure_to = time.time_ns()
         elapsed = time.monotonic() - t0
         cpu1 = {name: read_cpu_s(pid) or 0.0 for name, pid in pids.items()}
@@ -144,6 +158,8 @@ def report(run: Run, grace_ms: int) -> str:
         f"{run.percentile(50):.0f} ms, p99 {run.percentile(99):.0f} ms, max "
         f"{max(run.latencies_ms, default=float('nan')):.0f} ms (grace {grace_ms} ms: p99 - grace "
         f"= {run.percentile(99) - grace_ms:.0f} ms)",
+        f"  tick to md.quotes (newest tick of a batch, sampled symbols): p50 "
+        f"{run.percentile(50, run.quote_ms):.0f} ms, p99 {run.percentile(99, run.quote_ms):.0f} ms",
         "  CPU (cores): " + "  ".join(f"{k} {v:.2f}" for k, v in run.cpu.items()),
         "  RSS MB start->end: "
         + "  ".join(f"{k} {a:.0f}->{b:.0f}" for k, (a, b) in run.rss_mb.items()),
@@ -170,7 +186,8 @@ def main() -> int:
         )
         print(f"run {i + 1}/{args.repeat}: " + report(run, args.grace_ms), flush=True)
         if args.json:
-            print(json.dumps({**run.__dict__, "latencies_ms": None, "p50": run.percentile(50),
+            print(json.dumps({**run.__dict__, "latencies_ms": None, "quote_ms": None,
+                              "p50": run.percentile(50),
                               "p99": run.percentile(99)}))  # fmt: skip
         p99s.append(run.percentile(99))
         ok &= run.delivered == run.expected and run.percentile(99) <= args.grace_ms + 100
