@@ -59,6 +59,7 @@ class Run:
     quote_ms: list[float] = field(default_factory=list)  # newest tick of a batch to md.quotes
     cpu: dict[str, float] = field(default_factory=dict)  # share of one core
     rss_mb: dict[str, tuple[float, float]] = field(default_factory=dict)  # start, end
+    rss_peak_mb: dict[str, float] = field(default_factory=dict)  # sampled every 10 s
 
     def percentile(self, q: float, of: list[float] | None = None) -> float:
         """The q-th percentile of a latency list in ms (the bars' by default; nan if empty)."""
@@ -69,8 +70,10 @@ class Run:
         return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def run_once(symbols: int, rate: float, seconds: float, warmup: float, grace_ms: int) -> Run:
-    """One live run in a fresh directory."""
+async def run_once(
+    symbols: int, rate: float, seconds: float, warmup: float, grace_ms: int, keep: bool = False
+) -> Run:
+    """One live run in a fresh directory (kept, with the services' logs, with `keep`)."""
     workdir = Path(tempfile.mkdtemp(prefix="mdp-live-"))
     env = {
         "MDP_LOG_LEVEL": "WARNING",
@@ -120,7 +123,11 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
         t0 = time.monotonic()
         measure_from = time.time_ns()
         measuring = True
-        await asyncio.sleep(seconds)
+        while (left := seconds - (time.monotonic() - t0)) > 0:
+            await asyncio.sleep(min(10.0, left))
+            for name, pid in pids.items():
+                rss = (read_memory(pid) or (0, 0))[0] / MB
+                result.rss_peak_mb[name] = max(result.rss_peak_mb.get(name, 0.0), rss)
         measuring = False
         measure_to = time.time_ns()
         elapsed = time.monotonic() - t0
@@ -144,7 +151,10 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
         result.rss_mb = {name: (rss0[name] / MB, rss1[name] / MB) for name in pids}
     finally:
         sup.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if keep:
+            print(f"logs and store kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
@@ -161,8 +171,11 @@ def report(run: Run, grace_ms: int) -> str:
         f"  tick to md.quotes (newest tick of a batch, sampled symbols): p50 "
         f"{run.percentile(50, run.quote_ms):.0f} ms, p99 {run.percentile(99, run.quote_ms):.0f} ms",
         "  CPU (cores): " + "  ".join(f"{k} {v:.2f}" for k, v in run.cpu.items()),
-        "  RSS MB start->end: "
-        + "  ".join(f"{k} {a:.0f}->{b:.0f}" for k, (a, b) in run.rss_mb.items()),
+        "  RSS MB start->end (peak): "
+        + "  ".join(
+            f"{k} {a:.0f}->{b:.0f} ({run.rss_peak_mb.get(k, b):.0f})"
+            for k, (a, b) in run.rss_mb.items()
+        ),
     ]
     return "\n".join(lines)
 
@@ -177,12 +190,13 @@ def main() -> int:
     parser.add_argument("--grace-ms", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="also print each run as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the run's directory and logs")
     args = parser.parse_args()
     ok = True
     p99s = []
     for i in range(args.repeat):
         run = asyncio.run(
-            run_once(args.symbols, args.rate, args.seconds, args.warmup, args.grace_ms)
+            run_once(args.symbols, args.rate, args.seconds, args.warmup, args.grace_ms, args.keep)
         )
         print(f"run {i + 1}/{args.repeat}: " + report(run, args.grace_ms), flush=True)
         if args.json:
