@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 import nats
@@ -87,10 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bars = sub.add_parser("bars", help="read stored bars")
     bars_sub = bars.add_subparsers(dest="bars_command", required=True, metavar="ACTION")
-    export = bars_sub.add_parser("export", help="print stored bars as CSV")
+    export = bars_sub.add_parser(
+        "export",
+        help="stream stored bars out as CSV, JSON lines or Parquet (exit 4: nothing matched)",
+    )
     _common(export)
-    export.add_argument("--symbol")
-    export.add_argument("--interval")
+    export.add_argument("--symbol", help="one symbol (default: every symbol)")
+    export.add_argument("--interval", help="one interval, e.g. 1s or 1m (default: every one)")
+    export.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
+    export.add_argument(
+        "--from", dest="start", help="bars starting at or after this UTC time (ISO 8601 or ns)"
+    )
+    export.add_argument("--to", dest="end", help="bars starting before this UTC time")
+    export.add_argument("--out", type=Path, help="write to FILE (default stdout; parquet: needed)")
 
     ingest = sub.add_parser("ingest", help="send ingest.control requests")
     ingest_sub = ingest.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -330,20 +339,69 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 async def cmd_bars_export(args: argparse.Namespace) -> int:
-    """`mdp bars export`: CSV of the stored bars on stdout."""
-    from services.store.writers import export_csv, read_bars
+    """`mdp bars export`: stream the stored bars; exit 4 (said on stderr) when none matched."""
+    from mdp import export
+    from services.store.writers import stream_bars, symbol_known
 
-    url = _store_url(args.data_dir)
-    if url.startswith("sqlite:"):
-        path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
-        if not path.is_file():  # noqa: ASYNC240 (one stat before any I/O starts)
-            raise CliError(f"no store at {url}: nothing was stored there (--store, --data-dir)")
+    start, end = _time_arg("--from", args.start), _time_arg("--to", args.end)
     try:
-        bars = await read_bars(url, symbol=args.symbol, interval=args.interval)
+        export.check_format(args.format)
+    except export.MissingExtra as exc:
+        raise CliError(str(exc)) from None
+    if args.format == "parquet" and args.out is None:
+        raise CliError("parquet needs a seekable file: pass --out FILE.parquet")
+    url = _store_url(args.data_dir)
+    _require_sqlite_file(url)
+    chunks = stream_bars(url, args.symbol, args.interval, start, end)
+    out: Path | None = args.out
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(contextlib.aclosing(chunks))
+
+            def open_out() -> IO[bytes]:
+                # Opened at the first row, so an export that matched nothing leaves no file.
+                return sys.stdout.buffer if out is None else stack.enter_context(out.open("wb"))
+
+            rows = await export.write_bars(chunks, args.format, open_out)
+        if rows == 0 and args.symbol and not await symbol_known(url, args.symbol):
+            print(f"mdp: no bars of symbol {args.symbol!r} in {url}", file=sys.stderr)
+            return export.NOTHING_MATCHED
+    except CliError:
+        raise
     except Exception as exc:
         raise CliError(f"cannot read bars from {url}: {exc}") from None
-    export_csv(bars, sys.stdout)
+    if rows == 0:
+        print(f"mdp: no bars match {_filters(args)} in {url}", file=sys.stderr)
+        return export.NOTHING_MATCHED
+    if out is not None:
+        print(f"{rows:,} bars written to {out}", file=sys.stderr)
     return 0
+
+
+def _time_arg(flag: str, value: str | None) -> int | None:
+    from mdp.export import parse_time
+
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise CliError(f"{flag}: {exc}", 2) from None
+
+
+def _filters(args: argparse.Namespace) -> str:
+    said = [f"{flag} {value}" for flag, value in (
+        ("--symbol", args.symbol), ("--interval", args.interval), ("--from", args.start),
+        ("--to", args.end),
+    ) if value]  # fmt: skip
+    return " ".join(said) or "(no filter)"
+
+
+def _require_sqlite_file(url: str) -> None:
+    if url.startswith("sqlite:"):
+        path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
+        if not path.is_file():
+            raise CliError(f"no store at {url}: nothing was stored there (--store, --data-dir)")
 
 
 def _supervisor(data_dir: Path, env: dict[str, str] | None = None) -> Supervisor:
