@@ -101,6 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", dest="end", help="bars starting before this UTC time")
     export.add_argument("--out", type=Path, help="write to FILE (default stdout; parquet: needed)")
 
+    tail = sub.add_parser("tail", help="print quotes, bars or events as they pass")
+    _common(tail)
+    tail.add_argument("kind", choices=["quotes", "bars", "events"])
+    tail.add_argument("symbols", nargs="*", metavar="SYMBOL", help="only these (default: all)")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.add_argument("--count", type=int, default=0, help="exit after N lines (0: never)")
+
+    dlq = sub.add_parser("dlq", help="inspect and re-drive the dead letters (md.dlq.>)")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_sub.add_parser("list", help="every dead letter with its reason")
+    dlq_show = dlq_sub.add_parser("show", help="one dead letter: headers and decoded body")
+    dlq_redrive = dlq_sub.add_parser(
+        "redrive", help="send dead letters fixed upstream back to their original subject"
+    )
+    for action in (dlq_list, dlq_show, dlq_redrive):
+        _common(action)
+        action.add_argument("--json", action="store_true", help="JSON, one object per line")
+    dlq_show.add_argument("seq", type=int, help="its stream sequence (from `mdp dlq list`)")
+    dlq_redrive.add_argument("seqs", type=int, nargs="*", metavar="SEQ")
+    for action in (dlq_list, dlq_redrive):
+        action.add_argument("--service", help="only md.dlq.SERVICE")
+        action.add_argument("--reason", help="only those whose reason contains TEXT")
+    dlq_list.add_argument("--limit", type=int, default=500, help="show at most N (500)")
+    dlq_redrive.add_argument("--all", action="store_true", help="every redrivable one")
+    dlq_redrive.add_argument("--dry-run", action="store_true", help="say what would go back")
+    dlq_redrive.add_argument("--keep", action="store_true", help="keep them in MD_DLQ too")
+
     ingest = sub.add_parser("ingest", help="send ingest.control requests")
     ingest_sub = ingest.add_subparsers(dest="verb", required=True, metavar="VERB")
     start = ingest_sub.add_parser("start", help="start a job")
@@ -402,6 +429,103 @@ def _require_sqlite_file(url: str) -> None:
         path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
         if not path.is_file():
             raise CliError(f"no store at {url}: nothing was stored there (--store, --data-dir)")
+
+
+async def cmd_tail(args: argparse.Namespace) -> int:
+    """`mdp tail KIND [SYMBOL...]`: until Ctrl-C/SIGTERM, or --count lines."""
+    from mdp.tail import tail
+
+    nc = await _connect(_nats_url(args.data_dir))
+    try:
+        await tail(nc, args.kind, args.symbols, as_json=args.json, count=args.count)
+    finally:
+        await _close(nc)
+    return 0
+
+
+async def cmd_dlq(args: argparse.Namespace) -> int:
+    """`mdp dlq list|show|redrive`; redrive exits 1 if a selected letter could not go back."""
+    from mdp import dlq
+
+    nc = await _connect(_nats_url(args.data_dir))
+    try:
+        js = nc.jetstream()
+        if args.dlq_command == "show":
+            stored = await dlq.get(js, args.seq)
+            if stored is None:
+                raise CliError(f"no dead letter {args.seq} in {names.STREAM_DLQ}")
+            letter, headers, data = stored
+            body = dlq.decode_body(letter.subject, headers, data)
+            text = (
+                msgspec.json.encode({"letter": letter, "headers": headers, "body": body}).decode()
+                if args.json
+                else dlq.show_text(letter, headers, body, data)
+            )
+            print(text)
+            return 0
+        if args.dlq_command == "list":
+            return await _dlq_list(js, args)
+        return await _dlq_redrive(js, args)
+    finally:
+        await _close(nc)
+
+
+async def _dlq_list(js: Any, args: argparse.Namespace) -> int:
+    from mdp import dlq
+
+    shown: list[dlq.DeadLetter] = []
+    more = 0
+    async for letter, _, _ in dlq.read(js, args.service):
+        if not dlq.matches(letter, set(), args.reason, None):
+            continue
+        if len(shown) >= args.limit:
+            more += 1
+            continue
+        shown.append(letter)
+        if args.json:
+            print(msgspec.json.encode(letter).decode(), flush=True)
+    if args.json:
+        return 0
+    if not shown:
+        print("no dead letters", file=sys.stderr)
+        return 0
+    print(dlq.list_header())
+    for letter in shown:
+        print(dlq.list_line(letter))
+    summary = ", ".join(f"{n} {s}: {r}" for s, r, n in dlq.reason_counts(shown)[:5])
+    print(f"{len(shown) + more} dead letter(s){f' ({more} not shown)' if more else ''}; "
+          f"by reason: {summary}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+async def _dlq_redrive(js: Any, args: argparse.Namespace) -> int:
+    from mdp import dlq
+
+    seqs = set(args.seqs)
+    if not (seqs or args.reason or args.service or args.all):
+        raise CliError("say which to re-drive: SEQ..., --reason TEXT, --service S or --all", 2)
+    chosen = []
+    async for letter, _, _ in dlq.read(js, args.service):
+        if dlq.matches(letter, seqs, args.reason, None):
+            chosen.append(letter.seq)
+    missing = seqs - set(chosen)
+    refused = 0
+    for seq in chosen:
+        stored = await dlq.get(js, seq)  # read again, one at a time: constant memory
+        if stored is None:
+            continue
+        letter = stored[0]
+        if letter.redrive:
+            refused += 1
+            print(f"mdp: {seq}: not re-driven: {letter.redrive}", file=sys.stderr)
+            continue
+        if not args.dry_run:
+            await dlq.redrive(js, stored, keep=args.keep)
+        verb = "would re-drive" if args.dry_run else "re-drove"
+        print(f"{verb} {seq} to {letter.subject} ({letter.body}; was: {letter.reason})")
+    for seq in sorted(missing):
+        print(f"mdp: {seq}: no such dead letter", file=sys.stderr)
+    return 1 if refused or missing else 0
 
 
 def _supervisor(data_dir: Path, env: dict[str, str] | None = None) -> Supervisor:
@@ -725,7 +849,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     # Library logs go to stderr so that stdout stays clean for CSV and JSON output.
     configure_logging("cli", level="WARNING", fmt="console")
-    handlers = {"up": cmd_up, "replay": cmd_replay, "ingest": cmd_ingest}
+    handlers = {
+        "up": cmd_up,
+        "replay": cmd_replay,
+        "ingest": cmd_ingest,
+        "tail": cmd_tail,
+        "dlq": cmd_dlq,
+    }
     handler = cmd_bars_export if args.command == "bars" else handlers[args.command]
     try:
         code = asyncio.run(_interruptible(handler, args))

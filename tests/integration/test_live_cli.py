@@ -1,0 +1,146 @@
+"""`mdp tail`, `mdp dlq`, `mdp top` and `mdp chart` as a user runs them, against a real pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+from nats.aio.client import Client as NATS
+
+from mdp.cli import control_request
+from services.store.writers import read_bars
+from shared.bus.deadletter import dead_letter_payload
+from shared.bus.publisher import JsPublisher
+from shared.contract import names
+from shared.contract.codec import JSON
+from shared.contract.messages import Bar, BarBatch
+from shared.natsserver import EmbeddedNats
+from tests.conftest import PipelineFactory, wait_for
+from tests.integration.test_cli import mdp
+
+pytestmark = pytest.mark.integration
+
+
+def popen_mdp(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`mdp ARGS` in the background (stdout and stderr piped)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MDP_")}
+    clean.update(env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mdp.cli", *args], cwd=cwd, env=clean, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def test_tail_prints_quotes_bars_and_events_and_stops_on_sigterm(
+    pipeline: PipelineFactory, nc: NATS, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    await pipeline().wait_ready()
+    env = {"MDP_NATS_URL": nats_server.url}
+    events = popen_mdp("tail", "events", cwd=tmp_path, env=env)
+    await asyncio.sleep(1.5)  # the tail subscribes before the job starts
+    reply = await control_request(
+        nc, "start", {"provider": "synthetic", "symbols": ["AAPL", "BRK.B"], "params": {"rate": 50}}
+    )
+    assert reply["ok"], reply
+
+    quotes = mdp("tail", "quotes", "BRK.B", "--json", "--count", "5", cwd=tmp_path, env=env)
+    assert quotes.returncode == 0, quotes.stderr
+    ticks = [json.loads(line) for line in quotes.stdout.splitlines()]
+    assert len(ticks) == 5
+    assert {t["symbol"] for t in ticks} == {"BRK.B"} and {t["provider"] for t in ticks} == {
+        "synthetic"
+    }
+    assert all(t["price"] > 0 and t["ts"] > 0 for t in ticks)
+
+    bars = mdp("tail", "bars", "AAPL", "--count", "2", cwd=tmp_path, env=env, timeout=60)
+    assert bars.returncode == 0, bars.stderr
+    lines = bars.stdout.splitlines()
+    assert len(lines) == 2 and all(" AAPL " in line and " O " in line for line in lines)
+    human = mdp("tail", "quotes", "--count", "3", cwd=tmp_path, env=env)
+    assert len(human.stdout.splitlines()) == 3 and "synthetic #" in human.stdout
+
+    events.send_signal(signal.SIGTERM)
+    out, err = events.communicate(timeout=20)
+    assert events.returncode == 128 + signal.SIGTERM, err
+    assert "started" in out and "job=default" in out and "provider=synthetic" in out
+
+
+def sample_batch() -> BarBatch:
+    start = 1_723_107_600_000_000_000
+    bars = [
+        Bar("DLQ", "1m", start + i * 60 * 10**9, start + (i + 1) * 60 * 10**9, 10.0, 11.0, 9.0,
+            10.5, 3.0, 4, 10.2, "synthetic")
+        for i in range(3)
+    ]  # fmt: skip
+    return BarBatch("dlq-test-batch", bars)
+
+
+async def test_dlq_lists_shows_and_redrives_what_was_fixed_upstream(
+    pipeline: PipelineFactory, nc: NATS, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{tmp_path / 'bars.db'}"
+    await pipeline(store_url=store_url).wait_ready()
+    js = nc.jetstream()
+    # A real one: the router dead-letters a raw message that is not a TickBatch.
+    await js.publish(names.raw("synthetic", "ZZZ"), b"not a tick batch")
+    # One the store would write when its database refused a batch: whole, with its reason.
+    publisher = JsPublisher(nc)
+    await publisher.start()
+    batch = sample_batch()
+    await dead_letter_payload(
+        publisher, "store", names.STORE_SYNC_BUS, msgspec.json.encode(batch),
+        {names.CONTENT_TYPE: JSON}, "StoreError: database down (simulated)", "store",
+        "dlq:store:store.sync.bus:77",
+    )  # fmt: skip
+    await publisher.flush()
+
+    async def two_letters() -> bool:
+        return (await js.stream_info(names.STREAM_DLQ)).state.messages >= 2
+
+    await wait_for(two_letters, what="two dead letters")
+    env = {"MDP_NATS_URL": nats_server.url}
+    listed = mdp("dlq", "list", "--json", cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr
+    letters = {x["service"]: x for x in map(json.loads, listed.stdout.splitlines())}
+    assert set(letters) == {"router", "store"}
+    router, store = letters["router"], letters["store"]
+    assert router["reason"].startswith("undecodable")
+    assert router["subject"] == "md.raw.synthetic.ZZZ"
+    assert router["body"] == "bytes" and router["redrive"]
+    assert store["body"] == "BarBatch" and store["redrive"] == ""
+    assert store["reason"] == "StoreError: database down (simulated)"
+
+    human = mdp("dlq", "list", cwd=tmp_path, env=env)
+    assert "SEQ" in human.stdout and "[not redrivable]" in human.stdout
+    assert "2 dead letter(s)" in human.stderr
+
+    shown = mdp("dlq", "show", str(store["seq"]), cwd=tmp_path, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "Mdp-Dlq-Reason: StoreError: database down" in shown.stdout
+    assert "body (BarBatch)" in shown.stdout and '"symbol": "DLQ"' in shown.stdout
+
+    refused = mdp("dlq", "redrive", str(router["seq"]), cwd=tmp_path, env=env)
+    assert refused.returncode == 1 and "not re-driven" in refused.stderr
+    dry = mdp("dlq", "redrive", "--reason", "database down", "--dry-run", cwd=tmp_path, env=env)
+    assert dry.returncode == 0 and "would re-drive" in dry.stdout
+    assert not await read_bars(store_url, symbol="DLQ")
+
+    redriven = mdp("dlq", "redrive", "--reason", "database down", cwd=tmp_path, env=env)
+    assert redriven.returncode == 0, redriven.stderr
+    assert f"re-drove {store['seq']} to store.sync.bus" in redriven.stdout
+
+    async def stored() -> bool:
+        return await read_bars(store_url, symbol="DLQ") == batch.bars
+
+    await wait_for(stored, what="the re-driven bars in the store")
+    after = mdp("dlq", "list", "--json", cwd=tmp_path, env=env)
+    assert [json.loads(x)["service"] for x in after.stdout.splitlines()] == ["router"]
+    missing = mdp("dlq", "show", "99999", cwd=tmp_path, env=env)
+    assert missing.returncode == 1 and "no dead letter 99999" in missing.stderr
