@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from mdp.supervisor import DataDirBusy, Supervisor, running_system, scrape
+from mdp.supervisor import DataDirBusy, Supervisor, running_system
 from services.registry import SERVICES
 from shared.contract import names
 from shared.contract.events import Failed, Stopped, decode_event
@@ -127,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_redrive.add_argument("--all", action="store_true", help="every redrivable one")
     dlq_redrive.add_argument("--dry-run", action="store_true", help="say what would go back")
     dlq_redrive.add_argument("--keep", action="store_true", help="keep them in MD_DLQ too")
+
+    chart = sub.add_parser(
+        "chart", help="write a candlestick chart of stored bars (.html: no dependency; .png)"
+    )
+    _common(chart)
+    chart.add_argument("symbol")
+    chart.add_argument("--interval", default="1m", help="bar interval (1m)")
+    chart.add_argument("--from", dest="start", help="bars starting at or after this UTC time")
+    chart.add_argument("--to", dest="end", help="bars starting before this UTC time")
+    chart.add_argument("--out", type=Path, required=True, help="FILE.html or FILE.png")
+
+    top = sub.add_parser(
+        "top", help="per service: rates, consumer lag, tick-to-bar latency, dead letters, stalls"
+    )
+    _common(top)
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds per snapshot (2)")
+    top.add_argument("--json", action="store_true", help="one JSON array of rows per snapshot")
 
     ingest = sub.add_parser("ingest", help="send ingest.control requests")
     ingest_sub = ingest.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -528,6 +546,68 @@ async def _dlq_redrive(js: Any, args: argparse.Namespace) -> int:
     return 1 if refused or missing else 0
 
 
+async def cmd_chart(args: argparse.Namespace) -> int:
+    """`mdp chart SYMBOL --out FILE`: exit 4 when no bar matched."""
+    from mdp import chart, export
+    from services.store.writers import stream_bars
+
+    if args.out.suffix.lower() not in (".html", ".htm", ".png"):
+        raise CliError(f"--out {args.out}: the chart is written as .html or .png", 2)
+    if args.out.suffix.lower() == ".png":
+        try:
+            export.require("matplotlib", "chart")
+        except export.MissingExtra as exc:
+            raise CliError(f"{exc}; or write --out FILE.html, which needs nothing") from None
+    start, end = _time_arg("--from", args.start), _time_arg("--to", args.end)
+    url = _store_url(args.data_dir)
+    _require_sqlite_file(url)
+    bars: list[Any] = []
+    try:
+        chunks = stream_bars(url, args.symbol, args.interval, start, end)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                bars += chunk
+                if len(bars) > chart.MAX_BARS:
+                    raise CliError(
+                        f"more than {chart.MAX_BARS:,} bars: narrow the range (--from, --to) "
+                        "or take a wider --interval"
+                    )
+    except CliError:
+        raise
+    except Exception as exc:
+        raise CliError(f"cannot read bars from {url}: {exc}") from None
+    if not bars:
+        print(f"mdp: no {args.interval} bars of {args.symbol!r} in {url}", file=sys.stderr)
+        return export.NOTHING_MATCHED
+    await asyncio.to_thread(chart.write, bars, args.out)
+    print(f"{len(bars)} bars, {len(chart.gaps(bars))} gap(s): {args.out}", file=sys.stderr)
+    return 0
+
+
+async def cmd_top(args: argparse.Namespace) -> int:
+    """`mdp top`: a snapshot every --interval s until Ctrl-C/SIGTERM (or one, --once)."""
+    from mdp import top
+
+    running = running_system(args.data_dir)
+    log_dir = args.data_dir / "logs"
+    nc = await _connect(_nats_url(args.data_dir))
+    tty = sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            table = await top.snapshot(
+                nc,
+                max(args.interval, 0.2),
+                log_dir if log_dir.is_dir() else None,
+                running.started_ns if running else 0,
+            )
+            text = msgspec.json.encode(table).decode() if args.json else top.render(table)
+            print(("\x1b[H\x1b[2J" if tty else "") + text, flush=True)
+            if args.once:
+                return 0
+    finally:
+        await _close(nc)
+
+
 def _supervisor(data_dir: Path, env: dict[str, str] | None = None) -> Supervisor:
     store = os.environ.get("MDP_STORE_URL") or f"sqlite:///{data_dir / 'mdp.db'}"
     return Supervisor(
@@ -548,29 +628,42 @@ def _refuse_busy(exc: DataDirBusy, data_dir: Path) -> CliError:
 
 
 class Progress:
-    """The live line of `mdp up`: ticks/s in, bars out, rows stored."""
+    """The live line of `mdp up` (`mdp.top.progress_line`), from two looks a second apart."""
 
     def __init__(self) -> None:
-        self.last: dict[str, float] = {}
-        self.at = time.monotonic()
+        self.started = time.monotonic()
+        self.previous: Any = None
+        self.dead_letters_before: int | None = None
+        self.pids: dict[str, int] = {}
+        self.restarts = 0
 
-    async def line(self, nc: NATS) -> str:
-        """Scrape the services' metrics and format one progress line."""
-        ticks = await scrape(nc, "provider", ["provider_ticks_published_total"])
-        bars = await scrape(nc, "aggregator", ["aggregator_bars_emitted_total"])
-        rows = await scrape(nc, "store", ["store_rows_written_total"])
-        now = time.monotonic()
-        current = {
-            "ticks": ticks["provider_ticks_published_total"],
-            "bars": bars["aggregator_bars_emitted_total"],
-            "rows": rows["store_rows_written_total"],
-        }
-        elapsed = max(now - self.at, 1e-3)
-        rate = (current["ticks"] - self.last.get("ticks", 0.0)) / elapsed
-        self.last, self.at = current, now
-        return (
-            f"ticks in {current['ticks']:>10,.0f} ({rate:>9,.0f}/s) | "
-            f"bars out {current['bars']:>8,.0f} | rows stored {current['rows']:>8,.0f}"
+    async def line(self, nc: NATS, pids: dict[str, int] | None = None) -> str:
+        """Look at the system and format one progress line; `pids` of the services (a new pid
+        is a restart: the supervisor's own count resets once a service has run a while)."""
+        from mdp import top
+
+        for name, pid in (pids or {}).items():
+            self.restarts += name in self.pids and self.pids[name] != pid
+            self.pids[name] = pid
+        current = await top.sample(nc)
+        bars = await top.bars_by_interval(nc)
+        dead = sum(current.dead_letters.values())
+        if self.dead_letters_before is None:  # the stream outlives a run: count this run's
+            self.dead_letters_before = dead
+        previous, self.previous = self.previous or current, current
+        table = top.rows(previous, current, [])
+        seconds = max(current.at - previous.at, 1e-3)
+        ticks = current.counters["provider"]["out"]
+        rate = (ticks - previous.counters["provider"]["out"]) / seconds
+        return top.progress_line(
+            time.monotonic() - self.started,
+            ticks,
+            rate,
+            bars,
+            current.counters["store"]["out"],
+            dead - self.dead_letters_before,
+            self.restarts,
+            [row.service for row in table if row.stalled],
         )
 
 
@@ -631,7 +724,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             sup.check()
-            line = await progress.line(nc)
+            pids = {n: c.proc.pid for n, c in sup.children.items() if c.proc is not None}
+            line = await progress.line(nc, pids)
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
         if tty:
             print()
@@ -855,6 +949,8 @@ def main(argv: list[str] | None = None) -> None:
         "ingest": cmd_ingest,
         "tail": cmd_tail,
         "dlq": cmd_dlq,
+        "chart": cmd_chart,
+        "top": cmd_top,
     }
     handler = cmd_bars_export if args.command == "bars" else handlers[args.command]
     try:
