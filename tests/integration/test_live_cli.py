@@ -144,3 +144,100 @@ async def test_dlq_lists_shows_and_redrives_what_was_fixed_upstream(
     assert [json.loads(x)["service"] for x in after.stdout.splitlines()] == ["router"]
     missing = mdp("dlq", "show", "99999", cwd=tmp_path, env=env)
     assert missing.returncode == 1 and "no dead letter 99999" in missing.stderr
+
+
+def top_rows(tmp_path: Path, env: dict[str, str], data_dir: Path) -> dict[str, dict[str, object]]:
+    result = mdp("top", "--once", "--json", "--interval", "1.5", "--data-dir", str(data_dir),
+                 cwd=tmp_path, env=env, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return {row["service"]: row for row in json.loads(result.stdout)}
+
+
+async def test_top_shows_rates_lag_latency_restarts_and_flags_a_stalled_stage(
+    pipeline: PipelineFactory, nc: NATS, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    sup = pipeline()
+    await sup.wait_ready()
+    reply = await control_request(
+        nc, "start", {"provider": "synthetic", "symbols": ["AAPL", "MSFT"], "params": {"rate": 100}}
+    )
+    assert reply["ok"], reply
+    await asyncio.sleep(3)
+    env = {"MDP_NATS_URL": nats_server.url}
+    rows = top_rows(tmp_path, env, sup.data_dir)
+    assert all(row["up"] for row in rows.values()), rows
+    assert rows["provider"]["rate_out"] > 100  # ~200 ticks/s
+    assert rows["router"]["rate_in"] > 0 and rows["router"]["rate_out"] > 100
+    assert rows["aggregator"]["rate_out"] > 0  # bars
+    latency = rows["aggregator"]["latency_ms"]
+    assert latency is not None and 0 < latency < 5_000, rows["aggregator"]
+    assert {row["restarts"] for row in rows.values()} == {0}
+    assert not any(row["stalled"] for row in rows.values())
+
+    human = mdp("top", "--once", "--interval", "1", cwd=tmp_path, env=env)
+    assert human.returncode == 0, human.stderr
+    assert human.stdout.splitlines()[0].split()[:3] == ["SERVICE", "STATE", "IN"]
+    assert "aggregator up" in " ".join(human.stdout.split())
+
+    # A store that stops taking its input: bars wait on STORE_SYNC, nothing is written.
+    store = sup.children["store"].proc
+    assert store is not None
+    store.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(1.5)
+        stalled = mdp("top", "--once", "--interval", "2", cwd=tmp_path, env=env, timeout=60)
+        assert "warning: store is stalled" in stalled.stdout, stalled.stdout
+        assert " STALL " in stalled.stdout
+    finally:
+        store.send_signal(signal.SIGCONT)
+
+    # A router that died and was restarted by its supervisor: counted from its log.
+    router = sup.children["router"].proc
+    assert router is not None
+    router.kill()
+    router.wait()
+
+    async def restarted() -> bool:
+        sup.check()
+        proc = sup.children["router"].proc
+        return proc is not router and proc is not None and proc.poll() is None
+
+    await wait_for(restarted, what="the router restarted")
+    await sup.wait_ready()
+    rows = top_rows(tmp_path, env, sup.data_dir)
+    assert rows["router"]["restarts"] == 1 and rows["store"]["restarts"] == 0
+    assert not rows["store"]["stalled"]
+
+
+async def test_chart_draws_one_candle_per_stored_bar_with_gaps(
+    pipeline: PipelineFactory, nc: NATS, tmp_path: Path
+) -> None:
+    from mdp.chart import gaps
+    from mdp.cli import replay_file
+    from tests.conftest import DATA
+
+    store_url = f"sqlite:///{tmp_path / 'bars.db'}"
+    await pipeline(store_url=store_url).wait_ready()
+    await replay_file(nc, DATA / "lean_equity_20131008_slice.ticks.csv.gz", "max", timeout=120)
+    stored = await read_bars(store_url, symbol="SPY", interval="1m")
+    assert len(stored) > 5
+    page = tmp_path / "spy.html"
+    out = mdp("chart", "SPY", "--interval", "1m", "--store", store_url, "--out", str(page),
+              cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = page.read_text()
+    assert text.count('<g class="candle"') == len(stored)
+    starts = [int(x.split('"')[0]) for x in text.split('data-start="')[1:]]
+    assert starts == [bar.start for bar in stored]
+    assert text.count('<rect class="gap"') == len(gaps(stored))
+    assert "<script" not in text and "http" not in text.replace("http://www.w3.org/2000/svg", "")
+
+    png = tmp_path / "spy.png"
+    out = mdp("chart", "SPY", "--store", store_url, "--out", str(png), "--from",
+              "2013-10-08T13:30Z", "--to", "2013-10-08T13:40Z", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5_000
+    none = mdp("chart", "NOPE", "--store", store_url, "--out", str(tmp_path / "x.html"),
+               cwd=tmp_path)  # fmt: skip
+    assert none.returncode == 4 and "no 1m bars of 'NOPE'" in none.stderr
