@@ -958,6 +958,10 @@ def main(argv: list[str] | None = None) -> None:
     except CliError as exc:
         print(f"mdp: {exc}", file=sys.stderr)
         code = exc.code
+    except BrokenPipeError:
+        # The reader went away (`mdp tail ... | head`): not a failure, and nothing to flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 
