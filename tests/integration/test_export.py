@@ -226,3 +226,17 @@ async def test_export_streams_in_constant_memory(fmt: str, tmp_path: Path) -> No
     print(f"{fmt}: 200k rows in {seconds:.2f} s, peak RSS {peak:.0f} MB (2k rows: {base:.0f} MB)")
     # Loading 200k Bars at once costs > 60 MB; streamed, the two runs differ by a few MB.
     assert peak - base < 20, (peak, base)
+
+
+async def test_the_reader_yields_chunks_before_the_query_is_exhausted(store: str) -> None:
+    """A cursor / fetchmany, not one fetch of everything: chunks arrive one by one."""
+    from services.store.writers import stream_bars
+
+    sizes = []
+    async for chunk in stream_bars(store, chunk=50):
+        sizes.append(len(chunk))
+    assert sizes == [50, 50, 50, 50, 44]
+    gen = stream_bars(store, symbol="AAPL", chunk=10)
+    first = await anext(gen)  # the rest is still in the database
+    await gen.aclose()  # and leaving early releases the cursor and connection
+    assert len(first) == 10 and first[0].symbol == "AAPL"

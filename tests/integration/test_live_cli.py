@@ -178,6 +178,12 @@ async def test_top_shows_rates_lag_latency_restarts_and_flags_a_stalled_stage(
     assert human.returncode == 0, human.stderr
     assert human.stdout.splitlines()[0].split()[:3] == ["SERVICE", "STATE", "IN"]
     assert "aggregator up" in " ".join(human.stdout.split())
+    live = popen_mdp("top", "--interval", "0.5", cwd=tmp_path, env=env)
+    assert live.stdout is not None
+    assert live.stdout.readline().startswith("SERVICE")  # refreshing until a signal
+    live.send_signal(signal.SIGTERM)
+    live.communicate(timeout=20)
+    assert live.returncode == 128 + signal.SIGTERM
 
     # A store that stops taking its input: bars wait on STORE_SYNC, nothing is written.
     store = sup.children["store"].proc

@@ -47,7 +47,8 @@ def test_every_readme_command_block_runs_beside_mdp_up(tmp_path: Path) -> None:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     up = subprocess.Popen(
         [sys.executable, "-m", "mdp.cli", "up", "--symbols", "AAPL,BRK.B", "--rate", "50"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=env, stdout=(tmp_path / "up.out").open("w"), stderr=subprocess.PIPE,
+        text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -76,3 +77,6 @@ def test_every_readme_command_block_runs_beside_mdp_up(tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         _, err = up.communicate(timeout=60)
     assert up.returncode == 0, err[-2000:]
+    last = (tmp_path / "up.out").read_text().strip().splitlines()[-1]
+    assert re.match(r"\d\d:\d\d:\d\d \| ticks in ", last), last
+    assert "| bars 1s " in last and "| dead letters 0" in last, last
