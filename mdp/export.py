@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
 import msgspec
+from msgspec.structs import astuple
 
 from services.store.writers import CSV_HEADER
 from shared.contract.messages import Bar
@@ -79,33 +80,16 @@ def csv_row(bar: Bar) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-class JsonBar(msgspec.Struct):
-    """A bar as one JSON line: the `Bar` fields (wire names) and its start and end in UTC."""
+class JsonBar(Bar, gc=False):
+    """A bar as one JSON line: the `Bar` fields (wire names), then its start and end in UTC."""
 
-    symbol: str
-    interval: str
-    start: int
-    end: int
-    start_utc: str
-    end_utc: str
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
-    trade_count: int
-    vwap: float | None
-    provider: str
-    rev: int
+    start_utc: str = ""
+    end_utc: str = ""
 
 
 def json_bar(bar: Bar) -> JsonBar:
     """The JSON-lines record of a bar."""
-    return JsonBar(
-        bar.symbol, bar.interval, bar.start, bar.end, iso_utc(bar.start), iso_utc(bar.end),
-        bar.open, bar.high, bar.low, bar.close, bar.volume, bar.trade_count, bar.vwap,
-        bar.provider, bar.rev,
-    )  # fmt: skip
+    return JsonBar(*astuple(bar), iso_utc(bar.start), iso_utc(bar.end))
 
 
 def require(module: str, extra: str) -> Any:
