@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
 import msgspec
-from msgspec.structs import astuple
+from msgspec.structs import asdict
 
 from services.store.writers import CSV_HEADER
 from shared.contract.messages import Bar
@@ -89,7 +89,8 @@ class JsonBar(Bar, gc=False):
 
 def json_bar(bar: Bar) -> JsonBar:
     """The JSON-lines record of a bar."""
-    return JsonBar(*astuple(bar), iso_utc(bar.start), iso_utc(bar.end))
+    fields: dict[str, Any] = asdict(bar)
+    return JsonBar(**fields, start_utc=iso_utc(bar.start), end_utc=iso_utc(bar.end))
 
 
 def require(module: str, extra: str) -> Any:
