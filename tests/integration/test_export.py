@@ -6,11 +6,9 @@ import csv
 import io
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +17,6 @@ from mdp.client import read_bars_async
 from mdp.export import CSV_COLUMNS, NOTHING_MATCHED, iso_utc, parse_time
 from services.store.writers import CSV_HEADER, open_writer, read_bars
 from shared.contract.messages import Bar
-from tests.conftest_store import (
-    PG_ADMIN_URL,
-    _pg_unreachable,
-    create_database,
-    database_url,
-    drop_database,
-)
 
 pytestmark = pytest.mark.integration
 
@@ -65,25 +56,18 @@ async def fill(url: str, bars: list[Bar]) -> None:
         await writer.close()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A store of each back end holding `sample_bars()` (PostgreSQL skipped when unreachable)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'bars.db'}"
-        await fill(url, sample_bars())
-        yield url
-        return
-    reason = await _pg_unreachable()
-    if reason:
-        pytest.skip(reason)
-    name = f"mdp_test_{secrets.token_hex(6)}"
-    await create_database(name)
-    try:
-        url = database_url(PG_ADMIN_URL, name)
-        await fill(url, sample_bars())
-        yield url
-    finally:
-        await drop_database(name)
+@pytest.fixture(params=["sqlite_url", "postgres_url"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """An empty store of each back end (PostgreSQL skipped when unreachable)."""
+    url: str = request.getfixturevalue(request.param)
+    return url
+
+
+@pytest.fixture
+async def store(store_url: str) -> str:
+    """`store_url` holding `sample_bars()`."""
+    await fill(store_url, sample_bars())
+    return store_url
 
 
 def mdp(*args: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
