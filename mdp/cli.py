@@ -1,4 +1,4 @@
-"""`mdp`: run the system, replay files, export bars, control ingestion."""
+"""`mdp`: run the system, replay files, get bars out, watch it live, control ingestion."""
 
 from __future__ import annotations
 

@@ -304,6 +304,12 @@ async def sample(nc: NATS, log_dir: Path | None = None, since_ns: int = 0) -> Sa
     return Sample(time.monotonic(), up, counters, consumers, await dead_letters(nc), restarts)
 
 
+class _ServiceInfo(msgspec.Struct):
+    """The part of a NATS micro `$SRV.INFO` reply read here (the runtime sets metrics_port)."""
+
+    metadata: dict[str, str] = {}
+
+
 async def bars_by_interval(
     nc: NATS, metric: str = METRICS["aggregator"]["out"]
 ) -> dict[str, float]:
@@ -314,8 +320,10 @@ async def bars_by_interval(
 
     try:
         info = await nc.request("$SRV.INFO.mdp-aggregator", b"", timeout=0.5)
-        port = msgspec.json.decode(info.data).get("metadata", {}).get("metrics_port")
+        port = msgspec.json.decode(info.data, type=_ServiceInfo).metadata.get("metrics_port")
     except Exception:
+        return {}
+    if not port:
         return {}
 
     def fetch() -> str:
