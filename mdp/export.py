@@ -100,8 +100,9 @@ def require(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
+        package = module.split(".", 1)[0]
         raise MissingExtra(
-            f"{module} is not installed: pip install 'mdp[{extra}]' (or pip install {module})"
+            f"{package} is not installed: pip install 'mdp[{extra}]' (or pip install {package})"
         ) from None
 
 

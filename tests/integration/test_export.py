@@ -224,3 +224,29 @@ async def test_the_reader_yields_chunks_before_the_query_is_exhausted(store: str
     first = await anext(gen)  # the rest is still in the database
     await gen.aclose()  # and leaving early releases the cursor and connection
     assert len(first) == 10 and first[0].symbol == "AAPL"
+
+
+def test_a_missing_optional_dependency_is_one_clear_line(tmp_path: Path) -> None:
+    """Without pyarrow / matplotlib (shadowed by packages that fail to import)."""
+    shadow = tmp_path / "shadow"
+    for module in ("pyarrow", "matplotlib"):
+        (shadow / module).mkdir(parents=True)
+        (shadow / module / "__init__.py").write_text(f"raise ImportError('no {module} here')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MDP_")}
+    env["PYTHONPATH"] = f"{shadow}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    store = f"sqlite:///{tmp_path / 'none.db'}"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mdp.cli", *args, "--store", store], cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    parquet = run("bars", "export", "--format", "parquet", "--out", str(tmp_path / "x.parquet"))
+    assert parquet.returncode == 1
+    assert parquet.stderr.strip() == (
+        "mdp: pyarrow is not installed: pip install 'mdp[parquet]' (or pip install pyarrow)"
+    )
+    png = run("chart", "AAPL", "--out", str(tmp_path / "x.png"))
+    assert png.returncode == 1 and "pip install 'mdp[chart]'" in png.stderr, png.stderr
+    assert "--out FILE.html, which needs nothing" in png.stderr and "Traceback" not in png.stderr
