@@ -15,13 +15,12 @@ WORKDIR /src
 
 # Dependencies first, from pyproject.toml alone, so that editing the code does not reinstall
 # them: install the project once with empty packages (this layer changes only with
-# pyproject.toml), then again below with the real code.
-COPY pyproject.toml ./
-# No lock file: versions are the ranges in pyproject.toml.
-# hadolint ignore=DL3013
+# pyproject.toml and constraints.txt), then again below with the real code.
+COPY pyproject.toml constraints.txt ./
+# Versions pinned by constraints.txt (the ones CI tests: scripts/freeze_constraints.sh).
 RUN mkdir -p shared services mdp \
     && touch README.md shared/__init__.py services/__init__.py mdp/__init__.py \
-    && pip install '.[ibkr]' \
+    && pip install -c constraints.txt '.[ibkr,tracing]' \
     && pip uninstall -y mdp
 
 COPY README.md ./
@@ -29,10 +28,11 @@ COPY shared ./shared
 COPY services ./services
 COPY mdp ./mdp
 # --no-deps: they are all in the layer above already. The ibkr adapter's client (ib_async,
-# from the extra) must import in the image.
+# from the extra) and OpenTelemetry (the tracing extra, off unless MDP_TRACING__ENABLED) must
+# import in the image.
 # hadolint ignore=DL3013
-RUN pip install --no-deps '.[ibkr]' && mdp service --help >/dev/null \
-    && python -c "import ib_async, services.provider.adapters.ibkr.adapter"
+RUN pip install --no-deps '.[ibkr,tracing]' && mdp service --help >/dev/null \
+    && python -c "import ib_async, services.provider.adapters.ibkr.adapter, opentelemetry.sdk"
 
 # --- runtime: the virtualenv, the configuration files, a non-root user ----------------------
 FROM python:3.11-slim

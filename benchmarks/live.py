@@ -42,7 +42,7 @@ from shared.contract.messages import Bar, TickBatch
 
 MB = 1024 * 1024
 SECOND = 1_000_000_000
-TICKS = "provider_ticks_published_total"
+TICKS = "mdp_provider_ticks_published_total"
 
 
 @dataclass

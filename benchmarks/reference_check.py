@@ -64,7 +64,7 @@ async def check(data: Path, stems: list[str], speed: str) -> list[dict[str, Any]
             started = time.perf_counter()
             outcome = await replay_file(nc, data / f"{stem}.ticks.csv.gz", speed, timeout=1800)
             replays[stem] = (outcome["ticks"], time.perf_counter() - started)
-        late = await scrape(nc, "aggregator", ["late_ticks_total"])
+        late = await scrape(nc, "aggregator", ["mdp_aggregator_late_ticks_total"])
         letters = await dead_letters(nc, "md.dlq.aggregator")
         await nc.close()
         stored = await read_bars(store_url)
@@ -93,7 +93,7 @@ async def check(data: Path, stems: list[str], speed: str) -> list[dict[str, Any]
                 }
             )
     for row in rows:
-        row["late_ticks_total"] = late["late_ticks_total"]
+        row["mdp_aggregator_late_ticks_total"] = late["mdp_aggregator_late_ticks_total"]
         row["aggregator_dead_letters"] = letters
     return rows
 
@@ -119,7 +119,7 @@ def main() -> None:
             f"{r['revised_bars']:>7,} {r['mismatching_bars']:>11,}"
         )
     print(
-        f"late ticks: {rows[0]['late_ticks_total']:.0f}, "
+        f"late ticks: {rows[0]['mdp_aggregator_late_ticks_total']:.0f}, "
         f"aggregator dead letters: {rows[0]['aggregator_dead_letters']}"
     )
     total = sum(r["mismatching_bars"] for r in rows)

@@ -48,10 +48,10 @@ MB = 1024 * 1024
 WINDOW_S = 60.0
 STREAMS = ("MD_RAW", "MD_QUOTES", "MD_BARS", "STORE_SYNC")
 COUNTERS = {
-    "provider": "provider_ticks_published_total",
-    "router": "router_ticks_routed_total",
-    "aggregator": "aggregator_bars_emitted_total",
-    "store": "store_rows_written_total",
+    "provider": "mdp_provider_ticks_published_total",
+    "router": "mdp_router_ticks_routed_total",
+    "aggregator": "mdp_aggregator_bars_emitted_total",
+    "store": "mdp_store_rows_written_total",
 }
 
 

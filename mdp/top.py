@@ -31,10 +31,13 @@ SERVICES = ("provider", "router", "aggregator", "store", "control")
 # Every metric `top` reads, by role, in one place: a renamed metric is a one-line change here.
 # `out` is what a stage produces (ticks published, ticks routed, bars emitted, rows stored).
 METRICS: dict[str, dict[str, str]] = {
-    "provider": {"out": "provider_ticks_published_total"},
-    "router": {"out": "router_ticks_routed_total"},
-    "aggregator": {"out": "aggregator_bars_emitted_total", "ticks": "aggregator_ticks_total"},
-    "store": {"out": "store_rows_written_total"},
+    "provider": {"out": "mdp_provider_ticks_published_total"},
+    "router": {"out": "mdp_router_ticks_routed_total"},
+    "aggregator": {
+        "out": "mdp_aggregator_bars_emitted_total",
+        "ticks": "mdp_aggregator_ticks_aggregated_total",
+    },
+    "store": {"out": "mdp_store_rows_written_total"},
     "control": {"out": "ingest_starts_total"},
 }
 OUT_UNIT = {"provider": "ticks", "router": "ticks", "aggregator": "bars", "store": "rows"}

@@ -22,6 +22,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
 from structlog.typing import FilteringBoundLogger
 
+from shared import tracing
 from shared.bus.connection import connect
 from shared.bus.consumer import BatchHandler, PullConsumer
 from shared.bus.deadletter import dead_letter
@@ -173,6 +174,7 @@ async def serve(service: Service, settings: Settings) -> int:
     connection closed on its own (so a supervisor restarts it), 2 for a setup error.
     """
     log = configure_logging(service.name, settings.log_level, settings.log_format)
+    tracing.configure(service.name, settings.tracing, log)  # off unless MDP_TRACING__ENABLED
     stop_signal = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -68,6 +68,11 @@ class AggregatorSettings(BaseModel):
         description="write the state at most this often (0: after every pulled batch); a restart "
         "folds again what came after the last one",
     )
+    late_ticks_by_symbol: bool = Field(
+        False,
+        description="also count late ticks per symbol (mdp_aggregator_late_ticks_by_symbol_total;"
+        " one series per symbol, so off by default)",
+    )
 
     @field_validator("gap_interval")
     @classmethod
@@ -109,6 +114,24 @@ class StoreSettings(BaseModel):
     # SQLite: the busy timeout for the write lock; PostgreSQL: the statement timeout. A failed
     # attempt is retried with backoff, so a shorter timeout only makes an outage visible sooner.
     write_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # TimescaleDB only (services/store/timescale.py): how the bars hypertable ages.
+    chunk_hours: float = Field(
+        6, gt=0, le=24 * 30, description="chunk size; 6 h of 1 s bars is ~21,600 rows a symbol"
+    )
+    compress_after_days: float = Field(7, ge=0, description="compress older chunks; 0: never")
+    retention_days: float = Field(
+        365,
+        ge=0,
+        description="drop chunks older than this (the 5m/1h/1d rollups stay); 0: keep all",
+    )
+
+    @field_validator("retention_days")
+    @classmethod
+    def _retention_outlives_the_rollups(cls, value: float) -> float:
+        # The 1d rollup refreshes the last 10 days: dropping them first would empty its buckets.
+        if 0 < value <= 10:
+            raise ValueError("retention_days must be 0 (keep all) or more than 10")
+        return value
 
 
 class ControlSettings(BaseModel):
@@ -117,6 +140,16 @@ class ControlSettings(BaseModel):
     http_host: str = "127.0.0.1"
     http_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     http_token: str = Field("", description="bearer token required when set")
+
+
+class TracingSettings(BaseModel):
+    """OpenTelemetry spans across hops (the `tracing` extra): `MDP_TRACING__*`, off by default."""
+
+    enabled: bool = False
+    endpoint: str = Field(
+        "http://127.0.0.1:4318", description="OTLP/HTTP collector; spans go to <endpoint>/v1/traces"
+    )
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of traces kept, by trace id")
 
 
 class ReplaySettings(BaseModel):
@@ -159,6 +192,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     control: ControlSettings = ControlSettings()
     replay: ReplaySettings = ReplaySettings()
+    tracing: TracingSettings = TracingSettings()
 
     @field_validator("store_url")
     @classmethod

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 import uuid
 import zlib
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from prometheus_client import Gauge
 from structlog.typing import FilteringBoundLogger
 
 from services.aggregator.dedup import SeenSeqs
@@ -39,6 +41,12 @@ __all__ = [
     "decode_checkpoint",
     "encode_checkpoint",
 ]
+
+CHECKPOINT_AGE = Gauge(
+    "mdp_aggregator_checkpoint_age_seconds",
+    "Seconds since the consumer's checkpoint was last written (or restored, by this instance)",
+    ["consumer"],
+)
 
 # Past this many waiting bars a checkpoint sends the batch first, to keep checkpoints small.
 CHECKPOINT_MAX_PENDING = 2000
@@ -97,6 +105,7 @@ class CheckpointStore:
         self._log: FilteringBoundLogger = ctx.log
         self._attempted = b""  # the last checkpoint we tried to write
         self._generation: PartedHead | None = None  # the parts our current head names
+        self.saved_at: float | None = None  # monotonic time of the last write (or load)
 
     async def load(self) -> Checkpoint | None:
         """The stored checkpoint (adopting its revision), or None when there is none."""
@@ -114,6 +123,7 @@ class CheckpointStore:
             self._generation = head
         checkpoint = decode_checkpoint(data)
         self.revision = entry.revision or 0
+        self._saved()
         return checkpoint
 
     async def _read_parts(self, head: PartedHead) -> bytes:
@@ -125,6 +135,16 @@ class CheckpointStore:
         if len(data) != head.size or hashlib.sha256(data).hexdigest() != head.sha256:
             raise ValueError(f"checkpoint {self.key}: its parts do not match their head")
         return data
+
+    def _saved(self) -> None:
+        """Note a checkpoint just written or restored; its age is a gauge from then on."""
+        if self.saved_at is None:
+            CHECKPOINT_AGE.labels(self.key.rsplit(".", 1)[-1]).set_function(self.age)
+        self.saved_at = time.monotonic()
+
+    def age(self) -> float:
+        """Seconds since the last checkpoint this instance wrote or restored (0 before one)."""
+        return 0.0 if self.saved_at is None else time.monotonic() - self.saved_at
 
     async def save(self, checkpoint: Checkpoint) -> None:
         """Write with compare-and-swap (in parts when it does not fit one message); stop the
@@ -148,6 +168,7 @@ class CheckpointStore:
                     self.revision = await self._kv.update(self.key, value, last=self.revision)
                 else:
                     self.revision = await self._kv.create(self.key, value)
+                self._saved()
                 break
             except KeyWrongLastSequenceError as exc:
                 await self._fenced_unless_ours(exc, previous)

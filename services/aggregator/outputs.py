@@ -10,10 +10,11 @@ are announced as `suppressed` events. The shell publishes the lists and awaits t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from services.aggregator.bars import Emitted
 from services.aggregator.batcher import BarBatcher
@@ -24,18 +25,63 @@ from shared.contract.codec import JSON, encode
 from shared.contract.events import Event, Gap, Suppressed, encode_event, event_subject
 from shared.contract.messages import Bar, BarBatch, DeadTick, EndOfStream
 
-__all__ = ["BARS_EMITTED", "BATCHES_SENT", "LATE_TICKS", "SUPPRESSED", "Outgoing", "OutputRouter"]
+__all__ = [
+    "BARS_EMITTED",
+    "BATCHES_SENT",
+    "LATE_TICKS",
+    "LATE_TICKS_BY_SYMBOL",
+    "SUPPRESSED",
+    "TICK_TO_BAR",
+    "Outgoing",
+    "OutputRouter",
+]
 
 BARS_EMITTED = Counter(
-    "aggregator_bars_emitted_total", "Bars published (revisions included)", ["interval"]
+    "mdp_aggregator_bars_emitted_total", "Bars published (revisions included)", ["interval"]
 )
-BATCHES_SENT = Counter("aggregator_batches_total", "Bar batches sent towards the store", ["mode"])
+BATCHES_SENT = Counter(
+    "mdp_aggregator_batches_sent_total", "Bar batches sent towards the store", ["mode"]
+)
 SUPPRESSED = Counter(
-    "aggregator_writes_suppressed_total", "Bar batches kept from the store", ["reason"]
+    "mdp_aggregator_writes_suppressed_total", "Bar batches kept from the store", ["reason"]
 )
 LATE_TICKS = Counter(
-    "late_ticks_total", "Ticks beyond the revise window, dead-lettered", ["symbol"]
+    "mdp_aggregator_late_ticks_total", "Ticks beyond the revise window, dead-lettered", ["interval"]
 )
+# Opt-in (MDP_AGGREGATOR__LATE_TICKS_BY_SYMBOL): one series per symbol is unbounded.
+LATE_TICKS_BY_SYMBOL = Counter(
+    "mdp_aggregator_late_ticks_by_symbol_total",
+    "Ticks beyond the revise window, by symbol (only with late_ticks_by_symbol)",
+    ["symbol"],
+)
+TICK_TO_BAR = Histogram(
+    "mdp_aggregator_tick_to_bar_seconds",
+    "Wall time a bar is first published minus its end (not revisions, replays, backfills)",
+    ["interval"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+LATENCY_MAX_S = 3600.0
+_TICK_TO_BAR_BY: dict[str, Histogram] = {}  # the labelled children, by interval
+
+
+def _observe_latency(bar: Bar) -> None:
+    """Tick-to-bar latency of a bar's first publication (a revision is late by design). A bar
+    that ends more than `LATENCY_MAX_S` before now is a replay or a backfill, not latency."""
+    if bar.rev:
+        return
+    seconds = (time.time_ns() - bar.end) / 1e9
+    if seconds < LATENCY_MAX_S:
+        child = _TICK_TO_BAR_BY.get(bar.interval)
+        if child is None:
+            child = _TICK_TO_BAR_BY[bar.interval] = TICK_TO_BAR.labels(bar.interval)
+        child.observe(max(0.0, seconds))
+
+
+def _count_late(interval: str, symbol: str, by_symbol: bool) -> None:
+    """Count one late tick by interval, and by symbol when that was asked for."""
+    LATE_TICKS.labels(interval).inc()
+    if by_symbol:
+        LATE_TICKS_BY_SYMBOL.labels(symbol).inc()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +110,7 @@ class OutputRouter:
         content_type: str,
         producer: str,
         service: str,
+        late_by_symbol: bool = False,
     ) -> None:
         self.policy = policy  # replaced by the shell whenever control publishes a new one
         self.dry_run: set[str] = set()  # symbols whose latest tick batch was marked dry-run
@@ -73,6 +120,7 @@ class OutputRouter:
         self._batcher = new_batcher(policy.batching)
         self._suppressed: dict[str, BarBatcher] = {}
         self._notices: list[Suppressed] = []
+        self._late_by_symbol = late_by_symbol
 
     def apply(self, policy: EffectivePolicy) -> None:
         """Follow a new policy; changed batching limits apply to the batches being filled too."""
@@ -142,6 +190,7 @@ class OutputRouter:
             }
             out.append(Outgoing(names.bars(bar.interval, bar.symbol), body, headers))
             BARS_EMITTED.labels(bar.interval).inc()
+            _observe_latency(bar)
             if not to_store:
                 continue
             reason = self._suppression(bar.symbol)
@@ -156,7 +205,7 @@ class OutputRouter:
                 self._dead_tick(DeadTick(invalid.symbol, invalid.tick), msg_id, invalid.reason)
             )
         for late in emitted.late:
-            LATE_TICKS.labels(late.symbol).inc()
+            _count_late(late.interval, late.symbol, self._late_by_symbol)
             msg_id = names.late_tick_id(late.interval, late.symbol, late.tick.seq, late.tick.ts)
             dead = DeadTick(late.symbol, late.tick, late.interval)
             out.append(self._dead_tick(dead, msg_id, late.reason))

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from structlog.typing import FilteringBoundLogger
 
 from services.aggregator.activation import activate_with_retries, keep_lease
@@ -54,9 +54,14 @@ from shared.runtime import Context
 from shared.settings import Settings
 
 DUPLICATE_TICKS = Counter(
-    "aggregator_duplicate_ticks_total", "Ticks dropped as already seen (same run and seq)"
+    "mdp_aggregator_duplicate_ticks_total", "Ticks dropped as already seen (same run and seq)"
 )
-TICKS_AGGREGATED = Counter("aggregator_ticks_total", "Ticks folded into bars")
+TICKS_AGGREGATED = Counter("mdp_aggregator_ticks_aggregated_total", "Ticks folded into bars")
+LEASE_ACTIVE = Gauge(
+    "mdp_aggregator_lease_active",
+    "1 while this instance holds its consumer's lease (active), 0 in standby",
+    ["consumer"],
+)
 # How often idle symbols' bars are closed by the wall clock: a bar closes at most this late.
 TIMER_S = 0.025
 
@@ -91,6 +96,7 @@ class AggregatorService:
             settings.content_type,
             self.instance,
             self.name,
+            late_by_symbol=cfg.late_ticks_by_symbol,
         )
         self.codec = Codec(TickBatch)
         self.lock = asyncio.Lock()
@@ -118,6 +124,7 @@ class AggregatorService:
         self.lease = Lease(kv, names.lease_key(self.durable), self.instance, log=self.log)
         self.active = asyncio.Event()
         ctx.health.details["lease"] = "standby"
+        LEASE_ACTIVE.labels(self.durable).set(0)
         ctx.spawn(activate_with_retries(self._become_active, ctx.stopping, self.log), "activate")
 
     async def _become_active(self) -> None:
@@ -139,6 +146,7 @@ class AggregatorService:
         )
         self.active.set()
         self.ctx.health.details["lease"] = "active"
+        LEASE_ACTIVE.labels(self.durable).set(1)
         self.log.info("active", durable=self.durable, resume_after_seq=self.last_seq)
         ctx.spawn(keep_lease(self.lease, ctx.stopping, self.log), "lease")
         ctx.spawn(self._watch_policy(), "policy")

@@ -93,10 +93,10 @@ INGEST_SUPPRESSED = Counter(
     ["reason"],
 )
 BARS_SUPPRESSED = Counter(
-    "ingest_bars_suppressed_total", "Bars in the suppressed batches", ["reason"]
+    "mdp_ingest_bars_suppressed_total", "Bars in the suppressed batches", ["reason"]
 )
 PROVIDER_CIRCUIT = Gauge(
-    "provider_circuit_state",
+    "mdp_provider_circuit_state",
     "Each provider's circuit breaker: 0 closed, 1 half_open, 2 open",
     ["provider"],
 )
@@ -492,7 +492,7 @@ class ControlService:
                 self.hosts[instance] = host
 
     async def _watch_circuits(self) -> None:
-        """Follow the breakers the providers write, for the `provider_circuit_state` gauge."""
+        """Follow the breakers the providers write, for the `mdp_provider_circuit_state` gauge."""
         async for key, record in follow(
             self.state_kv, CircuitRecord, self.ctx.log, names.CIRCUIT_PREFIX + ">"
         ):

@@ -34,22 +34,22 @@ from shared.contract import names
 from shared.contract.records import RateRecord
 
 TOKENS_GRANTED = Counter(
-    "provider_rate_tokens_granted_total", "Message tokens granted to this process", ["provider"]
+    "mdp_provider_rate_tokens_granted_total", "Message tokens granted to this process", ["provider"]
 )
 WAITS = Counter(
-    "provider_rate_waits_total", "Acquires that had to wait for the pacing budget", ["provider"]
+    "mdp_provider_rate_waits_total", "Acquires that had to wait for the pacing budget", ["provider"]
 )
 WAIT_SECONDS = Histogram(
-    "provider_rate_wait_seconds",
+    "mdp_provider_rate_wait_seconds",
     "How long an acquire that had to wait waited",
     ["provider"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
 )
 COOLDOWNS = Counter(
-    "provider_rate_cooldowns_total", "Pacing errors this process reported", ["provider"]
+    "mdp_provider_rate_cooldowns_total", "Pacing errors this process reported", ["provider"]
 )
 CONFLICTS = Counter(
-    "provider_rate_cas_conflicts_total",
+    "mdp_provider_rate_cas_conflicts_total",
     "Writes of the shared budget refused because another process wrote first",
     ["provider"],
 )

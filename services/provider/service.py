@@ -48,16 +48,18 @@ from shared.runtime import Context
 from shared.settings import Settings
 
 TICKS_PUBLISHED = Counter(
-    "provider_ticks_published_total", "Ticks published on md.raw", ["provider"]
+    "mdp_provider_ticks_published_total", "Ticks published on md.raw", ["provider"]
 )
 BATCHES_PUBLISHED = Counter(
-    "provider_batches_published_total", "Tick batches published on md.raw", ["provider"]
+    "mdp_provider_batches_published_total", "Tick batches published on md.raw", ["provider"]
 )
-BAD_ROWS = Counter("provider_bad_rows_total", "Source rows rejected by an adapter", ["provider"])
-JOBS_RUNNING = Gauge("provider_jobs_running", "Jobs this process runs", ["provider"])
+BAD_ROWS = Counter(
+    "mdp_provider_bad_rows_total", "Source rows rejected by an adapter", ["provider"]
+)
+JOBS_RUNNING = Gauge("mdp_provider_jobs_running", "Jobs this process runs", ["provider"])
 RECONCILE_PERIOD_S = 2.0
 JOB_RETRIES = Counter(
-    "provider_job_retries_total", "Live jobs restarted after their adapter failed", ["provider"]
+    "mdp_provider_job_retries_total", "Live jobs restarted after their adapter failed", ["provider"]
 )
 RETRY = Backoff()
 JOB_LEASE_TTL_S = 5.0  # a killed owner's jobs move to a standby within about this long

@@ -31,17 +31,23 @@ from shared.metrics import DEAD_LETTERS
 from shared.runtime import Context
 from shared.settings import Settings
 
-TICKS_ROUTED = Counter("router_ticks_routed_total", "Ticks forwarded to md.quotes", ["provider"])
+TICKS_ROUTED = Counter(
+    "mdp_router_ticks_routed_total", "Ticks forwarded to md.quotes", ["provider"]
+)
 TICKS_NOT_SELECTED = Counter(
-    "router_ticks_not_selected_total", "Ticks of a provider not chosen for the symbol", ["provider"]
+    "mdp_router_ticks_not_selected_total",
+    "Ticks of a provider not chosen for the symbol",
+    ["provider"],
 )
 FAILOVERS = Counter(
-    "router_source_changes_total",
+    "mdp_router_source_changes_total",
     "Per-symbol source changes, by new source",
     ["provider", "reason"],
 )
 PROVIDERS_DOWN = Gauge(
-    "router_provider_down", "1 while KV says a provider cannot serve (circuit, jobs)", ["provider"]
+    "mdp_router_provider_down",
+    "1 while KV says a provider cannot serve (circuit, jobs)",
+    ["provider"],
 )
 _TIMER_S = 0.1  # how often silence is checked: a small fraction of the detection time
 

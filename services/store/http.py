@@ -37,14 +37,14 @@ INGEST_PATH = "/v1/bars"
 MAX_BODY = 64 * 1024 * 1024
 
 API_REQUESTS = Counter(
-    "store_http_requests_total", "Requests to the store's ingest API by status", ["status"]
+    "mdp_store_http_requests_total", "Requests to the store's ingest API by status", ["status"]
 )
 FORWARDED = Counter(
-    "store_http_forward_total",
+    "mdp_store_http_forwards_total",
     "Batches of store.sync.http forwarded by POST, by outcome (ok, retry, rejected)",
     ["outcome"],
 )
-FORWARD_SECONDS = Histogram("store_http_forward_seconds", "Time of one forwarding POST")
+FORWARD_SECONDS = Histogram("mdp_store_http_forward_seconds", "Time of one forwarding POST")
 
 # Statuses that say the batch itself is wrong: retrying cannot help, so it is dead-lettered.
 # Everything else that is not 2xx (5xx, 408, 429, 401/403 until the token is fixed) is retried.

@@ -30,6 +30,7 @@ from services.store.http import (
     RetryableForwardError,
 )
 from services.store.invariants import split_bars
+from services.store.timescale import Aging
 from services.store.writers import (
     BarWriter,
     InvalidBarError,
@@ -37,7 +38,7 @@ from services.store.writers import (
     StoreUnavailableError,
     open_writer,
 )
-from shared.bus.consumer import stream_sequence
+from shared.bus.consumer import stream_sequence, timestamp_ns
 from shared.bus.deadletter import dead_letter, dead_letter_payload
 from shared.bus.kv import follow
 from shared.bus.publisher import publish_event
@@ -51,14 +52,28 @@ from shared.settings import Settings
 
 FORWARD_CONCURRENCY = 8
 
-ROWS_STORED = Counter("store_rows_written_total", "Bar rows upserted (revisions included)")
-BATCHES_STORED = Counter("store_batches_total", "Bar batches committed")
-WRITE_SECONDS = Histogram("store_write_seconds", "Time to commit one group of batches")
+ROWS_STORED = Counter("mdp_store_rows_written_total", "Bar rows upserted (revisions included)")
+BATCHES_STORED = Counter("mdp_store_batches_committed_total", "Bar batches committed")
+WRITE_SECONDS = Histogram("mdp_store_write_seconds", "Time to commit one group of batches")
 WRITE_ERRORS = Counter(
-    "store_write_errors_total",
+    "mdp_store_write_errors_total",
     "Write attempts that failed and will be retried (unavailable: no connection; error: other)",
     ["kind"],
 )
+PUBLISH_TO_STORE = Histogram(
+    "mdp_store_publish_to_store_seconds",
+    "Commit (bus) or 2xx (http) time minus the time JetStream stored the bar batch",
+    ["mode"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
+def observe_publish_to_store(mode: str, msgs: list[Msg]) -> None:
+    """Observe each batch's publish-to-store latency as of now."""
+    now, child = time.time_ns(), PUBLISH_TO_STORE.labels(mode)
+    for msg in msgs:
+        with contextlib.suppress(Exception):  # a message without JetStream metadata
+            child.observe(max(0.0, (now - timestamp_ns(msg)) / 1e9))
 
 
 class StoreService:
@@ -70,8 +85,10 @@ class StoreService:
         self.settings = settings
         self.codec = Codec(BarBatch)
         self.http_settings = settings.store
+        store = settings.store
+        aging = Aging.of(store.chunk_hours, store.compress_after_days, store.retention_days)
         self.writer: BarWriter = open_writer(
-            settings.store_url, timeout_s=settings.store.write_timeout_s
+            settings.store_url, timeout_s=store.write_timeout_s, aging=aging
         )
         # One writer for both inputs: commits are serialised so they never interleave.
         self.write_lock = asyncio.Lock()
@@ -143,6 +160,7 @@ class StoreService:
                 except InvalidBarError as exc:
                     await dead_letter(self.ctx.publisher, self.name, msg, str(exc), "value")
         BATCHES_STORED.inc(len(msgs))
+        observe_publish_to_store("bus", [msg for msg, bars in batches if bars])
         await self._completed(markers)
 
     async def _valid_bars(self, msg: Msg, batch: BarBatch) -> list[Bar]:
@@ -224,6 +242,8 @@ class StoreService:
             if not isinstance(first, RetryableForwardError):
                 raise first
             raise RetryableForwardError(f"{len(retry)} of {len(sends)} batches: {first}")
+        posted = [item[0] for item, r in zip(sends, results, strict=True) if r is None]
+        observe_publish_to_store("http", posted)
         await self._completed(markers)
 
     async def _watch_policy(self) -> None:

@@ -28,8 +28,14 @@ time it appends (~400k rows/s, flat). The price is that a one-symbol read scans 
 (~60 ms per million bars), acceptable for the embedded store; PostgreSQL is the one that scales.
 
 `start`/`end`/`interval` are renamed so no column needs quoting in either dialect; the text key
-columns use byte order in PostgreSQL (`COLLATE "C"`) so both back ends sort alike. When the
-`timescaledb` extension is available, `bars` is a hypertable on `start_ns` with 1-day chunks.
+columns use byte order in PostgreSQL (`COLLATE "C"`) so both back ends sort alike.
+
+PostgreSQL ages (see `services/store/timescale.py`): `mdp_ts(start_ns)` / `mdp_ns(timestamptz)`
+convert time, and `bars_5m`, `bars_1h`, `bars_1d` roll the `1s` bars up. When the `timescaledb`
+extension is available, `bars` is a hypertable on `start_ns` (6-hour chunks by default, with the
+integer-now function `mdp_now_ns()`), compressed after 7 days, dropped after 365 (settings
+`MDP_STORE__CHUNK_HOURS`, `_COMPRESS_AFTER_DAYS`, `_RETENTION_DAYS`), and the rollups are
+continuous aggregates; on plain PostgreSQL they are views.
 
 A write is one transaction that upserts and keeps the latest revision:
 `ON CONFLICT (key) DO UPDATE ... WHERE excluded.rev >= bars.rev`, so a replayed batch changes
@@ -58,6 +64,17 @@ import asyncpg
 import structlog
 from msgspec.structs import astuple
 
+from services.store.timescale import (
+    COMPRESSION_SETTINGS,
+    PLAIN_STATEMENTS,
+    ROLLUPS,
+    Aging,
+    Rollup,
+    cagg_statements,
+    hypertable_statements,
+    plain_rollup_views,
+    policy_statements,
+)
 from shared.contract.messages import Bar
 
 __all__ = [
@@ -109,7 +126,6 @@ CSV_HEADER = (
 )  # fmt: skip
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
-_DAY_NS = 86_400 * 10**9
 
 
 class StoreError(Exception):
@@ -150,15 +166,18 @@ class BarWriter(Protocol):
         ...
 
 
-def open_writer(store_url: str, *, timeout_s: float = 30.0) -> BarWriter:
+def open_writer(
+    store_url: str, *, timeout_s: float = 30.0, aging: Aging | None = None
+) -> BarWriter:
     """Return an unopened writer for `sqlite:///PATH` or `postgresql://...`; ValueError otherwise.
 
-    `timeout_s` bounds how long a write waits for a lock (SQLite) or a statement (PostgreSQL).
+    `timeout_s` bounds how long a write waits for a lock (SQLite) or a statement (PostgreSQL);
+    `aging` is how a TimescaleDB store ages (chunks, compression, retention).
     """
     if store_url.startswith("sqlite:"):
         return SqliteBarWriter(sqlite_path(store_url), busy_timeout_s=timeout_s, url=store_url)
     if store_url.startswith(("postgresql://", "postgres://")):
-        return PostgresBarWriter(store_url, command_timeout_s=timeout_s)
+        return PostgresBarWriter(store_url, command_timeout_s=timeout_s, aging=aging or Aging())
     raise ValueError(
         f"unsupported store URL {redact_url(store_url)!r}: expected sqlite:///PATH "
         "(sqlite:////ABSOLUTE/PATH) or postgresql://USER@HOST:PORT/DB"
@@ -625,8 +644,10 @@ class PostgresBarWriter(_Managed):
         command_timeout_s: float = 30.0,
         connect_timeout_s: float = 10.0,
         pool_size: int = 4,
+        aging: Aging | None = None,
     ) -> None:
         self.dsn = dsn
+        self.aging = aging or Aging()
         self.url = redact_url(dsn)
         self.command_timeout_s = command_timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -635,7 +656,7 @@ class PostgresBarWriter(_Managed):
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
-        """Connect a pool; every new connection ensures the schema and its staging table."""
+        """Connect a pool (every new connection ensures the table), then set up the aging."""
         if self._pool is not None:
             return
         try:
@@ -647,7 +668,12 @@ class PostgresBarWriter(_Managed):
                 command_timeout=self.command_timeout_s,
                 init=self._init_connection,
             )
+            async with self._pool.acquire() as conn:
+                await self._age(conn)
         except _PG_ERRORS as exc:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
             raise _pg_error(f"cannot connect to PostgreSQL store {self.url}", exc) from exc
         log.info("store_opened", backend="postgresql", url=self.url, hypertable=self.hypertable)
 
@@ -661,24 +687,66 @@ class PostgresBarWriter(_Managed):
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _PG_SCHEMA_LOCK)
             await conn.execute(_PG_SCHEMA)
-            available = await conn.fetchval(
-                "SELECT true FROM pg_available_extensions WHERE name = 'timescaledb'"
-            )
-            if not available:
-                return
+            for statement in PLAIN_STATEMENTS:
+                await conn.execute(statement)
+
+    async def _age(self, conn: asyncpg.Connection) -> None:
+        """TimescaleDB when available (hypertable, policies, continuous aggregates), else the
+        rollups as plain views. Once per open: the policies are jobs, not per connection."""
+        available = await conn.fetchval(
+            "SELECT true FROM pg_available_extensions WHERE name = 'timescaledb'"
+        )
+        created: list[Rollup] = []
+        if available:
             try:
-                # A savepoint: the extension may be installed but not preloaded, or we may lack
-                # the privilege; then the plain table serves, without aborting the schema.
                 async with conn.transaction():
-                    await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-                    await conn.execute(
-                        "SELECT create_hypertable('bars', 'start_ns', chunk_time_interval =>"
-                        " $1::bigint, if_not_exists => true, migrate_data => true)",
-                        _DAY_NS,
-                    )
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _PG_SCHEMA_LOCK)
+                    created = await self._timescale(conn)
                 self.hypertable = True
             except asyncpg.PostgresError as exc:
+                # Installed but not preloaded, or no privilege: the plain table serves.
                 log.warning("timescaledb_skipped", url=self.url, error=str(exc))
+        if not self.hypertable:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _PG_SCHEMA_LOCK)
+                for statement in plain_rollup_views():
+                    await conn.execute(statement)
+        for rollup in created:
+            # Outside a transaction (TimescaleDB requires it): the rows stored before the
+            # aggregate existed; the policy refreshes only its recent window.
+            log.info("rollup_refreshing", view=rollup.name)
+            await conn.execute(
+                f"CALL refresh_continuous_aggregate('{rollup.name}', NULL, NULL)",
+                timeout=max(self.command_timeout_s, 3600.0),
+            )
+
+    async def _timescale(self, conn: asyncpg.Connection) -> list[Rollup]:
+        """The TimescaleDB-only statements, in one transaction; the aggregates it created."""
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        caggs = {
+            r["view_name"]
+            for r in await conn.fetch(
+                "SELECT view_name FROM timescaledb_information.continuous_aggregates"
+            )
+        }
+        for rollup in ROLLUPS:
+            if rollup.name not in caggs:  # the plain view of a store that had no TimescaleDB
+                await conn.execute(f"DROP VIEW IF EXISTS {rollup.name}")
+        for statement in hypertable_statements(self.aging):
+            await conn.execute(statement)
+        compressed = await conn.fetchval(
+            "SELECT compression_enabled FROM timescaledb_information.hypertables"
+            " WHERE hypertable_name = 'bars'"
+        )
+        if not compressed:
+            await conn.execute(COMPRESSION_SETTINGS)
+        for statement in policy_statements(self.aging):
+            await conn.execute(statement)
+        created = [rollup for rollup in ROLLUPS if rollup.name not in caggs]
+        for rollup in ROLLUPS:
+            for statement in cagg_statements(rollup):
+                await conn.execute(statement)
+        return created
 
     async def write(self, bars: Sequence[Bar]) -> int:
         """Upsert `bars` in one transaction (COPY to staging, then one INSERT ... ON CONFLICT)."""

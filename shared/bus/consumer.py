@@ -13,8 +13,39 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
+from prometheus_client import Counter, Gauge
 from structlog.typing import FilteringBoundLogger
+
+from shared import tracing
+
+_LAG_LABELS = ["stream", "consumer"]
+CONSUMER_PENDING = Gauge(
+    "mdp_consumer_pending_messages",
+    "Messages of the stream the consumer has not been delivered yet (JetStream num_pending)",
+    _LAG_LABELS,
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "mdp_consumer_ack_pending_messages",
+    "Messages delivered and not yet acknowledged (JetStream num_ack_pending)",
+    _LAG_LABELS,
+)
+CONSUMER_ACK_FLOOR = Gauge(
+    "mdp_consumer_ack_floor_sequence",
+    "Stream sequence up to which everything is acknowledged (JetStream ack floor)",
+    _LAG_LABELS,
+)
+CONSUMER_DELIVERED = Gauge(
+    "mdp_consumer_delivered_sequence",
+    "Last stream sequence delivered to the consumer",
+    _LAG_LABELS,
+)
+CONSUMER_INFO_ERRORS = Counter(
+    "mdp_consumer_info_errors_total",
+    "Consumer info requests (for the lag gauges) that failed",
+    _LAG_LABELS,
+)
+LAG_EVERY_S = 5.0  # how often each consumer reads its own consumer info
 
 PoisonHandler = Callable[[Msg, str], Awaitable[None]]
 
@@ -22,6 +53,14 @@ PoisonHandler = Callable[[Msg, str], Awaitable[None]]
 def is_transient(exc: BaseException) -> bool:
     """Whether an error is an outage (retry forever) rather than something in the message."""
     return isinstance(exc, (NatsError, OSError, TimeoutError, asyncio.TimeoutError))
+
+
+def timestamp_ns(msg: Msg) -> int:
+    """When JetStream stored the message, in ns since the epoch (from its ack subject)."""
+    tokens = _ack_tokens(msg)
+    if tokens is None:
+        return int(msg.metadata.timestamp.timestamp() * 1e9)  # raises, clearly
+    return int(tokens[_V1_TS if len(tokens) == _V1_TOKENS else _V2_TS])
 
 
 def stream_sequence(msg: Msg) -> int:
@@ -38,17 +77,47 @@ def consumer_sequence(msg: Msg) -> int:
 # <sseq>.<cseq>.<ts>.<pending>` (9 tokens), or with domain and account hash first (12).
 _V1_TOKENS = 9
 _V1_SEQ, _V2_SEQ = 5, Msg.Ack.StreamSeq
+_V1_TS, _V2_TS = 7, Msg.Ack.Timestamp
 
 
-def _sequences(msg: Msg) -> tuple[int, int]:
-    """(stream, consumer) sequence. By hand: nats-py's `Msg.metadata` also builds a datetime
-    and a dataclass per message, a measurable share of a busy consumer's time."""
+def _ack_tokens(msg: Msg) -> list[str] | None:
+    """The ack subject's tokens, or None when it is not one. By hand: nats-py's
+    `Msg.metadata` also builds a datetime and a dataclass per message, a measurable share
+    of a busy consumer's time."""
     reply = msg.reply
     tokens: list[str] = reply.split(".", 10) if reply else []
     if len(tokens) < _V1_TOKENS or tokens[0] != Msg.Ack.Prefix0 or tokens[1] != Msg.Ack.Prefix1:
+        return None
+    return tokens
+
+
+def _sequences(msg: Msg) -> tuple[int, int]:
+    """(stream, consumer) sequence, from the ack subject."""
+    tokens = _ack_tokens(msg)
+    if tokens is None:
         return msg.metadata.sequence.stream, msg.metadata.sequence.consumer  # raises, clearly
     at = _V1_SEQ if len(tokens) == _V1_TOKENS else _V2_SEQ
     return int(tokens[at]), int(tokens[at + 1])
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerLag:
+    """How far behind a consumer is, as JetStream's consumer info says."""
+
+    pending: int
+    ack_pending: int
+    ack_floor: int
+    delivered: int
+
+
+def lag_of(info: ConsumerInfo) -> ConsumerLag:
+    """The lag figures of one consumer info (absent fields count as 0)."""
+    return ConsumerLag(
+        pending=info.num_pending or 0,
+        ack_pending=info.num_ack_pending or 0,
+        ack_floor=info.ack_floor.stream_seq if info.ack_floor else 0,
+        delivered=info.delivered.stream_seq if info.delivered else 0,
+    )
 
 
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
@@ -94,6 +163,8 @@ class PullConsumer:
     _last_cseq: int | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
     _last_error: str = field(default="", init=False)
+    lag_every: float = LAG_EVERY_S  # 0: no lag gauges
+    _lag_task: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def ensure(self, start_seq: int | None = None) -> None:
         """Create (or update) the durable consumer."""
@@ -129,16 +200,37 @@ class PullConsumer:
         self._inbox = self.nc.new_inbox()
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
         self._task = asyncio.create_task(self._run(), name=f"pull-{self.durable}")
+        if self.lag_every > 0:
+            self._lag_task = asyncio.create_task(self._watch_lag(), name=f"lag-{self.durable}")
 
     async def stop(self) -> None:
         """Finish the batch in hand, then stop pulling."""
         self._stopping = True
         self._arrived.set()
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
+
+    async def _watch_lag(self) -> None:
+        """Every `lag_every` seconds, read this consumer's info into the lag gauges."""
+        labels = (self.stream, self.durable)
+        while not self._stopping:
+            try:
+                lag = lag_of(await self.js.consumer_info(self.stream, self.durable, timeout=2))
+            except Exception:  # an outage or a leader election: the gauges keep their values
+                CONSUMER_INFO_ERRORS.labels(*labels).inc()
+            else:
+                CONSUMER_PENDING.labels(*labels).set(lag.pending)
+                CONSUMER_ACK_PENDING.labels(*labels).set(lag.ack_pending)
+                CONSUMER_ACK_FLOOR.labels(*labels).set(lag.ack_floor)
+                CONSUMER_DELIVERED.labels(*labels).set(lag.delivered)
+            await asyncio.sleep(self.lag_every)
 
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers
@@ -233,7 +325,11 @@ class PullConsumer:
         failures = 0
         while True:
             try:
-                await self.handler(msgs)
+                if tracing.ON:
+                    with tracing.consuming(self.stream, self.durable, msgs):
+                        await self.handler(msgs)
+                else:
+                    await self.handler(msgs)
                 self._last_seq = max(self._last_seq, stream_sequence(msgs[-1]))
                 return True
             except (asyncio.CancelledError, StopConsuming):

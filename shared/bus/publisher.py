@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from structlog.typing import FilteringBoundLogger
 
+from shared import tracing
 from shared.bus import _nats_internals
 from shared.contract import names
 from shared.contract.codec import JSON
@@ -122,6 +123,8 @@ class JsPublisher:
         Concurrent callers are served first come, first served (the lock is FIFO), so the
         order of calls is the order in the stream, outages included.
         """
+        if tracing.ON:
+            headers = tracing.outgoing(subject, headers)
         size = message_size(data, headers)
         if size > self.max_payload:
             raise PayloadTooLarge(

@@ -2,7 +2,7 @@
 
 A replay runs through the five services; once a seeded share of its bars is stored the
 database becomes unwritable for a seeded while, then is restored. Meanwhile the store fails its
-write attempts (counted in `store_write_errors_total`), acks nothing and retries with backoff;
+write attempts (counted in `mdp_store_write_errors_total`), acks nothing and retries with backoff;
 after the restore the same store process commits the backlog, and the stored bars equal the
 reference exactly (none missing, none extra, none different).
 
@@ -62,8 +62,8 @@ ENV = {"MDP_PROVIDER__BATCH_MAX_TICKS": "40", "MDP_PROVIDER__BATCH_MAX_DELAY_MS"
 SQLITE_ENV = {**ENV, "MDP_STORE__WRITE_TIMEOUT_S": "0.25"}
 # Failed write attempts the store must have made before the database is restored.
 FAILED_ATTEMPTS = 3
-ERRORS = "store_write_errors_total"
-ROWS = "store_rows_written_total"
+ERRORS = "mdp_store_write_errors_total"
+ROWS = "mdp_store_rows_written_total"
 
 
 def expected_bars() -> int:

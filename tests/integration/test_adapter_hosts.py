@@ -188,6 +188,7 @@ async def test_a_failing_live_job_retries_with_backoff_and_resumes(hosts_system:
     view = await job_view(hosts_system, "flaky")
     assert view is not None and view["provider_state"]["attempts"] == 2
     assert (
-        await hosts_system.metric("provider", "provider_job_retries_total", provider="flaky") == 2
+        await hosts_system.metric("provider", "mdp_provider_job_retries_total", provider="flaky")
+        == 2
     )
     await hosts_system.ok("stop", {"job": "flaky"})

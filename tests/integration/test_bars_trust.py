@@ -2,7 +2,8 @@
 
 Each test replays a real slice (or a copy of it with some ticks moved later in the file) through
 a real nats-server and the five services as subprocesses, then checks the stored bars, the
-aggregator's `late_ticks_total{symbol}` and the `md.dlq.aggregator` dead letters.
+aggregator's `mdp_aggregator_late_ticks_total{interval}` (and, opted in,
+`mdp_aggregator_late_ticks_by_symbol_total{symbol}`) and the `md.dlq.aggregator` dead letters.
 
 How a displaced tick fares is computed here, independently of the engine, from the definition:
 the aggregator folds one provider batch at a time and judges it against the largest event time
@@ -174,8 +175,10 @@ def displace(
 # -- reading what the services did --------------------------------------------------------------
 
 
-async def late_ticks_total(nc: NATS) -> dict[str, float]:
-    """`late_ticks_total` by symbol, scraped from the aggregator's /metrics."""
+async def late_ticks(nc: NATS, by: str = "symbol") -> dict[str, float]:
+    """Late ticks by symbol (`mdp_aggregator_late_ticks_by_symbol_total`, opt-in) or by
+    interval (`mdp_aggregator_late_ticks_total`), scraped from the aggregator's /metrics."""
+    name = f"mdp_aggregator_late_ticks{'_by_symbol' if by == 'symbol' else ''}_total"
     info = await nc.request("$SRV.INFO.mdp-aggregator", b"", timeout=2)
     port = msgspec.json.decode(info.data)["metadata"]["metrics_port"]
 
@@ -186,8 +189,8 @@ async def late_ticks_total(nc: NATS) -> dict[str, float]:
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(await asyncio.to_thread(fetch)):
         for sample in family.samples:
-            if sample.name == "late_ticks_total":
-                totals[sample.labels["symbol"]] = sample.value
+            if sample.name == name:
+                totals[sample.labels[by]] = sample.value
     return totals
 
 
@@ -264,7 +267,7 @@ async def test_late_ticks_within_the_window_revise_to_the_reference(
     stored_rev = {(b.symbol, b.interval, b.start): b.rev for b in bars}
     assert {key: stored_rev[key] for key in must_revise if stored_rev[key] < 1} == {}
     # within the window nothing is dropped, and receive-order disorder across symbols is normal
-    assert sum((await late_ticks_total(nc)).values()) == 0
+    assert sum((await late_ticks(nc, "interval")).values()) == 0
     assert await aggregator_dead_letters(nc) == []
 
 
@@ -297,6 +300,7 @@ async def test_late_ticks_beyond_the_window_are_counted_and_dead_lettered(
         "MDP_POLICY__BARS__REVISE_WINDOW_SECONDS": "5",
         "MDP_POLICY__BARS__GRACE_MS": "0",
         "MDP_REPLAY__ROOTS": str(tmp_path),
+        "MDP_AGGREGATOR__LATE_TICKS_BY_SYMBOL": "true",
     }
     sup = pipeline(store_url=store_url, env=env)
     await sup.wait_ready()
@@ -327,9 +331,11 @@ async def test_late_ticks_beyond_the_window_are_counted_and_dead_lettered(
     for _, reason in letters:
         assert reason.startswith("beyond revise window:") and "(window 5 s)" in reason, reason
 
-    # the counter: one per dropped tick and interval, by symbol
+    # the counters: one per dropped tick and interval, by interval and (opted in) by symbol
     per_symbol = Counter(shuffled.ticks[k].symbol for _, k in dropped)
-    assert await late_ticks_total(nc) == {s: float(n) for s, n in per_symbol.items()}
+    assert await late_ticks(nc) == {s: float(n) for s, n in per_symbol.items()}
+    per_interval = Counter(interval for interval, _ in dropped)
+    assert await late_ticks(nc, "interval") == {i: float(n) for i, n in per_interval.items()}
 
     # the stored bars: the definition applied to every tick that was not dropped
     bars = await read_bars(store_url)
@@ -357,5 +363,5 @@ async def test_paced_replay_stores_the_reference_bars(
     for interval in INTERVALS:
         reference |= load_reference(DATA / f"{stem}.bars_{interval}.csv")
     assert_bars(bars, reference, f"{stem} at {speed}x")
-    assert sum((await late_ticks_total(nc)).values()) == 0
+    assert sum((await late_ticks(nc, "interval")).values()) == 0
     assert await aggregator_dead_letters(nc) == []

@@ -155,7 +155,7 @@ async def test_open_then_half_open_probes_until_the_feed_is_back(
         info = await provider_info(system, "switch")
         assert info["circuit"] == "open" and info["failures_in_window"] == 3
         assert info["opened_at_ns"] == opened["ts"]
-        assert await system.metric("control", "provider_circuit_state", provider="switch") == 2
+        assert await system.metric("control", "mdp_provider_circuit_state", provider="switch") == 2
         assert len(starts(directory)) == 3  # the three failures; none while open
 
         # Recovery elapsed: one probe, which fails (the feed is still down) and reopens it.
@@ -177,7 +177,7 @@ async def test_open_then_half_open_probes_until_the_feed_is_back(
         info = await provider_info(system, "switch")
         assert (info["circuit"], info["failures_in_window"]) == ("closed", 0)
         assert "opened_at_ns" not in info
-        assert await system.metric("control", "provider_circuit_state", provider="switch") == 0
+        assert await system.metric("control", "mdp_provider_circuit_state", provider="switch") == 0
 
         async def running() -> bool:
             view = await job_view(system, "sw")

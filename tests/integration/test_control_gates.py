@@ -183,22 +183,24 @@ async def test_disabled_write_path_publishes_bars_and_stores_nothing(
 async def test_bus_mode_reaches_the_store_through_the_writer(pipeline_system: System) -> None:
     system = pipeline_system
     await apply_policy(system, store_sync={"mode": "bus"})
-    forwarded = await system.metric("store", "store_http_forward_total", outcome="ok")
+    forwarded = await system.metric("store", "mdp_store_http_forwards_total", outcome="ok")
     _job, bars = await run_job(system, "BUS1", bars_wanted=1)
     await wait_for(lambda: all_stored(system, "BUS1", bars), 15, "BUS1 bars in the store")
-    assert await system.metric("store", "store_http_forward_total", outcome="ok") == forwarded
+    assert await system.metric("store", "mdp_store_http_forwards_total", outcome="ok") == forwarded
 
 
 async def test_http_mode_reaches_the_store_through_its_ingest_api(pipeline_system: System) -> None:
     system = pipeline_system
     await apply_policy(system, store_sync={"mode": "http", "http_url": ""})
-    forwarded = await system.metric("store", "store_http_forward_total", outcome="ok")
-    api = await system.metric("store", "store_http_requests_total", status="200")
+    forwarded = await system.metric("store", "mdp_store_http_forwards_total", outcome="ok")
+    api = await system.metric("store", "mdp_store_http_requests_total", status="200")
     try:
         _job, bars = await run_job(system, "HTTP1", bars_wanted=1)
         await wait_for(lambda: all_stored(system, "HTTP1", bars), 15, "HTTP1 bars in the store")
-        assert await system.metric("store", "store_http_forward_total", outcome="ok") > forwarded
-        assert await system.metric("store", "store_http_requests_total", status="200") > api
+        assert (
+            await system.metric("store", "mdp_store_http_forwards_total", outcome="ok") > forwarded
+        )
+        assert await system.metric("store", "mdp_store_http_requests_total", status="200") > api
     finally:
         await apply_policy(system)
 

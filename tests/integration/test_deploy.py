@@ -2,8 +2,9 @@
 
 - `docker compose config` accepts docker-compose.yml alone and with deploy/compose.cluster.yml
   (skipped only when the docker CLI or its compose plugin is missing).
-- Prometheus scrapes exactly the metrics ports compose gives the services; the Grafana dashboard
-  queries only metrics the services export; the Dockerfile copies only what .dockerignore sends.
+- Prometheus scrapes exactly the metrics ports compose gives the services, and the NATS exporter;
+  the Dockerfile copies only what .dockerignore sends. (The Grafana dashboard is checked against
+  the running services in test_observability.py.)
 - deploy/nats/cluster/n*.conf start as a 3-node JetStream cluster (only ports, routes and store
   directories are overridden on the command line, to run on one machine), with the users of
   deploy/nats/accounts.conf. Each service user gets what it needs and no more: the pipeline
@@ -33,11 +34,10 @@ import pytest
 import yaml
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig
-from prometheus_client import REGISTRY
 
 from mdp.cli import control_request, replay_file
 from mdp.supervisor import Supervisor, scrape
-from services.registry import SERVICES, service_factory
+from services.registry import SERVICES
 from shared.natsserver import find_binary, free_port
 from tests.conftest import DATA, wait_for
 from tests.integration.test_pipeline import assert_store_matches_reference
@@ -48,7 +48,6 @@ CLUSTER_COMPOSE = ROOT / "deploy" / "compose.cluster.yml"
 CLUSTER_ENV_EXAMPLE = ROOT / "deploy" / "cluster.env.example"
 NODE_CONFS = sorted((ROOT / "deploy" / "nats" / "cluster").glob("n*.conf"))
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 STEM = "lean_equity_20131008_slice"
 
 # `nats://<user>:${<PASSWORD VARIABLE>}@<host>:<port>` in compose.cluster.yml.
@@ -106,7 +105,14 @@ def test_compose_single_node_config_is_valid() -> None:
     result = compose_config(COMPOSE)
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
-    assert set(services) == {*SERVICES, "nats", "timescaledb", "prometheus", "grafana"}
+    assert set(services) == {
+        *SERVICES,
+        "nats",
+        "nats-exporter",
+        "timescaledb",
+        "prometheus",
+        "grafana",
+    }
     assert "-js" in services["nats"]["command"]
     assert services["timescaledb"]["image"] == "timescale/timescaledb:latest-pg16"
     ports = set()
@@ -129,6 +135,24 @@ def test_compose_single_node_config_is_valid() -> None:
         for source in bind_sources(service):
             if "var" not in source.parts:  # ./var/replay is local state, created on demand
                 assert source.exists(), f"{name} mounts {source}, which does not exist"
+
+
+def test_compose_exports_nats_metrics_and_has_a_tracing_profile() -> None:
+    services = load_yaml(COMPOSE)["services"]
+    exporter = services["nats-exporter"]
+    assert exporter["image"].startswith("natsio/prometheus-nats-exporter:")
+    assert "-prefix=nats" in exporter["command"] and "-jsz=all" in exporter["command"]
+    assert exporter["command"][-1] == "http://nats:8222/"
+    assert "8222" in services["nats"]["command"], "the server's monitoring port"
+    for name in ("otel-collector", "jaeger"):
+        assert services[name]["profiles"] == ["tracing"]
+    assert (ROOT / "deploy" / "otel" / "collector.yml").exists()
+    config = load_yaml(ROOT / "deploy" / "otel" / "collector.yml")
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["MDP_TRACING__ENDPOINT"] == "http://otel-collector:4318"
+        assert env["MDP_TRACING__ENABLED"] == "${MDP_TRACING:-false}"  # off by default
 
 
 def test_compose_cluster_config_is_valid() -> None:
@@ -175,47 +199,8 @@ def test_prometheus_scrapes_exactly_the_compose_services() -> None:
     for job in load_yaml(PROMETHEUS)["scrape_configs"]:
         targets = [t for sc in job["static_configs"] for t in sc["targets"]]
         scraped[job["job_name"]] = {(t.split(":")[0], int(t.split(":")[1])) for t in targets}
-    assert scraped == {name: {(name, port)} for name, port in ports.items()}
-
-
-def exported_metric_names() -> set[str]:
-    """Every sample name the five services can export (their modules register the metrics)."""
-    for name in SERVICES:
-        service_factory(name)  # imports the service module, hence its metrics
-    names: set[str] = set()
-    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
-    for family in REGISTRY.collect():
-        for suffix in suffixes.get(family.type, [""]):
-            names.add(family.name + suffix)
-    return names
-
-
-def test_grafana_dashboard_queries_only_exported_metrics() -> None:
-    assert DASHBOARDS, "no dashboard in deploy/grafana/dashboards"
-    jobs = {job["job_name"] for job in load_yaml(PROMETHEUS)["scrape_configs"]}
-    exported = exported_metric_names()
-    queried: set[str] = set()
-    for path in DASHBOARDS:
-        dashboard = json.loads(path.read_text())
-        for panel in dashboard["panels"]:
-            for target in panel.get("targets", []):
-                expr = target["expr"]
-                # Metric names are the identifiers followed by a selector or a range.
-                queried.update(re.findall(r"([a-zA-Z_:][\w:]*)\s*[{\[]", expr))
-                for job in re.findall(r'job="([^"]+)"', expr):
-                    assert job in jobs, f"{path.name}: {expr}: no Prometheus job {job!r}"
-    unknown = queried - exported
-    assert not unknown, f"the dashboard queries metrics no service exports: {sorted(unknown)}"
-    required = {
-        "provider_ticks_published_total",  # ticks in
-        "aggregator_bars_emitted_total",  # bars out
-        "store_rows_written_total",  # rows stored
-        "late_ticks_total",
-        "mdp_dead_letters_total",
-        "ingest_active",
-        "ingest_writes_suppressed_total",
-    }
-    assert required <= queried, f"panels missing for {sorted(required - queried)}"
+    exporter = {("nats-exporter", 7777)}
+    assert scraped == {"nats": exporter, **{name: {(name, port)} for name, port in ports.items()}}
 
 
 def test_dockerfile_builds_a_small_non_root_service_image() -> None:
@@ -223,7 +208,7 @@ def test_dockerfile_builds_a_small_non_root_service_image() -> None:
     lines = [line.strip() for line in dockerfile.splitlines() if line.strip()]
     instructions = [line for line in lines if not line.startswith("#")]
     assert [i for i in instructions if i.startswith("FROM")][-1] == "FROM python:3.11-slim"
-    assert any("pip install" in i and "'.[ibkr]'" in i for i in instructions)
+    assert any("pip install" in i and "'.[ibkr,tracing]'" in i for i in instructions)
     user = [i for i in instructions if i.startswith("USER ")][-1].split()[1]
     assert user.split(":")[0] not in ("root", "0")
     metrics_port = re.search(r"MDP_METRICS_PORT=(\d+)", dockerfile)

@@ -136,18 +136,18 @@ async def test_ingest_api_is_token_protected_and_writes_idempotently(store_syste
             assert resp.status == 415
         async with http.get(url.replace("/v1/bars", "/v1/health")) as resp:
             assert resp.status == 200
-    assert await system.metric("store", "store_http_requests_total", status="401") == 2
+    assert await system.metric("store", "mdp_store_http_requests_total", status="401") == 2
 
 
 async def test_bus_mode_batches_are_written_by_the_store_writer(store_system: System) -> None:
     system = store_system
-    api_calls = await system.metric("store", "store_http_requests_total", status="200")
+    api_calls = await system.metric("store", "mdp_store_http_requests_total", status="200")
     await publish(system, "store.sync.bus", BarBatch("bus-1", bars("BUS1")))
     await wait_for(lambda: has_rows(system, "BUS1", 3), 15, "the bus batch in the store")
     await wait_for(lambda: drained(system, "store-writer"), 10, "the bus batch acknowledged")
     # Not through the HTTP path.
-    assert await system.metric("store", "store_http_requests_total", status="200") == api_calls
-    assert await system.metric("store", "store_http_forward_total", outcome="ok") == 0
+    assert await system.metric("store", "mdp_store_http_requests_total", status="200") == api_calls
+    assert await system.metric("store", "mdp_store_http_forwards_total", outcome="ok") == 0
 
 
 async def test_http_mode_posts_to_the_stores_own_api_and_reports_completion(
@@ -160,7 +160,7 @@ async def test_http_mode_posts_to_the_stores_own_api_and_reports_completion(
         completed.append(msgspec.json.decode(msg.data))
 
     sub = await system.nc.subscribe("ingest.events.completed", cb=on_completed)
-    api_calls = await system.metric("store", "store_http_requests_total", status="200")
+    api_calls = await system.metric("store", "mdp_store_http_requests_total", status="200")
     await publish(system, "store.sync.http", BarBatch("http-1", bars("HTTP1", 4)))
     marker = EndOfStream(run="run-http", symbol="HTTP1", symbols_total=1, ticks=20)
     await publish(
@@ -173,8 +173,10 @@ async def test_http_mode_posts_to_the_stores_own_api_and_reports_completion(
     await wait_for(lambda: completed, 10, "the completed event after the marker")
     assert completed[0]["run"] == "run-http" and completed[0]["symbol"] == "HTTP1"
     await wait_for(lambda: drained(system, "store-http-forwarder"), 10, "the http batch acked")
-    assert await system.metric("store", "store_http_requests_total", status="200") == api_calls + 1
-    assert await system.metric("store", "store_http_forward_total", outcome="ok") == 1
+    assert (
+        await system.metric("store", "mdp_store_http_requests_total", status="200") == api_calls + 1
+    )
+    assert await system.metric("store", "mdp_store_http_forwards_total", outcome="ok") == 1
     await sub.unsubscribe()
 
 
@@ -226,7 +228,7 @@ async def test_http_mode_to_an_external_url_acks_only_after_a_2xx(store_system: 
             assert headers["Idempotency-Key"] == "ext-1"
             assert msgspec.json.decode(body, type=BarBatch) == BarBatch("ext-1", bars("EXT1", 2))
         assert await stored(system, "EXT1") == []  # it went to the target, not our store
-        assert await system.metric("store", "store_http_forward_total", outcome="retry") >= 2
+        assert await system.metric("store", "mdp_store_http_forwards_total", outcome="retry") >= 2
 
         # A target that refuses the batch for good: dead-lettered with the reason, acked.
         dead: list[Any] = []

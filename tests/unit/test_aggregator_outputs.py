@@ -258,3 +258,37 @@ def test_the_transit_credit_applies_to_live_batches_only_and_is_capped() -> None
     assert transit_credited(now, now + 5 * ms, 1.0, 100 * ms) == now  # recv from the future
     assert transit_credited(now, 0, 1.0, 100 * ms) == now  # no recv
     assert transit_credited(now, now - 40 * ms, 1.0, 0) == now  # off
+
+
+def _sample(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_late_ticks_are_counted_by_interval_and_by_symbol_only_when_asked() -> None:
+    late = LateTick("LATE1", "5m", tick(7, ts=123), "late: beyond the revise window")
+    by_interval = _sample("mdp_aggregator_late_ticks_total", interval="5m")
+    router().route(Emitted(late=[late]), NOW)
+    assert _sample("mdp_aggregator_late_ticks_total", interval="5m") == by_interval + 1
+    assert _sample("mdp_aggregator_late_ticks_by_symbol_total", symbol="LATE1") == 0
+    opted = OutputRouter(EffectivePolicy(), JSON, PRODUCER, "aggregator", late_by_symbol=True)
+    opted.route(Emitted(late=[late]), NOW)
+    assert _sample("mdp_aggregator_late_ticks_by_symbol_total", symbol="LATE1") == 1
+
+
+def test_tick_to_bar_latency_is_observed_for_first_live_publications_only() -> None:
+    import time
+
+    def count() -> float:
+        return _sample("mdp_aggregator_tick_to_bar_seconds_count", interval="7s")
+
+    before = count()
+    end = time.time_ns() - 500 * MS
+    first = msgspec.structs.replace(bar(0, interval="7s"), start=end - 7000 * MS, end=end)
+    revision = msgspec.structs.replace(first, rev=1)
+    replayed = bar(0, interval="7s")  # ended in 2023: a replay, not latency
+    router(mode="none").route(Emitted(bars=[first, revision, replayed]), NOW)
+    assert count() == before + 1
+    total = _sample("mdp_aggregator_tick_to_bar_seconds_sum", interval="7s")
+    assert 0.5 <= total < 5

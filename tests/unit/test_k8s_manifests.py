@@ -525,7 +525,14 @@ def test_services_select_pods_and_the_service_monitor_selects_the_metrics_servic
     assert {s["metadata"]["name"] for s in selected} == {f"mdp-{s}-metrics" for s in SERVICES}
     jobs = {s["metadata"]["labels"][monitor["spec"]["jobLabel"]] for s in selected}
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    assert jobs == {job["job_name"] for job in prometheus["scrape_configs"]} == set(SERVICES)
+    scraped = {job["job_name"] for job in prometheus["scrape_configs"]}
+    assert jobs == set(SERVICES) and scraped == {*SERVICES, "nats"}
+    # The NATS exporters' job is "nats" too, as the compose Prometheus names it (the dashboard).
+    for nats_monitor in of_kind(objs, "ServiceMonitor"):
+        if nats_monitor["metadata"]["name"] == "mdp-nats":  # not in the base alone
+            label = nats_monitor["spec"]["jobLabel"]
+            selected_nats = check_service_monitor(nats_monitor, objs)
+            assert {s["metadata"]["labels"][label] for s in selected_nats} == {"nats"}
     for service in selected:
         assert service["spec"]["ports"] == [
             {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}

@@ -65,3 +65,18 @@ def test_sequences_by_hand_equal_what_nats_py_parses() -> None:
             msg.metadata.sequence.stream,
             msg.metadata.sequence.consumer,
         ), reply
+
+
+def test_timestamp_by_hand_equals_what_nats_py_parses() -> None:
+    from nats.aio.msg import Msg
+
+    from shared.bus.consumer import timestamp_ns
+
+    for reply in (
+        "$JS.ACK.MD_QUOTES.aggregator.1.4711.42.1796289044002936324.7",  # v1: 9 tokens
+        "$JS.ACK.hub.ACCHASH.MD_QUOTES.aggregator.2.4711.42.1796289044002936324.7.rnd",  # v2
+    ):
+        msg = Msg(_client=None, subject="md.quotes.X", reply=reply)  # type: ignore[arg-type]
+        assert timestamp_ns(msg) == 1796289044002936324
+        # nats-py keeps microseconds (a datetime): equal to within one
+        assert abs(timestamp_ns(msg) - msg.metadata.timestamp.timestamp() * 1e9) < 1e3
