@@ -592,20 +592,29 @@ async def cmd_top(args: argparse.Namespace) -> int:
     log_dir = args.data_dir / "logs"
     nc = await _connect(_nats_url(args.data_dir))
     tty = sys.stdout.isatty() and not args.json
+    # A signal sets `stop` rather than cancelling: a cancel landing in one of the many NATS
+    # requests of a snapshot can be lost (asyncio.wait_for in Python 3.11).
+    stop = args.interrupt.gentle = asyncio.Event()
     try:
-        while True:
+        while not stop.is_set():
             table = await top.snapshot(
                 nc,
                 max(args.interval, 0.2),
                 log_dir if log_dir.is_dir() else None,
                 running.started_ns if running else 0,
+                stop,
             )
+            if table is None:
+                break
             text = msgspec.json.encode(table).decode() if args.json else top.render(table)
             print(("\x1b[H\x1b[2J" if tty else "") + text, flush=True)
             if args.once:
                 return 0
     finally:
         await _close(nc)
+    sig = int(args.interrupt.signal)
+    print(f"mdp: stopped by {signal.Signals(sig).name}", file=sys.stderr)
+    return 128 + sig
 
 
 def _supervisor(data_dir: Path, env: dict[str, str] | None = None) -> Supervisor:

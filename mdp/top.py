@@ -350,9 +350,14 @@ _BAR: Codec[Bar] = Codec(Bar)
 
 
 async def snapshot(
-    nc: NATS, interval: float, log_dir: Path | None = None, since_ns: int = 0
-) -> list[Row]:
-    """Two samples `interval` apart, and the bars that passed in between."""
+    nc: NATS,
+    interval: float,
+    log_dir: Path | None = None,
+    since_ns: int = 0,
+    stop: asyncio.Event | None = None,
+) -> list[Row] | None:
+    """Two samples `interval` apart, and the bars that passed in between; None when `stop` is
+    set meanwhile."""
     bars: list[tuple[int, Bar]] = []
 
     async def on_bar(msg: Msg) -> None:
@@ -364,7 +369,11 @@ async def snapshot(
     sub = await nc.subscribe(names.BARS_ALL, cb=on_bar)
     try:
         before = await sample(nc, log_dir, since_ns)
-        await asyncio.sleep(interval)
+        stop = stop or asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        if stop.is_set():
+            return None
         after = await sample(nc, log_dir, since_ns)
     finally:
         with contextlib.suppress(Exception):
