@@ -38,7 +38,7 @@ from mdp.cli import control_request
 from mdp.supervisor import Supervisor, scrape
 from services.registry import SERVICES
 from shared.contract import names
-from shared.contract.messages import Bar
+from shared.contract.messages import Bar, TickBatch
 
 MB = 1024 * 1024
 SECOND = 1_000_000_000
@@ -59,20 +59,25 @@ class Run:
     delivered: int = 0
     ticks_per_s: float = 0.0  # what the provider published while measuring
     latencies_ms: list[float] = field(default_factory=list)
+    quote_ms: list[float] = field(default_factory=list)  # newest tick of a batch to md.quotes
     cpu: dict[str, float] = field(default_factory=dict)  # share of one core
     rss_mb: dict[str, tuple[float, float]] = field(default_factory=dict)  # start, end
     exported_ms: dict[str, float] = field(default_factory=dict)  # the histograms' means
+    rss_peak_mb: dict[str, float] = field(default_factory=dict)  # sampled every 10 s
 
-    def percentile(self, q: float) -> float:
-        """The q-th percentile latency in ms (nan with no bars)."""
-        if not self.latencies_ms:
+    def percentile(self, q: float, of: list[float] | None = None) -> float:
+        """The q-th percentile of a latency list in ms (the bars' by default; nan if empty)."""
+        values = self.latencies_ms if of is None else of
+        if not values:
             return float("nan")
-        ordered = sorted(self.latencies_ms)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def run_once(symbols: int, rate: float, seconds: float, warmup: float, grace_ms: int) -> Run:
-    """One live run in a fresh directory."""
+async def run_once(
+    symbols: int, rate: float, seconds: float, warmup: float, grace_ms: int, keep: bool = False
+) -> Run:
+    """One live run in a fresh directory (kept, with the services' logs, with `keep`)."""
     workdir = Path(tempfile.mkdtemp(prefix="mdp-live-"))
     env = {
         "MDP_LOG_LEVEL": "WARNING",
@@ -97,6 +102,16 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
                 first_seen.setdefault((bar.symbol, bar.start), (arrived - bar.end) / 1e6)
 
         await nc.subscribe(names.bars_of("1s"), cb=on_bar, pending_msgs_limit=10_000_000)
+        measuring = False
+
+        async def on_quotes(msg: Msg) -> None:
+            arrived = time.time_ns()
+            if measuring:
+                batch = msgspec.json.decode(msg.data, type=TickBatch)
+                result.quote_ms.append((arrived - batch.ticks[-1].ts) / 1e6)
+
+        for symbol in names_[:: max(1, symbols // 20)]:  # a sample: the transit, not a load
+            await nc.subscribe(names.quotes(symbol), cb=on_quotes)
         pids = {name: sup.children[name].proc.pid for name in SERVICES}  # type: ignore[union-attr]
         pids["nats-server"] = sup.nats_server.proc.pid
         reply = await control_request(
@@ -112,7 +127,13 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
         rss0 = {name: (read_memory(pid) or (0, 0))[0] for name, pid in pids.items()}
         t0 = time.monotonic()
         measure_from = time.time_ns()
-        await asyncio.sleep(seconds)
+        measuring = True
+        while (left := seconds - (time.monotonic() - t0)) > 0:
+            await asyncio.sleep(min(10.0, left))
+            for name, pid in pids.items():
+                rss = (read_memory(pid) or (0, 0))[0] / MB
+                result.rss_peak_mb[name] = max(result.rss_peak_mb.get(name, 0.0), rss)
+        measuring = False
         measure_to = time.time_ns()
         elapsed = time.monotonic() - t0
         cpu1 = {name: read_cpu_s(pid) or 0.0 for name, pid in pids.items()}
@@ -139,7 +160,10 @@ async def run_once(symbols: int, rate: float, seconds: float, warmup: float, gra
         result.rss_mb = {name: (rss0[name] / MB, rss1[name] / MB) for name in pids}
     finally:
         sup.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if keep:
+            print(f"logs and store kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
@@ -159,11 +183,16 @@ def report(run: Run, grace_ms: int) -> str:
         f"{run.percentile(50):.0f} ms, p99 {run.percentile(99):.0f} ms, max "
         f"{max(run.latencies_ms, default=float('nan')):.0f} ms (grace {grace_ms} ms: p99 - grace "
         f"= {run.percentile(99) - grace_ms:.0f} ms)",
+        f"  tick to md.quotes (newest tick of a batch, sampled symbols): p50 "
+        f"{run.percentile(50, run.quote_ms):.0f} ms, p99 {run.percentile(99, run.quote_ms):.0f} ms",
         "  as the services measure it (mean): "
         + "  ".join(f"{k} {v:.0f} ms" for k, v in run.exported_ms.items()),
         "  CPU (cores): " + "  ".join(f"{k} {v:.2f}" for k, v in run.cpu.items()),
-        "  RSS MB start->end: "
-        + "  ".join(f"{k} {a:.0f}->{b:.0f}" for k, (a, b) in run.rss_mb.items()),
+        "  RSS MB start->end (peak): "
+        + "  ".join(
+            f"{k} {a:.0f}->{b:.0f} ({run.rss_peak_mb.get(k, b):.0f})"
+            for k, (a, b) in run.rss_mb.items()
+        ),
     ]
     return "\n".join(lines)
 
@@ -178,16 +207,18 @@ def main() -> int:
     parser.add_argument("--grace-ms", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="also print each run as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the run's directory and logs")
     args = parser.parse_args()
     ok = True
     p99s = []
     for i in range(args.repeat):
         run = asyncio.run(
-            run_once(args.symbols, args.rate, args.seconds, args.warmup, args.grace_ms)
+            run_once(args.symbols, args.rate, args.seconds, args.warmup, args.grace_ms, args.keep)
         )
         print(f"run {i + 1}/{args.repeat}: " + report(run, args.grace_ms), flush=True)
         if args.json:
-            print(json.dumps({**run.__dict__, "latencies_ms": None, "p50": run.percentile(50),
+            print(json.dumps({**run.__dict__, "latencies_ms": None, "quote_ms": None,
+                              "p50": run.percentile(50),
                               "p99": run.percentile(99)}))  # fmt: skip
         p99s.append(run.percentile(99))
         ok &= run.delivered == run.expected and run.percentile(99) <= args.grace_ms + 100

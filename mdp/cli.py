@@ -1,4 +1,4 @@
-"""`mdp`: run the system, replay files, export bars, control ingestion."""
+"""`mdp`: run the system, replay files, get bars out, watch it live, control ingestion."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 import nats
@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from mdp.supervisor import DataDirBusy, Supervisor, running_system, scrape
+from mdp.supervisor import DataDirBusy, Supervisor, running_system
 from services.registry import SERVICES
 from shared.contract import names
 from shared.contract.events import Failed, Stopped, decode_event
@@ -87,10 +87,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     bars = sub.add_parser("bars", help="read stored bars")
     bars_sub = bars.add_subparsers(dest="bars_command", required=True, metavar="ACTION")
-    export = bars_sub.add_parser("export", help="print stored bars as CSV")
+    export = bars_sub.add_parser(
+        "export",
+        help="stream stored bars out as CSV, JSON lines or Parquet (exit 4: nothing matched)",
+    )
     _common(export)
-    export.add_argument("--symbol")
-    export.add_argument("--interval")
+    export.add_argument("--symbol", help="one symbol (default: every symbol)")
+    export.add_argument("--interval", help="one interval, e.g. 1s or 1m (default: every one)")
+    export.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
+    export.add_argument(
+        "--from", dest="start", help="bars starting at or after this UTC time (ISO 8601 or ns)"
+    )
+    export.add_argument("--to", dest="end", help="bars starting before this UTC time")
+    export.add_argument("--out", type=Path, help="write to FILE (default stdout; parquet: needed)")
+
+    tail = sub.add_parser("tail", help="print quotes, bars or events as they pass")
+    _common(tail)
+    tail.add_argument("kind", choices=["quotes", "bars", "events"])
+    tail.add_argument("symbols", nargs="*", metavar="SYMBOL", help="only these (default: all)")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.add_argument("--count", type=int, default=0, help="exit after N lines (0: never)")
+
+    dlq = sub.add_parser("dlq", help="inspect and re-drive the dead letters (md.dlq.>)")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_sub.add_parser("list", help="every dead letter with its reason")
+    dlq_show = dlq_sub.add_parser("show", help="one dead letter: headers and decoded body")
+    dlq_redrive = dlq_sub.add_parser(
+        "redrive", help="send dead letters fixed upstream back to their original subject"
+    )
+    for action in (dlq_list, dlq_show, dlq_redrive):
+        _common(action)
+        action.add_argument("--json", action="store_true", help="JSON, one object per line")
+    dlq_show.add_argument("seq", type=int, help="its stream sequence (from `mdp dlq list`)")
+    dlq_redrive.add_argument("seqs", type=int, nargs="*", metavar="SEQ")
+    for action in (dlq_list, dlq_redrive):
+        action.add_argument("--service", help="only md.dlq.SERVICE")
+        action.add_argument("--reason", help="only those whose reason contains TEXT")
+    dlq_list.add_argument("--limit", type=int, default=500, help="show at most N (500)")
+    dlq_redrive.add_argument("--all", action="store_true", help="every redrivable one")
+    dlq_redrive.add_argument("--dry-run", action="store_true", help="say what would go back")
+    dlq_redrive.add_argument("--keep", action="store_true", help="keep them in MD_DLQ too")
+
+    chart = sub.add_parser(
+        "chart", help="write a candlestick chart of stored bars (.html: no dependency; .png)"
+    )
+    _common(chart)
+    chart.add_argument("symbol")
+    chart.add_argument("--interval", default="1m", help="bar interval (1m)")
+    chart.add_argument("--from", dest="start", help="bars starting at or after this UTC time")
+    chart.add_argument("--to", dest="end", help="bars starting before this UTC time")
+    chart.add_argument("--out", type=Path, required=True, help="FILE.html or FILE.png")
+
+    top = sub.add_parser(
+        "top", help="per service: rates, consumer lag, tick-to-bar latency, dead letters, stalls"
+    )
+    _common(top)
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds per snapshot (2)")
+    top.add_argument("--json", action="store_true", help="one JSON array of rows per snapshot")
 
     ingest = sub.add_parser("ingest", help="send ingest.control requests")
     ingest_sub = ingest.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -330,20 +384,237 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 async def cmd_bars_export(args: argparse.Namespace) -> int:
-    """`mdp bars export`: CSV of the stored bars on stdout."""
-    from services.store.writers import export_csv, read_bars
+    """`mdp bars export`: stream the stored bars; exit 4 (said on stderr) when none matched."""
+    from mdp import export
+    from services.store.writers import stream_bars, symbol_known
 
-    url = _store_url(args.data_dir)
-    if url.startswith("sqlite:"):
-        path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
-        if not path.is_file():  # noqa: ASYNC240 (one stat before any I/O starts)
-            raise CliError(f"no store at {url}: nothing was stored there (--store, --data-dir)")
+    start, end = _time_arg("--from", args.start), _time_arg("--to", args.end)
     try:
-        bars = await read_bars(url, symbol=args.symbol, interval=args.interval)
+        export.check_format(args.format)
+    except export.MissingExtra as exc:
+        raise CliError(str(exc)) from None
+    if args.format == "parquet" and args.out is None:
+        raise CliError("parquet needs a seekable file: pass --out FILE.parquet")
+    url = _store_url(args.data_dir)
+    _require_sqlite_file(url)
+    chunks = stream_bars(url, args.symbol, args.interval, start, end)
+    out: Path | None = args.out
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(contextlib.aclosing(chunks))
+
+            def open_out() -> IO[bytes]:
+                # Opened at the first row, so an export that matched nothing leaves no file.
+                return sys.stdout.buffer if out is None else stack.enter_context(out.open("wb"))
+
+            rows = await export.write_bars(chunks, args.format, open_out)
+        if rows == 0 and args.symbol and not await symbol_known(url, args.symbol):
+            print(f"mdp: no bars of symbol {args.symbol!r} in {url}", file=sys.stderr)
+            return export.NOTHING_MATCHED
+    except CliError:
+        raise
     except Exception as exc:
         raise CliError(f"cannot read bars from {url}: {exc}") from None
-    export_csv(bars, sys.stdout)
+    if rows == 0:
+        print(f"mdp: no bars match {_filters(args)} in {url}", file=sys.stderr)
+        return export.NOTHING_MATCHED
+    if out is not None:
+        print(f"{rows:,} bars written to {out}", file=sys.stderr)
     return 0
+
+
+def _time_arg(flag: str, value: str | None) -> int | None:
+    from mdp.export import parse_time
+
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise CliError(f"{flag}: {exc}", 2) from None
+
+
+def _filters(args: argparse.Namespace) -> str:
+    said = [f"{flag} {value}" for flag, value in (
+        ("--symbol", args.symbol), ("--interval", args.interval), ("--from", args.start),
+        ("--to", args.end),
+    ) if value]  # fmt: skip
+    return " ".join(said) or "(no filter)"
+
+
+def _require_sqlite_file(url: str) -> None:
+    if url.startswith("sqlite:"):
+        path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
+        if not path.is_file():
+            raise CliError(f"no store at {url}: nothing was stored there (--store, --data-dir)")
+
+
+async def cmd_tail(args: argparse.Namespace) -> int:
+    """`mdp tail KIND [SYMBOL...]`: until Ctrl-C/SIGTERM, or --count lines."""
+    from mdp.tail import tail
+
+    nc = await _connect(_nats_url(args.data_dir))
+    try:
+        await tail(nc, args.kind, args.symbols, as_json=args.json, count=args.count)
+    finally:
+        await _close(nc)
+    return 0
+
+
+async def cmd_dlq(args: argparse.Namespace) -> int:
+    """`mdp dlq list|show|redrive`; redrive exits 1 if a selected letter could not go back."""
+    from mdp import dlq
+
+    nc = await _connect(_nats_url(args.data_dir))
+    try:
+        js = nc.jetstream()
+        if args.dlq_command == "show":
+            stored = await dlq.get(js, args.seq)
+            if stored is None:
+                raise CliError(f"no dead letter {args.seq} in {names.STREAM_DLQ}")
+            letter, headers, data = stored
+            body = dlq.decode_body(letter.subject, headers, data)
+            text = (
+                msgspec.json.encode({"letter": letter, "headers": headers, "body": body}).decode()
+                if args.json
+                else dlq.show_text(letter, headers, body, data)
+            )
+            print(text)
+            return 0
+        if args.dlq_command == "list":
+            return await _dlq_list(js, args)
+        return await _dlq_redrive(js, args)
+    finally:
+        await _close(nc)
+
+
+async def _dlq_list(js: Any, args: argparse.Namespace) -> int:
+    from mdp import dlq
+
+    shown: list[dlq.DeadLetter] = []
+    more = 0
+    async for letter, _, _ in dlq.read(js, args.service):
+        if not dlq.matches(letter, set(), args.reason, None):
+            continue
+        if len(shown) >= args.limit:
+            more += 1
+            continue
+        shown.append(letter)
+        if args.json:
+            print(msgspec.json.encode(letter).decode(), flush=True)
+    if args.json:
+        return 0
+    if not shown:
+        print("no dead letters", file=sys.stderr)
+        return 0
+    print(dlq.list_header())
+    for letter in shown:
+        print(dlq.list_line(letter))
+    summary = ", ".join(f"{n} {s}: {r}" for s, r, n in dlq.reason_counts(shown)[:5])
+    print(f"{len(shown) + more} dead letter(s){f' ({more} not shown)' if more else ''}; "
+          f"by reason: {summary}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+async def _dlq_redrive(js: Any, args: argparse.Namespace) -> int:
+    from mdp import dlq
+
+    seqs = set(args.seqs)
+    if not (seqs or args.reason or args.service or args.all):
+        raise CliError("say which to re-drive: SEQ..., --reason TEXT, --service S or --all", 2)
+    chosen = []
+    async for letter, _, _ in dlq.read(js, args.service):
+        if dlq.matches(letter, seqs, args.reason, None):
+            chosen.append(letter.seq)
+    missing = seqs - set(chosen)
+    refused = 0
+    for seq in chosen:
+        stored = await dlq.get(js, seq)  # read again, one at a time: constant memory
+        if stored is None:
+            continue
+        letter = stored[0]
+        if letter.redrive:
+            refused += 1
+            print(f"mdp: {seq}: not re-driven: {letter.redrive}", file=sys.stderr)
+            continue
+        if not args.dry_run:
+            await dlq.redrive(js, stored, keep=args.keep)
+        verb = "would re-drive" if args.dry_run else "re-drove"
+        print(f"{verb} {seq} to {letter.subject} ({letter.body}; was: {letter.reason})")
+    for seq in sorted(missing):
+        print(f"mdp: {seq}: no such dead letter", file=sys.stderr)
+    return 1 if refused or missing else 0
+
+
+async def cmd_chart(args: argparse.Namespace) -> int:
+    """`mdp chart SYMBOL --out FILE`: exit 4 when no bar matched."""
+    from mdp import chart, export
+    from services.store.writers import stream_bars
+
+    if args.out.suffix.lower() not in (".html", ".htm", ".png"):
+        raise CliError(f"--out {args.out}: the chart is written as .html or .png", 2)
+    if args.out.suffix.lower() == ".png":
+        try:
+            export.require("matplotlib", "chart")
+        except export.MissingExtra as exc:
+            raise CliError(f"{exc}; or write --out FILE.html, which needs nothing") from None
+    start, end = _time_arg("--from", args.start), _time_arg("--to", args.end)
+    url = _store_url(args.data_dir)
+    _require_sqlite_file(url)
+    bars: list[Any] = []
+    try:
+        chunks = stream_bars(url, args.symbol, args.interval, start, end)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                bars += chunk
+                if len(bars) > chart.MAX_BARS:
+                    raise CliError(
+                        f"more than {chart.MAX_BARS:,} bars: narrow the range (--from, --to) "
+                        "or take a wider --interval"
+                    )
+    except CliError:
+        raise
+    except Exception as exc:
+        raise CliError(f"cannot read bars from {url}: {exc}") from None
+    if not bars:
+        print(f"mdp: no {args.interval} bars of {args.symbol!r} in {url}", file=sys.stderr)
+        return export.NOTHING_MATCHED
+    await asyncio.to_thread(chart.write, bars, args.out)
+    print(f"{len(bars)} bars, {len(chart.gaps(bars))} gap(s): {args.out}", file=sys.stderr)
+    return 0
+
+
+async def cmd_top(args: argparse.Namespace) -> int:
+    """`mdp top`: a snapshot every --interval s until Ctrl-C/SIGTERM (or one, --once)."""
+    from mdp import top
+
+    running = running_system(args.data_dir)
+    log_dir = args.data_dir / "logs"
+    nc = await _connect(_nats_url(args.data_dir))
+    tty = sys.stdout.isatty() and not args.json
+    # A signal sets `stop` rather than cancelling: a cancel landing in one of the many NATS
+    # requests of a snapshot can be lost (asyncio.wait_for in Python 3.11).
+    stop = args.interrupt.gentle = asyncio.Event()
+    try:
+        while not stop.is_set():
+            table = await top.snapshot(
+                nc,
+                max(args.interval, 0.2),
+                log_dir if log_dir.is_dir() else None,
+                running.started_ns if running else 0,
+                stop,
+            )
+            if table is None:
+                break
+            text = msgspec.json.encode(table).decode() if args.json else top.render(table)
+            print(("\x1b[H\x1b[2J" if tty else "") + text, flush=True)
+            if args.once:
+                return 0
+    finally:
+        await _close(nc)
+    sig = int(args.interrupt.signal)
+    print(f"mdp: stopped by {signal.Signals(sig).name}", file=sys.stderr)
+    return 128 + sig
 
 
 def _supervisor(data_dir: Path, env: dict[str, str] | None = None) -> Supervisor:
@@ -366,29 +637,42 @@ def _refuse_busy(exc: DataDirBusy, data_dir: Path) -> CliError:
 
 
 class Progress:
-    """The live line of `mdp up`: ticks/s in, bars out, rows stored."""
+    """The live line of `mdp up` (`mdp.top.progress_line`), from two looks a second apart."""
 
     def __init__(self) -> None:
-        self.last: dict[str, float] = {}
-        self.at = time.monotonic()
+        self.started = time.monotonic()
+        self.previous: Any = None
+        self.dead_letters_before: int | None = None
+        self.pids: dict[str, int] = {}
+        self.restarts = 0
 
-    async def line(self, nc: NATS) -> str:
-        """Scrape the services' metrics and format one progress line."""
-        ticks = await scrape(nc, "provider", ["mdp_provider_ticks_published_total"])
-        bars = await scrape(nc, "aggregator", ["mdp_aggregator_bars_emitted_total"])
-        rows = await scrape(nc, "store", ["mdp_store_rows_written_total"])
-        now = time.monotonic()
-        current = {
-            "ticks": ticks["mdp_provider_ticks_published_total"],
-            "bars": bars["mdp_aggregator_bars_emitted_total"],
-            "rows": rows["mdp_store_rows_written_total"],
-        }
-        elapsed = max(now - self.at, 1e-3)
-        rate = (current["ticks"] - self.last.get("ticks", 0.0)) / elapsed
-        self.last, self.at = current, now
-        return (
-            f"ticks in {current['ticks']:>10,.0f} ({rate:>9,.0f}/s) | "
-            f"bars out {current['bars']:>8,.0f} | rows stored {current['rows']:>8,.0f}"
+    async def line(self, nc: NATS, pids: dict[str, int] | None = None) -> str:
+        """Look at the system and format one progress line; `pids` of the services (a new pid
+        is a restart: the supervisor's own count resets once a service has run a while)."""
+        from mdp import top
+
+        for name, pid in (pids or {}).items():
+            self.restarts += name in self.pids and self.pids[name] != pid
+            self.pids[name] = pid
+        current = await top.sample(nc)
+        bars = await top.bars_by_interval(nc)
+        dead = sum(current.dead_letters.values())
+        if self.dead_letters_before is None:  # the stream outlives a run: count this run's
+            self.dead_letters_before = dead
+        previous, self.previous = self.previous or current, current
+        table = top.rows(previous, current, [])
+        seconds = max(current.at - previous.at, 1e-3)
+        ticks = current.counters["provider"]["out"]
+        rate = (ticks - previous.counters["provider"]["out"]) / seconds
+        return top.progress_line(
+            time.monotonic() - self.started,
+            ticks,
+            rate,
+            bars,
+            current.counters["store"]["out"],
+            dead - self.dead_letters_before,
+            self.restarts,
+            [row.service for row in table if row.stalled],
         )
 
 
@@ -449,7 +733,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             sup.check()
-            line = await progress.line(nc)
+            pids = {n: c.proc.pid for n, c in sup.children.items() if c.proc is not None}
+            line = await progress.line(nc, pids)
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
         if tty:
             print()
@@ -667,13 +952,25 @@ def main(argv: list[str] | None = None) -> None:
         return
     # Library logs go to stderr so that stdout stays clean for CSV and JSON output.
     configure_logging("cli", level="WARNING", fmt="console")
-    handlers = {"up": cmd_up, "replay": cmd_replay, "ingest": cmd_ingest}
+    handlers = {
+        "up": cmd_up,
+        "replay": cmd_replay,
+        "ingest": cmd_ingest,
+        "tail": cmd_tail,
+        "dlq": cmd_dlq,
+        "chart": cmd_chart,
+        "top": cmd_top,
+    }
     handler = cmd_bars_export if args.command == "bars" else handlers[args.command]
     try:
         code = asyncio.run(_interruptible(handler, args))
     except CliError as exc:
         print(f"mdp: {exc}", file=sys.stderr)
         code = exc.code
+    except BrokenPipeError:
+        # The reader went away (`mdp tail ... | head`): not a failure, and nothing to flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 

@@ -18,6 +18,7 @@ or closed the iterator), so a caller that restarts resumes where it left off.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -25,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -51,7 +52,7 @@ from shared.contract.control import (
 )
 from shared.contract.messages import Bar, TickBatch, interval_ns
 
-__all__ = ["ControlRequestError", "PipelineRuntime"]
+__all__ = ["ControlRequestError", "PipelineRuntime", "read_bars", "read_bars_async"]
 
 log = logging.getLogger("mdp.client")
 
@@ -520,3 +521,57 @@ class _Feed:
             await self.ack(taken, sync=True)
         await self.nak(pending)
         await self._drop_sub(delete=self.durable is None)
+
+
+# -- stored bars as a DataFrame -----------------------------------------------------------------
+
+
+async def read_bars_async(
+    store_url: str,
+    symbol: str | None = None,
+    interval: str | None = None,
+    start: str | int | None = None,
+    end: str | int | None = None,
+) -> Any:
+    """`read_bars` for code already inside an event loop."""
+    from mdp.export import columns, parse_time, require
+    from services.store.writers import stream_bars
+
+    pd = require("pandas", "pandas")
+    start_ns = parse_time(start) if isinstance(start, str) else start
+    end_ns = parse_time(end) if isinstance(end, str) else end
+    parts = []
+    async with contextlib.aclosing(
+        stream_bars(store_url, symbol, interval, start_ns, end_ns)
+    ) as chunks:
+        async for bars in chunks:
+            # One small frame per chunk: never a list of every Bar object at once.
+            parts.append(pd.DataFrame(columns(bars)))
+    frame = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame({name: [] for name in columns([])})
+    )
+    frame["start_utc"] = pd.to_datetime(frame["start_utc"].astype("int64"), unit="ns", utc=True)
+    frame["vwap"] = frame["vwap"].astype("float64")  # None (no volume) becomes NaN
+    return frame
+
+
+def read_bars(
+    store_url: str,
+    symbol: str | None = None,
+    interval: str | None = None,
+    start: str | int | None = None,
+    end: str | int | None = None,
+) -> Any:
+    """Stored bars as a pandas DataFrame (`pip install 'mdp[pandas]'`), `start <= bar start <
+    end` (ISO 8601 UTC or ns), ordered by symbol, interval, start; columns as `mdp bars export`.
+    """
+    coro = read_bars_async(store_url, symbol, interval, start, end)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # Called from a running loop (a notebook): run it on a loop of its own in a thread.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()

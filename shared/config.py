@@ -273,6 +273,13 @@ class BarsConfig(_Model):
     max_jump_seconds: float = Field(
         600.0, ge=0, description="a tick this far ahead of its symbol waits for confirmation"
     )
+    transit_credit_ms: int = Field(
+        100,
+        ge=0,
+        le=10_000,
+        description="live sources: up to this much of a tick's time since its source received "
+        "it counts as elapsed, so the pipeline's own delay does not hold bars back",
+    )
 
     @field_validator("intervals")
     @classmethod
@@ -328,7 +335,8 @@ class EffectivePolicy(_Model):
          "store_sync": {"mode": "bus", "http_url": "", "http_timeout_seconds": 10.0},
          "batching": {"max_rows": 5000, "max_bytes": 1000000, "max_delay_ms": 200},
          "bars": {"intervals": ["1s", "1m"], "grace_ms": 500, "revise_window_seconds": 60.0,
-                  "price_type": "LAST", "max_jump_seconds": 600.0},
+                  "price_type": "LAST", "max_jump_seconds": 600.0,
+                  "transit_credit_ms": 100},
          "circuit": {"failure_threshold": 3, "window_seconds": 60.0, "recovery_seconds": 15.0},
          "fallback": {"default": ["ibkr", "replay", "synthetic"], "symbols": {},
                       "strategy": "first_available", "detect_seconds": 3.0,

@@ -89,6 +89,13 @@ class StreamSettings(BaseModel):
     raw_max_age_s: float = Field(3600, gt=0)
     quotes_max_age_s: float = Field(24 * 3600, gt=0)
     bars_max_age_s: float = Field(7 * 24 * 3600, gt=0)
+    # Bytes as well as ages (at 50,000 ticks/s an hour of raw ticks is ~16 GB on disk). The
+    # oldest messages go first, so a consumer further behind than this loses them; the server
+    # reserves a stream's bytes against its `max_file_store` at creation, which fails when they
+    # do not fit. Unlimited by default (ages only); the deployments set them.
+    raw_max_bytes: int = Field(-1, ge=-1, description="-1: unlimited")
+    quotes_max_bytes: int = Field(-1, ge=-1, description="-1: unlimited")
+    bars_max_bytes: int = Field(-1, ge=-1, description="-1: unlimited (events, DLQ too)")
     duplicate_window_s: float = Field(300, gt=0)
     quote_partitions: int = Field(
         1, ge=1, le=64, description="MD_QUOTES stores md.quotes.<p>.<sym> when above 1"

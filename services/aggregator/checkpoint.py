@@ -4,12 +4,20 @@ A checkpoint is written only after every output of the messages it covers was ac
 (see the service's docstring). Writes are compare-and-swap on the revision last written: a swap
 that fails because another instance wrote in between fences this one off (`Fenced`), so a zombie
 that lost its lease can never overwrite the state of the instance that took over.
+
+A checkpoint larger than one message (a thousand symbols with a minute of revisable bars is
+about 1 MB compressed) is written in parts under keys of a fresh generation, and then the head
+(`PartedHead`: generation, part count, size, SHA-256) is swapped in: the swap stays the one
+atomic step, so a crash between parts leaves the previous checkpoint whole. The previous
+generation's parts are deleted after the swap.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
+import uuid
 import zlib
 
 import msgspec
@@ -20,6 +28,7 @@ from structlog.typing import FilteringBoundLogger
 
 from services.aggregator.dedup import SeenSeqs
 from shared.bus.consumer import StopConsuming
+from shared.contract import names
 from shared.contract.messages import Bar
 from shared.runtime import Context
 
@@ -27,8 +36,8 @@ __all__ = [
     "CHECKPOINT_MAX_PENDING",
     "Checkpoint",
     "CheckpointStore",
-    "CheckpointTooLarge",
     "Fenced",
+    "PartedHead",
     "decode_checkpoint",
     "encode_checkpoint",
 ]
@@ -70,8 +79,19 @@ class Fenced(StopConsuming):
     """Another instance owns this consumer now: stop without acking anything."""
 
 
-class CheckpointTooLarge(StopConsuming):
-    """A checkpoint larger than the server's max_payload: retrying cannot help."""
+class PartedHead(msgspec.Struct, frozen=True):
+    """The stored head of a checkpoint written in parts (after `PARTED_MAGIC`)."""
+
+    generation: str
+    parts: int
+    size: int
+    sha256: str
+
+
+# A head starts with this; an inline checkpoint is zlib data, which never does.
+PARTED_MAGIC = b"MDPCK1"
+# Room left in each message for the KV subject and headers.
+PART_HEADROOM = 4096
 
 
 class CheckpointStore:
@@ -84,6 +104,7 @@ class CheckpointStore:
         self._kv = kv
         self._log: FilteringBoundLogger = ctx.log
         self._attempted = b""  # the last checkpoint we tried to write
+        self._generation: PartedHead | None = None  # the parts our current head names
         self.saved_at: float | None = None  # monotonic time of the last write (or load)
 
     async def load(self) -> Checkpoint | None:
@@ -95,10 +116,25 @@ class CheckpointStore:
             return None
         if not entry.value:
             return None
-        checkpoint = decode_checkpoint(entry.value)
+        data = entry.value
+        if data.startswith(PARTED_MAGIC):
+            head = msgspec.msgpack.decode(data[len(PARTED_MAGIC) :], type=PartedHead)
+            data = await self._read_parts(head)
+            self._generation = head
+        checkpoint = decode_checkpoint(data)
         self.revision = entry.revision or 0
         self._saved()
         return checkpoint
+
+    async def _read_parts(self, head: PartedHead) -> bytes:
+        chunks = []
+        for index in range(head.parts):
+            entry = await self._kv.get(names.checkpoint_part_key(self.key, head.generation, index))
+            chunks.append(entry.value or b"")
+        data = b"".join(chunks)
+        if len(data) != head.size or hashlib.sha256(data).hexdigest() != head.sha256:
+            raise ValueError(f"checkpoint {self.key}: its parts do not match their head")
+        return data
 
     def _saved(self) -> None:
         """Note a checkpoint just written or restored; its age is a gauge from then on."""
@@ -111,32 +147,40 @@ class CheckpointStore:
         return 0.0 if self.saved_at is None else time.monotonic() - self.saved_at
 
     async def save(self, checkpoint: Checkpoint) -> None:
-        """Write with compare-and-swap; stop the service and raise Fenced if another instance
-        wrote meanwhile, or CheckpointTooLarge (the service crashed) if it cannot fit."""
+        """Write with compare-and-swap (in parts when it does not fit one message); stop the
+        service and raise Fenced if another instance wrote meanwhile."""
         data = encode_checkpoint(checkpoint)
-        max_payload = self._ctx.nc.max_payload  # as the server announced it (on reconnect too)
-        if len(data) > max_payload:
-            # Retrying cannot help: say what to change, and stop instead of spinning.
-            problem = (
-                f"checkpoint of {len(data)} bytes exceeds the server's max_payload "
-                f"({max_payload}): raise max_payload, shorten the revise window, or "
-                "split the symbols over more partitions (MDP_STREAM__QUOTE_PARTITIONS)"
-            )
-            self._log.error("checkpoint_too_large", problem=problem)
-            self._ctx.crashed = True
-            self._ctx.stopping.set()
-            raise CheckpointTooLarge(problem)
-        previous, self._attempted = self._attempted, data
+        # As the server announced it (on reconnect too).
+        part_size = max(1024, self._ctx.nc.max_payload - PART_HEADROOM)
+        head: PartedHead | None = None
+        value = data
+        if len(data) > part_size:
+            head = PartedHead(uuid.uuid4().hex[:16], -(-len(data) // part_size), len(data),
+                              hashlib.sha256(data).hexdigest())  # fmt: skip
+            for index in range(head.parts):
+                part = names.checkpoint_part_key(self.key, head.generation, index)
+                await self._kv.put(part, data[index * part_size : (index + 1) * part_size])
+            value = PARTED_MAGIC + msgspec.msgpack.encode(head)
+        previous, self._attempted = self._attempted, value
         for _ in range(2):
             try:
                 if self.revision:
-                    self.revision = await self._kv.update(self.key, data, last=self.revision)
+                    self.revision = await self._kv.update(self.key, value, last=self.revision)
                 else:
-                    self.revision = await self._kv.create(self.key, data)
+                    self.revision = await self._kv.create(self.key, value)
                 self._saved()
-                return
+                break
             except KeyWrongLastSequenceError as exc:
                 await self._fenced_unless_ours(exc, previous)
+        old, self._generation = self._generation, head
+        if old is not None and old != head:
+            await self._delete_parts(old)
+
+    async def _delete_parts(self, head: PartedHead) -> None:
+        """Best effort: a part left behind is garbage, never read (no head names it)."""
+        for index in range(head.parts):
+            with contextlib.suppress(Exception):
+                await self._kv.purge(names.checkpoint_part_key(self.key, head.generation, index))
 
     async def _fenced_unless_ours(self, exc: Exception, previous: bytes) -> None:
         """A failed swap is fine when the stored value is our own last write (its reply was

@@ -62,6 +62,21 @@ LEASE_ACTIVE = Gauge(
     "1 while this instance holds its consumer's lease (active), 0 in standby",
     ["consumer"],
 )
+# How often idle symbols' bars are closed by the wall clock: a bar closes at most this late.
+TIMER_S = 0.025
+
+
+def transit_credited(now_ns: int, recv_ns: int, clock_rate: float, credit_ns: int) -> int:
+    """The arrival time the engine ages a live batch's watermark from: `now`, moved back by the
+    time since the newest tick's source receipt (`recv`), at most `credit_ns`.
+
+    Only at clock rate 1 (live), where event time is the source's wall clock: at a replay's
+    rate N a wall-clock credit would become N times as much event time. A `recv` ahead of
+    `now` (another host's clock) earns nothing.
+    """
+    if clock_rate != 1.0 or credit_ns <= 0 or not 0 < recv_ns <= now_ns:
+        return now_ns
+    return now_ns - min(now_ns - recv_ns, credit_ns)
 
 
 class AggregatorService:
@@ -192,7 +207,9 @@ class AggregatorService:
             DUPLICATE_TICKS.inc(duplicates)
         if ticks:
             now = time.time_ns()
-            emitted = self.engine.on_ticks(symbol, batch.provider, ticks, now, clock_rate)
+            credit = self.router.policy.bars.transit_credit_ms * 1_000_000
+            arrived = transit_credited(now, ticks[-1].recv, clock_rate, credit)
+            emitted = self.engine.on_ticks(symbol, batch.provider, ticks, arrived, clock_rate)
             TICKS_AGGREGATED.inc(len(ticks))
             await self._publish(self.router.route(emitted, time.monotonic_ns()))
             if self.gaps is not None:
@@ -324,7 +341,7 @@ class AggregatorService:
         """Close idle symbols' bars by the wall clock and send batches that waited long enough."""
         retry_checkpoint = False
         while True:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(TIMER_S)
             async with self.lock:
                 now, mono = time.time_ns(), time.monotonic_ns()
                 emitted = self.engine.advance(now)

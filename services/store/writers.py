@@ -47,10 +47,11 @@ stays usable, so the caller can retry the same batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import math
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -92,6 +93,8 @@ __all__ = [
     "redact_url",
     "sqlite_path",
     "storage_problem",
+    "stream_bars",
+    "symbol_known",
 ]
 
 log = structlog.get_logger(__name__)
@@ -191,6 +194,83 @@ async def read_bars(
         return await writer.read(symbol=symbol, interval=interval)
     finally:
         await writer.close()
+
+
+STREAM_CHUNK = 5000  # rows per fetch: a few MB of Bars at most, whatever the range holds
+
+
+async def stream_bars(
+    store_url: str,
+    symbol: str | None = None,
+    interval: str | None = None,
+    start_ns: int | None = None,
+    end_ns: int | None = None,
+    chunk: int = STREAM_CHUNK,
+) -> AsyncGenerator[list[Bar], None]:
+    """Stored bars with `start_ns <= start < end_ns`, ordered by symbol, interval, start, in
+    chunks of at most `chunk` (constant memory: a server-side cursor, or SQLite `fetchmany`)."""
+    if store_url.startswith("sqlite:"):
+        async for rows in _sqlite_stream(store_url, symbol, interval, start_ns, end_ns, chunk):
+            yield rows
+        return
+    if not store_url.startswith(("postgresql://", "postgres://")):
+        open_writer(store_url)  # raises the one message for an unsupported URL
+    where, params = _where(symbol, interval, lambda i: f"${i}", start_ns, end_ns)
+    try:
+        conn = await asyncpg.connect(store_url, timeout=10)
+    except _PG_ERRORS as exc:
+        raise _pg_error(f"cannot connect to PostgreSQL store {redact_url(store_url)}", exc) from exc
+    try:
+        # A cursor lives in a transaction; it fetches `chunk` rows per round trip.
+        async with conn.transaction(readonly=True):
+            cursor = await conn.cursor(_SELECT + where + _ORDER, *params)
+            while records := await cursor.fetch(chunk):
+                yield [Bar(*record) for record in records]
+    except _PG_ERRORS as exc:
+        raise _pg_error(f"PostgreSQL store {redact_url(store_url)}: read failed", exc) from exc
+    finally:
+        await conn.close()
+
+
+async def _sqlite_stream(
+    store_url: str,
+    symbol: str | None,
+    interval: str | None,
+    start_ns: int | None,
+    end_ns: int | None,
+    chunk: int,
+) -> AsyncGenerator[list[Bar], None]:
+    where, params = _where(symbol, interval, lambda _: "?", start_ns, end_ns)
+    path = sqlite_path(store_url)
+    # One thread owns the connection (sqlite3 objects stay on their thread); read-only, so a
+    # missing file is an error instead of a new empty store.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdp-sqlite-read")
+    loop = asyncio.get_running_loop()
+
+    def open_cursor() -> tuple[sqlite3.Connection, sqlite3.Cursor]:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        return conn, conn.execute(_SELECT + where + _ORDER, params)
+
+    conn: sqlite3.Connection | None = None
+    try:
+        try:
+            conn, cursor = await loop.run_in_executor(executor, open_cursor)
+            while rows := await loop.run_in_executor(executor, cursor.fetchmany, chunk):
+                yield [Bar(*row) for row in rows]
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {store_url}: read failed: {exc}") from exc
+    finally:
+        if conn is not None:
+            await loop.run_in_executor(executor, conn.close)
+        executor.shutdown(wait=False)
+
+
+async def symbol_known(store_url: str, symbol: str) -> bool:
+    """Whether the store holds any bar of `symbol` (to tell an unknown symbol from a gap)."""
+    async with contextlib.aclosing(stream_bars(store_url, symbol=symbol, chunk=1)) as chunks:
+        async for _ in chunks:
+            return True
+    return False
 
 
 def sqlite_path(store_url: str) -> str:
@@ -737,13 +817,23 @@ def _pg_error(message: str, exc: BaseException) -> StoreError:
 
 
 def _where(
-    symbol: str | None, interval: str | None, placeholder: Callable[[int], str]
-) -> tuple[str, list[str]]:
+    symbol: str | None,
+    interval: str | None,
+    placeholder: Callable[[int], str],
+    start_ns: int | None = None,
+    end_ns: int | None = None,
+) -> tuple[str, list[Any]]:
     """A WHERE clause (fixed column names, bound values) for the optional read filters."""
     clauses: list[str] = []
-    params: list[str] = []
-    for column, value in (("symbol", symbol), ("bar_interval", interval)):
+    params: list[Any] = []
+    filters = (
+        ("symbol =", symbol),
+        ("bar_interval =", interval),
+        ("start_ns >=", start_ns),
+        ("start_ns <", end_ns),
+    )
+    for condition, value in filters:
         if value is not None:
             params.append(value)
-            clauses.append(f"{column} = {placeholder(len(params))}")
+            clauses.append(f"{condition} {placeholder(len(params))}")
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params

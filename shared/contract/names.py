@@ -194,6 +194,11 @@ def checkpoint_key(durable: str) -> str:
     return f"aggregator.{durable}"
 
 
+def checkpoint_part_key(key: str, generation: str, index: int) -> str:
+    """KV_CHECKPOINTS key of one part of a checkpoint too large for one message."""
+    return f"{key}.part.{_check_name('generation', generation)}.{index}"
+
+
 def job_lease_key(job: str) -> str:
     """KV_CHECKPOINTS key of the lease that makes one provider process a job's owner."""
     return f"job.{job}"

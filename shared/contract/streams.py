@@ -27,6 +27,12 @@ class StreamLimits(Protocol):
     @property
     def bars_max_age_s(self) -> float: ...
     @property
+    def raw_max_bytes(self) -> int: ...
+    @property
+    def quotes_max_bytes(self) -> int: ...
+    @property
+    def bars_max_bytes(self) -> int: ...
+    @property
     def duplicate_window_s(self) -> float: ...
     @property
     def quote_partitions(self) -> int: ...
@@ -46,17 +52,39 @@ def stream_configs(limits: StreamLimits) -> list[StreamConfig]:
         )
 
     return [
-        stream(names.STREAM_RAW, names.RAW_ALL, max_age=limits.raw_max_age_s),
+        stream(
+            names.STREAM_RAW,
+            names.RAW_ALL,
+            max_age=limits.raw_max_age_s,
+            max_bytes=limits.raw_max_bytes,
+        ),
         stream(
             names.STREAM_QUOTES,
             names.QUOTES_SYMBOLS,
             max_age=limits.quotes_max_age_s,
+            max_bytes=limits.quotes_max_bytes,
             subject_transform=quote_partitioning(limits.quote_partitions),
         ),
-        stream(names.STREAM_BARS, names.BARS_ALL, max_age=limits.bars_max_age_s),
+        stream(
+            names.STREAM_BARS,
+            names.BARS_ALL,
+            max_age=limits.bars_max_age_s,
+            max_bytes=limits.bars_max_bytes,
+        ),
+        # A work queue: the store's backlog while it is down; never discarded (publishers wait).
         stream(names.STREAM_STORE_SYNC, names.STORE_SYNC_ALL, retention=RetentionPolicy.WORK_QUEUE),
-        stream(names.STREAM_EVENTS, names.EVENTS_ALL, max_age=limits.bars_max_age_s),
-        stream(names.STREAM_DLQ, names.DLQ_ALL, max_age=limits.bars_max_age_s),
+        stream(
+            names.STREAM_EVENTS,
+            names.EVENTS_ALL,
+            max_age=limits.bars_max_age_s,
+            max_bytes=limits.bars_max_bytes,
+        ),
+        stream(
+            names.STREAM_DLQ,
+            names.DLQ_ALL,
+            max_age=limits.bars_max_age_s,
+            max_bytes=limits.bars_max_bytes,
+        ),
     ]
 
 

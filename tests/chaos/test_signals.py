@@ -67,7 +67,9 @@ def stop_within(proc: subprocess.Popen[str], sig: int, seconds: float) -> tuple[
         proc.kill()
         name = signal.Signals(sig).name
         raise AssertionError(f"{proc.args} ignored {name} for {seconds} s") from None
-    return code, time.monotonic() - started
+    took = time.monotonic() - started
+    print(f"{' '.join(proc.args[3:6])}: exit {code} {took:.2f} s after {signal.Signals(sig).name}")
+    return code, took
 
 
 def processes_naming(path: Path) -> list[str]:

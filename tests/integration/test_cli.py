@@ -52,7 +52,9 @@ def test_replay_embedded_then_export_prints_the_reference_csv(tmp_path: Path) ->
     )  # fmt: skip
     assert exported.returncode == 0, exported.stderr
     lines = exported.stdout.splitlines()
-    assert lines[0] == "symbol,interval,bar_start_ns,open,high,low,close,volume,trade_count,vwap"
+    assert lines[0].startswith(  # the old columns first; bar_end_ns, start_utc, ... follow
+        "symbol,interval,bar_start_ns,open,high,low,close,volume,trade_count,vwap,"
+    )
     reference = (DATA / "binance_20240808_09_slice.bars_1m.csv").read_text().splitlines()
     expected = [r for r in reference[1:] if r.startswith("BTCUSD_PERP.BINANCE,")]
     assert len(lines) - 1 == len(expected) > 0

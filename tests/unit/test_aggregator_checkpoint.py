@@ -14,9 +14,10 @@ import structlog
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from services.aggregator.checkpoint import (
+    PART_HEADROOM,
+    PARTED_MAGIC,
     Checkpoint,
     CheckpointStore,
-    CheckpointTooLarge,
     Fenced,
     decode_checkpoint,
     encode_checkpoint,
@@ -70,11 +71,24 @@ class FakeKV:
     revision: int = 0
     lose_reply: bool = False  # write, then fail as a lost reply would
     writes: list[bytes] = field(default_factory=list)
+    parts: dict[str, bytes] = field(default_factory=dict)  # every other key: plain puts
 
     async def get(self, key: str) -> Any:
+        if key != KEY:
+            if key not in self.parts:
+                raise KeyNotFoundError()
+            return SimpleNamespace(value=self.parts[key], revision=1)
         if self.value is None:
             raise KeyNotFoundError()
         return SimpleNamespace(value=self.value, revision=self.revision)
+
+    async def put(self, key: str, data: bytes) -> int:
+        assert key != KEY, "the head is only ever swapped"
+        self.parts[key] = data
+        return 1
+
+    async def purge(self, key: str) -> None:
+        self.parts.pop(key, None)
 
     async def create(self, key: str, data: bytes) -> int:
         if self.value is not None:
@@ -151,10 +165,28 @@ async def test_another_writer_fences_us_off() -> None:
     assert decode_checkpoint(kv.value or b"").last_seq == 9
 
 
-async def test_a_checkpoint_over_max_payload_crashes_the_service() -> None:
+async def test_a_checkpoint_larger_than_a_message_is_written_in_parts_and_swapped_in() -> None:
+    big = checkpoint(1)
+    big.pending = [
+        Bar(f"S{i}", "1s", i * 10**9, (i + 1) * 10**9, 1.0 + i, 2.0 + i, 0.5, 1.5, float(i),
+            i, 1.2, "p", 0)
+        for i in range(3000)
+    ]  # fmt: skip
     kv = FakeKV()
-    s, ctx = store(kv, max_payload=10)
-    with pytest.raises(CheckpointTooLarge, match="exceeds the server's max_payload"):
-        await s.save(checkpoint())
-    assert ctx.crashed and ctx.stopping.is_set()
-    assert kv.writes == []
+    s, ctx = store(kv, max_payload=8192)
+    await s.save(big)
+    assert kv.value is not None and kv.value.startswith(PARTED_MAGIC)
+    first = dict(kv.parts)
+    assert len(first) >= 2 and all(len(v) <= 8192 - PART_HEADROOM for v in first.values())
+    loaded, _ = store(kv, max_payload=8192)
+    assert await loaded.load() == big
+    big.last_seq = 2
+    await s.save(big)  # a new generation; the old one's parts are gone
+    assert not set(first) & set(kv.parts) and kv.parts
+    await s.save(checkpoint(3))  # small again: inline, and no part left
+    assert kv.parts == {} and decode_checkpoint(kv.value or b"").last_seq == 3
+    assert not ctx.stopping.is_set() and not ctx.crashed
+    await s.save(big)
+    kv.parts.pop(sorted(kv.parts)[0])  # a part lost: the head never loads a partial state
+    with pytest.raises(KeyNotFoundError):
+        await store(kv)[0].load()

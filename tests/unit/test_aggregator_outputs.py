@@ -246,6 +246,20 @@ def test_a_new_policy_retunes_the_batch_being_filled() -> None:
     assert r.is_due(NOW + 50 * MS) and not r.is_due(NOW + 49 * MS)
 
 
+def test_the_transit_credit_applies_to_live_batches_only_and_is_capped() -> None:
+    from services.aggregator.service import transit_credited
+
+    ms = 1_000_000
+    now = 10_000 * ms
+    assert transit_credited(now, now - 40 * ms, 1.0, 100 * ms) == now - 40 * ms  # all of it
+    assert transit_credited(now, now - 900 * ms, 1.0, 100 * ms) == now - 100 * ms  # capped
+    assert transit_credited(now, now - 40 * ms, 1000.0, 100 * ms) == now  # a paced replay
+    assert transit_credited(now, now - 40 * ms, 0.0, 100 * ms) == now  # full speed
+    assert transit_credited(now, now + 5 * ms, 1.0, 100 * ms) == now  # recv from the future
+    assert transit_credited(now, 0, 1.0, 100 * ms) == now  # no recv
+    assert transit_credited(now, now - 40 * ms, 1.0, 0) == now  # off
+
+
 def _sample(name: str, **labels: str) -> float:
     from prometheus_client import REGISTRY
 

@@ -102,6 +102,7 @@ def test_the_effective_policy_travels_through_json_with_every_field() -> None:
             "revise_window_seconds": 60.0,
             "price_type": "LAST",
             "max_jump_seconds": 600.0,
+            "transit_credit_ms": 100,
         },
         "fallback": {
             "default": ["ibkr", "replay", "synthetic"],
