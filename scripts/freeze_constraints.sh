@@ -13,7 +13,7 @@ trap 'rm -rf "$(dirname "$venv")"' EXIT
 "$venv/bin/pip" install --quiet --upgrade pip
 "$venv/bin/pip" install --quiet -e '.[dev]'
 {
-  echo "# Pinned versions of every dependency (the dev extra holds the ibkr and tracing ones), from a fresh"
+  echo "# Pinned versions of every dependency (the dev extra holds every other extra's), from a fresh"
   echo "# \`pip install -e '.[dev]'\` on Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())'): \`pip freeze --exclude-editable\`."
   echo "# .ci/run and the Dockerfile install with \`pip install -c constraints.txt ...\`, so CI and the"
   echo "# image get these versions whatever was released since. Regenerate with"
