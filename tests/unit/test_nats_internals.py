@@ -80,3 +80,26 @@ def test_timestamp_by_hand_equals_what_nats_py_parses() -> None:
         assert timestamp_ns(msg) == 1796289044002936324
         # nats-py keeps microseconds (a datetime): equal to within one
         assert abs(timestamp_ns(msg) - msg.metadata.timestamp.timestamp() * 1e9) < 1e3
+
+
+def test_lag_of_a_consumer_info() -> None:
+    import datetime
+
+    from nats.js.api import ConsumerConfig, ConsumerInfo, SequenceInfo
+
+    from shared.bus.consumer import ConsumerLag, lag_of
+
+    created = datetime.datetime.now(datetime.UTC)
+    info = ConsumerInfo(
+        name="store-writer",
+        stream_name="STORE_SYNC",
+        config=ConsumerConfig(),
+        created=created,
+        delivered=SequenceInfo(consumer_seq=9, stream_seq=120),
+        ack_floor=SequenceInfo(consumer_seq=7, stream_seq=110),
+        num_ack_pending=2,
+        num_pending=30,
+    )
+    assert lag_of(info) == ConsumerLag(pending=30, ack_pending=2, ack_floor=110, delivered=120)
+    bare = ConsumerInfo(name="x", stream_name="S", config=ConsumerConfig(), created=created)
+    assert lag_of(bare) == ConsumerLag(0, 0, 0, 0)
