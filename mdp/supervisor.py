@@ -274,13 +274,31 @@ def _tail(path: Path, lines: int = 20) -> str:
 async def scrape(nc: NATS, service: str, metric_names: Sequence[str]) -> dict[str, float]:
     """Sum the named counters from the `/metrics` of every instance of one service."""
     totals = dict.fromkeys(metric_names, 0.0)
+    for name, _, value in await scrape_samples(nc, service, metric_names):
+        totals[name] += value
+    return totals
+
+
+async def scrape_by(nc: NATS, service: str, metric: str, label: str) -> dict[str, float]:
+    """One counter of one service, summed per value of `label` (e.g. bars per `interval`)."""
+    totals: dict[str, float] = {}
+    for _, labels, value in await scrape_samples(nc, service, [metric]):
+        key = labels.get(label, "")
+        totals[key] = totals.get(key, 0.0) + value
+    return totals
+
+
+async def scrape_samples(
+    nc: NATS, service: str, metric_names: Sequence[str]
+) -> list[tuple[str, dict[str, str], float]]:
+    """The samples (name, labels, value) of the named metrics from one service's `/metrics`."""
     try:
         info = await nc.request(f"$SRV.INFO.mdp-{service}", b"", timeout=0.5)
     except Exception:
-        return totals
-    port = msgspec.json.decode(info.data).get("metadata", {}).get("metrics_port")
+        return []
+    port = msgspec.json.decode(info.data, type=_ServiceInfo).metadata.get("metrics_port")
     if not port:
-        return totals
+        return []
 
     def fetch() -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
@@ -289,9 +307,17 @@ async def scrape(nc: NATS, service: str, metric_names: Sequence[str]) -> dict[st
     try:
         text = await asyncio.to_thread(fetch)
     except OSError:
-        return totals
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
-    return totals
+        return []
+    wanted = set(metric_names)
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in wanted
+    ]
+
+
+class _ServiceInfo(msgspec.Struct):
+    """The part of a micro `$SRV.INFO` reply read here."""
+
+    metadata: dict[str, str] = {}

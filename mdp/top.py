@@ -307,43 +307,13 @@ async def sample(nc: NATS, log_dir: Path | None = None, since_ns: int = 0) -> Sa
     return Sample(time.monotonic(), up, counters, consumers, await dead_letters(nc), restarts)
 
 
-class _ServiceInfo(msgspec.Struct):
-    """The part of a NATS micro `$SRV.INFO` reply read here (the runtime sets metrics_port)."""
-
-    metadata: dict[str, str] = {}
-
-
 async def bars_by_interval(
     nc: NATS, metric: str = METRICS["aggregator"]["out"]
 ) -> dict[str, float]:
-    """The aggregator's bars emitted so far by `interval` label (`scrape` sums over labels)."""
-    import urllib.request
+    """The aggregator's bars emitted so far by `interval` label."""
+    from mdp.supervisor import scrape_by
 
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        info = await nc.request("$SRV.INFO.mdp-aggregator", b"", timeout=0.5)
-        port = msgspec.json.decode(info.data, type=_ServiceInfo).metadata.get("metrics_port")
-    except Exception:
-        return {}
-    if not port:
-        return {}
-
-    def fetch() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
-            return str(resp.read().decode())
-
-    try:
-        text = await asyncio.to_thread(fetch)
-    except OSError:
-        return {}
-    counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == metric:
-                interval = s.labels.get("interval", "")
-                counts[interval] = counts.get(interval, 0.0) + s.value
-    return counts
+    return await scrape_by(nc, "aggregator", metric, "interval")
 
 
 _BAR: Codec[Bar] = Codec(Bar)

@@ -51,41 +51,26 @@ def stream_configs(limits: StreamLimits) -> list[StreamConfig]:
             **extra,  # type: ignore[arg-type]
         )
 
-    return [
-        stream(
-            names.STREAM_RAW,
-            names.RAW_ALL,
-            max_age=limits.raw_max_age_s,
-            max_bytes=limits.raw_max_bytes,
-        ),
-        stream(
-            names.STREAM_QUOTES,
-            names.QUOTES_SYMBOLS,
-            max_age=limits.quotes_max_age_s,
-            max_bytes=limits.quotes_max_bytes,
-            subject_transform=quote_partitioning(limits.quote_partitions),
-        ),
-        stream(
-            names.STREAM_BARS,
-            names.BARS_ALL,
-            max_age=limits.bars_max_age_s,
-            max_bytes=limits.bars_max_bytes,
-        ),
-        # A work queue: the store's backlog while it is down; never discarded (publishers wait).
-        stream(names.STREAM_STORE_SYNC, names.STORE_SYNC_ALL, retention=RetentionPolicy.WORK_QUEUE),
-        stream(
-            names.STREAM_EVENTS,
-            names.EVENTS_ALL,
-            max_age=limits.bars_max_age_s,
-            max_bytes=limits.bars_max_bytes,
-        ),
-        stream(
-            names.STREAM_DLQ,
-            names.DLQ_ALL,
-            max_age=limits.bars_max_age_s,
-            max_bytes=limits.bars_max_bytes,
-        ),
+    # name, subjects, max age, max bytes: what is kept, and for how long
+    kept = [
+        (names.STREAM_RAW, names.RAW_ALL, limits.raw_max_age_s, limits.raw_max_bytes),
+        (names.STREAM_QUOTES, names.QUOTES_SYMBOLS, limits.quotes_max_age_s,
+         limits.quotes_max_bytes),
+        (names.STREAM_BARS, names.BARS_ALL, limits.bars_max_age_s, limits.bars_max_bytes),
+        (names.STREAM_EVENTS, names.EVENTS_ALL, limits.bars_max_age_s, limits.bars_max_bytes),
+        (names.STREAM_DLQ, names.DLQ_ALL, limits.bars_max_age_s, limits.bars_max_bytes),
+    ]  # fmt: skip
+    transforms = {names.STREAM_QUOTES: quote_partitioning(limits.quote_partitions)}
+    streams = [
+        stream(name, subject, max_age=age, max_bytes=size, subject_transform=transforms.get(name))
+        for name, subject, age, size in kept
     ]
+    # A work queue: the store's backlog while it is down; never discarded (publishers wait).
+    streams.insert(
+        3,
+        stream(names.STREAM_STORE_SYNC, names.STORE_SYNC_ALL, retention=RetentionPolicy.WORK_QUEUE),
+    )
+    return streams
 
 
 def quote_partitioning(partitions: int) -> SubjectTransform | None:

@@ -271,6 +271,19 @@ async def test_newer_revision_wins_and_older_never_overwrites(writer: BarWriter)
     assert await writer.count() == 2
 
 
+async def test_a_batch_of_new_keys_and_stored_ones_upserts_them_all(writer: BarWriter) -> None:
+    # PostgreSQL COPYs a batch of new keys straight in; one stored key sends the whole batch
+    # through the upsert instead, and a stale revision in it still changes nothing.
+    await writer.write([bar(rev=2, close=102.0), bar("MSFT", rev=0)])
+    mixed = [bar("NVDA", rev=0), bar(rev=1, close=101.0), bar("MSFT", rev=1, close=7.0)]
+    assert await writer.write(mixed) == 2  # NVDA new, MSFT revised, AAPL's rev 1 stale
+    assert await writer.read() == [
+        bar(rev=2, close=102.0), bar("MSFT", rev=1, close=7.0), bar("NVDA", rev=0)
+    ]  # fmt: skip
+    assert await writer.write([bar("TSLA", rev=0), bar("ORCL", rev=0)]) == 2  # all new again
+    assert await writer.count() == 5
+
+
 async def test_duplicate_keys_in_one_batch_resolve_to_highest_rev(writer: BarWriter) -> None:
     batch = [
         bar(rev=0, close=100.0),
