@@ -596,6 +596,7 @@ CREATE TEMP TABLE IF NOT EXISTS {_PG_STAGE} (
 ) ON COMMIT DELETE ROWS
 """
 
+
 def _pg_key(row: tuple[Any, ...]) -> tuple[bytes, bytes, int]:
     """A row's key in the order of `COLLATE "C"` (bytes), as the upsert sorts."""
     return row[0].encode(), row[1].encode(), row[2]
