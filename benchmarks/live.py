@@ -37,6 +37,7 @@ from benchmarks.soak import read_cpu_s, read_memory
 from mdp.cli import control_request
 from mdp.supervisor import Supervisor, scrape
 from services.registry import SERVICES
+from shared.config import local_policy
 from shared.contract import names
 from shared.contract.messages import Bar, TickBatch
 
@@ -83,7 +84,6 @@ async def run_once(
         "MDP_LOG_LEVEL": "WARNING",
         "MDP_STREAM__RAW_MAX_AGE_S": "300",
         "MDP_STREAM__QUOTES_MAX_AGE_S": "300",
-        "MDP_AGGREGATOR__GRACE_MS": str(grace_ms),
     }
     sup = Supervisor(data_dir=workdir, store_url=f"sqlite:///{workdir / 'bars.db'}", env=env)
     result = Run(symbols, rate, seconds)
@@ -204,11 +204,13 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="ticks/s per symbol")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured duration")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
-    parser.add_argument("--grace-ms", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="also print each run as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory and logs")
     args = parser.parse_args()
+    # The grace is the policy's (configs/ingestion_policy.yaml, bars.grace_ms), as the services
+    # read it: the run reports against it.
+    args.grace_ms = local_policy("aggregator").bars.grace_ms
     ok = True
     p99s = []
     for i in range(args.repeat):
