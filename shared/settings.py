@@ -62,7 +62,7 @@ class AggregatorSettings(BaseModel):
     )
     gap_interval: str = Field("", description="the interval gaps are counted in; default: smallest")
     checkpoint_interval_ms: int = Field(
-        500,
+        2000,
         ge=0,
         le=60_000,
         description="write the state at most this often (0: after every pulled batch); a restart "

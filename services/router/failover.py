@@ -49,6 +49,12 @@ SwitchReason = Literal["first_source", "stale", "provider_down", "failback"]
 _NS_PER_S = 1_000_000_000
 
 
+# Batch ids remembered per symbol against forwarding one twice: more than a pull batch (256)
+# plus a handover (64) may redeliver. Per symbol, so memory is symbols x this x ~150 bytes
+# (4,096 made ~600 MB at 1,000 symbols).
+DEDUP_MAX = 512
+
+
 class Switch(msgspec.Struct, frozen=True):
     """A change of a symbol's source; `forward` are the buffered batch ids to send with it."""
 
@@ -112,7 +118,7 @@ class FailoverSelector:
         detect_ns: int = 3 * _NS_PER_S,
         hysteresis_ns: int = 10 * _NS_PER_S,
         buffer_max: int = 64,
-        dedup_max: int = 4096,
+        dedup_max: int = DEDUP_MAX,
         latency_alpha: float = 0.2,
     ) -> None:
         """Validate the settings; no symbols yet."""
