@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any
 
@@ -974,7 +975,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-async def _interruptible(handler: Any, args: argparse.Namespace) -> int:
+async def _interruptible(
+    handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]], args: argparse.Namespace
+) -> int:
     """Run a command; SIGINT/SIGTERM cancel it (or stop it gently) and give 128 + signal."""
     task: asyncio.Task[int] = asyncio.ensure_future(handler(args))
     args.interrupt = interrupt = Interrupt(task)

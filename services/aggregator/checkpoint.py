@@ -172,6 +172,11 @@ class CheckpointStore:
                 break
             except KeyWrongLastSequenceError as exc:
                 await self._fenced_unless_ours(exc, previous)
+        else:
+            # Not swapped in: the stored head still names the previous parts, which must stay.
+            if head is not None:
+                await self._delete_parts(head)
+            raise KeyWrongLastSequenceError(f"checkpoint {self.key}: not written after 2 swaps")
         old, self._generation = self._generation, head
         if old is not None and old != head:
             await self._delete_parts(old)

@@ -37,15 +37,15 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _spawn(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    log = open(cwd / f"{args[0]}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "mdp.cli", *args],
-        cwd=cwd,
-        env=_env(env),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    with open(cwd / f"{args[0]}-{time.monotonic_ns()}.log", "w") as log:  # the child keeps it
+        return subprocess.Popen(
+            [sys.executable, "-m", "mdp.cli", *args],
+            cwd=cwd,
+            env=_env(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 def until(condition: Callable[[], object], timeout: float, what: str) -> None:

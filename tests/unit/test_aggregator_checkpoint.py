@@ -190,3 +190,27 @@ async def test_a_checkpoint_larger_than_a_message_is_written_in_parts_and_swappe
     kv.parts.pop(sorted(kv.parts)[0])  # a part lost: the head never loads a partial state
     with pytest.raises(KeyNotFoundError):
         await store(kv)[0].load()
+
+
+async def test_a_parted_checkpoint_that_is_never_swapped_in_keeps_the_stored_one_whole() -> None:
+    big = checkpoint(1)
+    big.pending = [
+        Bar(f"S{i}", "1s", i * 10**9, (i + 1) * 10**9, 1.0 + i, 2.0 + i, 0.5, 1.5, float(i),
+            i, 1.2, "p", 0)
+        for i in range(3000)
+    ]  # fmt: skip
+    kv = FakeKV()
+    s, _ = store(kv, max_payload=8192)
+    await s.save(big)
+    stored_parts = dict(kv.parts)
+
+    async def always_refused(key: str, data: bytes, last: int) -> int:
+        raise KeyWrongLastSequenceError("wrong last sequence")
+
+    kv.update = always_refused  # type: ignore[method-assign]
+    s._attempted = kv.value or b""  # the stored head reads as our own write: adopted, not fenced
+    big.last_seq = 2
+    with pytest.raises(KeyWrongLastSequenceError):
+        await s.save(big)
+    assert kv.parts == stored_parts  # the new parts are gone, the stored head's all there
+    assert (await store(kv, max_payload=8192)[0].load()) is not None
