@@ -112,6 +112,15 @@ class System:
                     continue
         return records
 
+    def log_tail(self, *services: str, lines: int = 40) -> str:
+        """The last lines each service logged: what a failing assertion shows."""
+        parts = []
+        for service in services:
+            path = self.sup.log_dir / f"{service}.log"
+            text = path.read_text(errors="replace") if path.exists() else ""
+            parts.append(f"--- {service}.log\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(parts)
+
     def spawn_provider(self, log: Path, adapters: str | None = None) -> subprocess.Popen[bytes]:
         """One more provider process (hosting only `adapters` when given), as a child would be."""
         env = self.sup.child_env()

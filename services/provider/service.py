@@ -68,6 +68,9 @@ HEALTH_PERIOD_S = 0.25  # how often live jobs are looked at for their first batc
 # (or a silence) opened closes once it half-opens, instead of waiting for a restart to probe it.
 SUCCESS_EVERY_S = 5.0
 BREAKER_POLL_S = 1.0  # a job held by an open breaker re-reads it this often (a reset is seen)
+# Stopping a job holds the jobs lock: its last batches get this long to be stored, then the
+# publisher keeps retrying them in the background while other jobs start and stop.
+STOP_FLUSH_S = 5.0
 T = TypeVar("T")
 
 
@@ -672,12 +675,22 @@ class ProviderService:
     async def _stop_job(self, job: RunningJob, state: JobState) -> None:
         job.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await job.task
+            await asyncio.wait_for(asyncio.shield(job.task), STOP_FLUSH_S)
+        if not job.task.done():
+            self.ctx.log.error("job_task_ignores_cancel", job=job.spec.job, run=job.spec.run)
         if job.keeper is not None:
             job.keeper.cancel()
         for sym, batch in job.sink.batcher.flush():
-            await job.sink.publish(sym, batch)
-        await self.ctx.publisher.flush()
+            await job.sink.publish(sym, batch)  # waits only while NATS is away: nothing is dropped
+        try:
+            await asyncio.wait_for(self.ctx.publisher.flush(), STOP_FLUSH_S)
+        except TimeoutError:
+            self.ctx.log.warning(
+                "job_stop_flush_slow",
+                job=job.spec.job,
+                in_flight=self.ctx.publisher.in_flight,
+                waited_s=STOP_FLUSH_S,
+            )
         self._forget(job.spec)
         await self._record(
             job.spec, state, ticks=job.sink.ticks, resume=dict(job.sink.published_seq)

@@ -384,7 +384,9 @@ async def test_smoke_script_passes_against_the_running_system(control_system: Sy
     result = await asyncio.to_thread(
         subprocess.run, ["bash", str(script)], env=env, capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0, (
+        result.stdout + result.stderr + system.log_tail("provider", "control")
+    )
     assert "OK: ingest smoke test passed" in result.stdout
     for step in ("1/6 status", "2/6 reload", "3/6 start", "4/6 status while", "5/6 stop", "6/6"):
         assert step in result.stdout
