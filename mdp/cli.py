@@ -19,10 +19,10 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 
 from mdp.supervisor import DataDirBusy, Supervisor, running_system
 from services.registry import SERVICES
+from shared.bus.consumer import follow_stream
 from shared.contract import names
 from shared.contract.events import Failed, Stopped, decode_event
 from shared.contract.messages import EndOfStream
@@ -762,10 +762,8 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
     expected = -1
     ended: Stopped | None = None
 
-    async def on_event(msg: Msg) -> None:
+    def on_event(msg: Msg) -> None:
         nonlocal expected, ended
-        if outcome.done():
-            return
         try:
             event = decode_event(msg.subject, msg.data)
         except ValueError:
@@ -793,16 +791,19 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
                 }
             )
 
+    async def read_events(start_seq: int) -> None:
+        # Read from the stream, not a core subscription: an event published while this client
+        # is reconnecting, or while a cluster elects a new leader, is still delivered.
+        async for msg in follow_stream(js, names.STREAM_EVENTS, names.EVENTS_ALL, start_seq):
+            on_event(msg)
+            if outcome.done():
+                return
+
     absolute = os.path.abspath(path)  # noqa: ASYNC240 (no I/O; the provider has its own cwd)
-    # An ordered JetStream consumer, not a core subscription: an event published while this
-    # client is reconnecting is still delivered.
-    sub = await nc.jetstream().subscribe(
-        names.EVENTS_ALL,
-        cb=on_event,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.NEW,
-        idle_heartbeat=2.0,
-    )
+    js = nc.jetstream()
+    # Events are read from here on, once the job's run is known: none of them is missed.
+    start_seq = (await js.stream_info(names.STREAM_EVENTS)).state.last_seq + 1
+    reader: asyncio.Task[None] | None = None
     job = f"replay-{uuid.uuid4().hex[:12]}"
     try:
         started = time.perf_counter()
@@ -819,14 +820,16 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
             error = reply.get("error", {})
             raise CliError(f"replay refused ({error.get('code')}): {error.get('message')}")
         run = reply["job"]["run"]
+        reader = asyncio.create_task(read_events(start_seq), name="replay-events")
         result = await _while_connected(nc, outcome, timeout)
         result["seconds"] = time.perf_counter() - started
         result["job"] = job
         return result
     finally:
-        # Bounded: on a signal or a lost server the command must still end in seconds.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(sub.unsubscribe(), 2)
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(BaseException):  # bounded: its consumer goes on its own
+                await asyncio.wait_for(reader, 2)
         if nc.is_connected:
             with contextlib.suppress(CliError):
                 await control_request(nc, "stop", {"job": job, "reason": "replay_done"}, 2)

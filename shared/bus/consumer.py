@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -356,3 +356,68 @@ class PullConsumer:
         for msg in targets:
             with contextlib.suppress(Exception):
                 await self.nc.publish(msg.reply, b"+ACK")
+
+
+FOLLOW_BATCH = 256
+FOLLOW_IDLE_S = 1.0  # an empty fetch this long, then the consumer is checked to still exist
+FOLLOW_INACTIVE_S = 30.0  # the server removes a follower's consumer once unused this long
+
+
+async def follow_stream(
+    js: JetStreamContext, stream: str, subject: str, start_seq: int
+) -> AsyncIterator[Msg]:
+    """Every message of `subject` in `stream` from `start_seq` on, in order, each once.
+
+    An ephemeral pull consumer that is re-created from the next sequence whenever it is lost
+    (a cluster node killed with it, a server restart), which nats-py's ordered push consumer
+    does not always survive: after a leader kill it can stay silent for good.
+    """
+    next_seq = max(1, start_seq)
+    psub: JetStreamContext.PullSubscription | None = None
+    try:
+        while True:
+            try:
+                if psub is None:
+                    config = ConsumerConfig(
+                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                        opt_start_seq=next_seq,
+                        ack_policy=AckPolicy.NONE,
+                        inactive_threshold=FOLLOW_INACTIVE_S,
+                        num_replicas=1,
+                        mem_storage=True,
+                    )
+                    psub = await js.pull_subscribe(subject, stream=stream, config=config)
+                msgs = await psub.fetch(FOLLOW_BATCH, timeout=FOLLOW_IDLE_S)
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError:
+                if psub is not None and not await _consumer_alive(psub):
+                    await _drop(psub)
+                    psub = None
+                continue
+            except Exception:  # the consumer or the connection went: start again from next_seq
+                await _drop(psub)
+                psub = None
+                await asyncio.sleep(0.25)
+                continue
+            for msg in msgs:
+                seq = stream_sequence(msg)
+                if seq >= next_seq:
+                    next_seq = seq + 1
+                    yield msg
+    finally:
+        await _drop(psub)
+
+
+async def _consumer_alive(psub: JetStreamContext.PullSubscription) -> bool:
+    try:
+        await psub.consumer_info()
+    except Exception:
+        return False
+    return True
+
+
+async def _drop(psub: JetStreamContext.PullSubscription | None) -> None:
+    if psub is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(psub.unsubscribe(), 2)
