@@ -18,21 +18,19 @@ WORKDIR /src
 # pyproject.toml and constraints.txt), then again below with the real code.
 COPY pyproject.toml constraints.txt ./
 # Versions pinned by constraints.txt (the ones CI tests: scripts/freeze_constraints.sh).
-RUN mkdir -p shared services mdp \
-    && touch README.md shared/__init__.py services/__init__.py mdp/__init__.py \
+RUN mkdir -p mdp/shared mdp/services \
+    && touch README.md mdp/shared/__init__.py mdp/services/__init__.py mdp/__init__.py \
     && pip install -c constraints.txt '.[ibkr,tracing]' \
     && pip uninstall -y mdp
 
 COPY README.md ./
-COPY shared ./shared
-COPY services ./services
 COPY mdp ./mdp
 # --no-deps: they are all in the layer above already. The ibkr adapter's client (ib_async,
 # from the extra) and OpenTelemetry (the tracing extra, off unless MDP_TRACING__ENABLED) must
 # import in the image.
 # hadolint ignore=DL3013
 RUN pip install --no-deps '.[ibkr,tracing]' && mdp service --help >/dev/null \
-    && python -c "import ib_async, services.provider.adapters.ibkr.adapter, opentelemetry.sdk"
+    && python -c "import ib_async, mdp.services.provider.adapters.ibkr.adapter, opentelemetry.sdk"
 
 # --- runtime: the virtualenv, the configuration files, a non-root user ----------------------
 FROM python:3.11-slim
@@ -53,7 +51,7 @@ RUN groupadd --system --gid 10001 mdp \
 COPY --from=build /opt/venv /opt/venv
 # data_providers.yaml and ingestion_policy.yaml (override keys with MDP_POLICY__* and
 # MDP_PROVIDERS__*, or mount another directory on /app/configs).
-COPY configs /app/configs
+COPY mdp/configs /app/configs
 
 WORKDIR /app
 # Numeric, so that a runtime can verify it is not root (Kubernetes runAsNonRoot).

@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from services.aggregator.bars import BarEngine
-from shared.contract.messages import Bar, Tick, interval_ns
+from mdp.services.aggregator.bars import BarEngine
+from mdp.shared.contract.messages import Bar, Tick, interval_ns
 
 DEFAULT = (
     Path(__file__).resolve().parents[1].parent
@@ -245,7 +245,8 @@ def main() -> None:
     n = len(INTERVALS)
     engine_s = min(engine_times)
     print(
-        f"file            {args.path.name}: {count:,} ticks, {len(chunks):,} chunks, {len(bars):,} bars"
+        f"file            {args.path.name}: {count:,} ticks, {len(chunks):,} chunks,"
+        f" {len(bars):,} bars"
     )
 
     def line(name: str, times: list[float]) -> None:

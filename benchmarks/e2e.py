@@ -22,12 +22,12 @@ from pathlib import Path
 import nats
 
 from mdp.cli import replay_file
+from mdp.services.store.writers import read_bars
+from mdp.shared.contract import names
+from mdp.shared.contract.codec import encode
+from mdp.shared.contract.messages import Tick, TickBatch
+from mdp.shared.settings import ProviderSettings
 from mdp.supervisor import Supervisor
-from services.store.writers import read_bars
-from shared.contract import names
-from shared.contract.codec import encode
-from shared.contract.messages import Tick, TickBatch
-from shared.settings import ProviderSettings
 from tests.reference import load_ticks
 
 DEFAULT_FILE = (

@@ -35,11 +35,11 @@ from nats.aio.msg import Msg
 
 from benchmarks.soak import read_cpu_s, read_memory
 from mdp.cli import control_request
+from mdp.services.registry import SERVICES
+from mdp.shared.config import local_policy
+from mdp.shared.contract import names
+from mdp.shared.contract.messages import Bar, TickBatch
 from mdp.supervisor import Supervisor, scrape
-from services.registry import SERVICES
-from shared.config import local_policy
-from shared.contract import names
-from shared.contract.messages import Bar, TickBatch
 
 MB = 1024 * 1024
 SECOND = 1_000_000_000
@@ -208,7 +208,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="also print each run as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory and logs")
     args = parser.parse_args()
-    # The grace is the policy's (configs/ingestion_policy.yaml, bars.grace_ms), as the services
+    # The grace is the policy's (mdp/configs/ingestion_policy.yaml, bars.grace_ms), as the services
     # read it: the run reports against it.
     args.grace_ms = local_policy("aggregator").bars.grace_ms
     ok = True

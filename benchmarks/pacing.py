@@ -23,10 +23,10 @@ import msgspec
 import nats
 from nats.js.api import KeyValueConfig
 
-from services.provider.pacing import CONFLICTS, Pacer
-from services.provider.ratelimit import Budget, PacingConfig, max_in_window
-from shared.contract import names
-from shared.natsserver import EmbeddedNats
+from mdp.services.provider.pacing import CONFLICTS, Pacer
+from mdp.services.provider.ratelimit import Budget, PacingConfig, max_in_window
+from mdp.shared.contract import names
+from mdp.shared.natsserver import EmbeddedNats
 
 
 async def cas_round_trips(url: str, count: int) -> list[float]:

@@ -23,8 +23,8 @@ import time
 import asyncpg
 from msgspec.structs import astuple
 
-from services.store.writers import COLUMNS, PostgresBarWriter
-from shared.contract.messages import Bar
+from mdp.services.store.writers import COLUMNS, PostgresBarWriter
+from mdp.shared.contract.messages import Bar
 
 S = 1_000_000_000
 BASELINE = "mdp_bench_copy"

@@ -26,8 +26,8 @@ import nats
 from nats.js.errors import NotFoundError
 
 from mdp.cli import replay_file
+from mdp.services.store.writers import read_bars
 from mdp.supervisor import Supervisor, scrape
-from services.store.writers import read_bars
 from tests.reference import compare_bars, load_reference
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/ticks"

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from services.provider.adapters.replay import ReplayAdapter
-from shared.contract.control import JobSpec
-from shared.contract.messages import Tick
+from mdp.services.provider.adapters.replay import ReplayAdapter
+from mdp.shared.contract.control import JobSpec
+from mdp.shared.contract.messages import Tick
 
 DEFAULT_FILE = (
     Path(__file__).resolve().parents[1].parent

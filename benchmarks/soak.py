@@ -41,8 +41,8 @@ import nats
 from nats.aio.client import Client as NATS
 
 from mdp.cli import control_request
+from mdp.services.registry import SERVICES
 from mdp.supervisor import Supervisor, scrape
-from services.registry import SERVICES
 
 MB = 1024 * 1024
 WINDOW_S = 60.0

@@ -20,14 +20,14 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from mdp.services.registry import SERVICES
+from mdp.shared.bus.consumer import follow_stream
+from mdp.shared.contract import names
+from mdp.shared.contract.events import Failed, Stopped, decode_event
+from mdp.shared.contract.messages import EndOfStream
+from mdp.shared.contract.names import dlq
+from mdp.shared.logging import configure_logging
 from mdp.supervisor import DataDirBusy, Supervisor, running_system
-from services.registry import SERVICES
-from shared.bus.consumer import follow_stream
-from shared.contract import names
-from shared.contract.events import Failed, Stopped, decode_event
-from shared.contract.messages import EndOfStream
-from shared.contract.names import dlq
-from shared.logging import configure_logging
 
 DEFAULT_SYMBOLS = "AAPL,MSFT,BRK.B,BTC/USD"
 
@@ -168,13 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(reset)
     reset.add_argument("provider")
 
-    config = sub.add_parser("config", help="check the configuration files")
+    config = sub.add_parser("config", help="copy out or check the configuration files")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = config_sub.add_parser(
         "check",
         help="validate data_providers.yaml and ingestion_policy.yaml with their MDP_* overrides",
     )
-    check.add_argument("--config-dir", type=Path, help="default: $MDP_CONFIG_DIR, else ./configs")
+    check.add_argument(
+        "--config-dir",
+        type=Path,
+        help="default: $MDP_CONFIG_DIR, else ./configs, else the examples shipped with mdp",
+    )
+    init = config_sub.add_parser(
+        "init", help="copy the shipped data_providers.yaml and ingestion_policy.yaml out to edit"
+    )
+    init.add_argument("dir", nargs="?", type=Path, default=Path("configs"), help="(./configs)")
+    init.add_argument("--force", action="store_true", help="overwrite files that exist")
 
     schema = sub.add_parser("schema", help="write the AsyncAPI document and JSON Schemas")
     schema.add_argument("--out", type=Path, default=Path("."), help="writes OUT/docs/... (.)")
@@ -351,10 +360,34 @@ def summarize(verb: str, reply: dict[str, Any]) -> list[str]:
     return []
 
 
+def cmd_config_init(args: argparse.Namespace) -> int:
+    """`mdp config init [DIR]`: the shipped example configs, copied where mdp looks for them."""
+    from mdp.shared.config import POLICY_FILE, PROVIDERS_FILE, SHIPPED_CONFIG_DIR
+
+    target: Path = args.dir
+    names_ = (PROVIDERS_FILE, POLICY_FILE)
+    existing = [target / n for n in names_ if (target / n).exists()]
+    if existing and not args.force:
+        for path in existing:
+            print(f"mdp: {path} exists (--force overwrites it)", file=sys.stderr)
+        return 1
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in names_:
+            (target / name).write_bytes((SHIPPED_CONFIG_DIR / name).read_bytes())
+            print(target / name)
+    except OSError as exc:
+        print(f"mdp: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if target.resolve() != (Path.cwd() / "configs").resolve():
+        print(f"(mdp reads them with MDP_CONFIG_DIR={target} or --config-dir)", file=sys.stderr)
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """`mdp config check`: validate both files; print where they came from, or every problem."""
-    from services.provider.adapters.base import load_adapters, params_models
-    from shared.config import ConfigError, find_config_dir, load_config
+    from mdp.services.provider.adapters.base import load_adapters, params_models
+    from mdp.shared.config import ConfigError, find_config_dir, load_config
 
     env = dict(os.environ)
     if args.config_dir is not None:
@@ -387,7 +420,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 async def cmd_bars_export(args: argparse.Namespace) -> int:
     """`mdp bars export`: stream the stored bars; exit 4 (said on stderr) when none matched."""
     from mdp import export
-    from services.store.writers import stream_bars, symbol_known
+    from mdp.services.store.writers import stream_bars, symbol_known
 
     start, end = _time_arg("--from", args.start), _time_arg("--to", args.end)
     try:
@@ -550,7 +583,7 @@ async def _dlq_redrive(js: Any, args: argparse.Namespace) -> int:
 async def cmd_chart(args: argparse.Namespace) -> int:
     """`mdp chart SYMBOL --out FILE`: exit 4 when no bar matched."""
     from mdp import chart, export
-    from services.store.writers import stream_bars
+    from mdp.services.store.writers import stream_bars
 
     if args.out.suffix.lower() not in (".html", ".htm", ".png"):
         raise CliError(f"--out {args.out}: the chart is written as .html or .png", 2)
@@ -945,12 +978,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _apply_overrides(args)
     if args.command == "config":
-        sys.exit(cmd_config_check(args))
+        sys.exit(cmd_config_init(args) if args.config_command == "init" else cmd_config_check(args))
     if args.command == "schema":
         sys.exit(cmd_schema(args))
     if args.command == "service":
-        from services.registry import service_factory
-        from shared.runtime import main as run_service
+        from mdp.services.registry import service_factory
+        from mdp.shared.runtime import main as run_service
 
         run_service(service_factory(args.name))
         return

@@ -37,9 +37,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from shared.contract import names
-from shared.contract.codec import Codec, DecodeError
-from shared.contract.control import (
+from mdp.shared.contract import names
+from mdp.shared.contract.codec import Codec, DecodeError
+from mdp.shared.contract.control import (
     ErrorReply,
     ReloadReply,
     ResetReply,
@@ -50,7 +50,7 @@ from shared.contract.control import (
     StopReply,
     StopRequest,
 )
-from shared.contract.messages import Bar, TickBatch, interval_ns
+from mdp.shared.contract.messages import Bar, TickBatch, interval_ns
 
 __all__ = ["ControlRequestError", "PipelineRuntime", "read_bars", "read_bars_async"]
 
@@ -535,7 +535,7 @@ async def read_bars_async(
 ) -> Any:
     """`read_bars` for code already inside an event loop."""
     from mdp.export import columns, parse_time, require
-    from services.store.writers import stream_bars
+    from mdp.services.store.writers import stream_bars
 
     pd = require("pandas", "pandas")
     start_ns = parse_time(start) if isinstance(start, str) else start

@@ -1,7 +1,7 @@
 """`mdp dlq list|show|redrive`: the dead letters on `md.dlq.<service>` (stream MD_DLQ).
 
 A dead letter carries its reason, its service and (mostly) the subject it was on in `Mdp-Dlq-*`
-headers (`shared/bus/deadletter.py`); its body is the original payload, or a `DeadTick` /
+headers (`mdp/shared/bus/deadletter.py`); its body is the original payload, or a `DeadTick` /
 `BadRow` a service wrote about one tick or row. Re-driving is for messages whose cause was fixed
 upstream (a store that refused them, a bug since fixed): the original payload goes back to its
 original subject, then the dead letter is deleted. What cannot go back says why: a truncated or
@@ -20,9 +20,9 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
-from shared.contract import names
-from shared.contract.codec import JSON, Codec, DecodeError, encode
-from shared.contract.messages import BadRow, Bar, BarBatch, DeadTick, TickBatch
+from mdp.shared.contract import names
+from mdp.shared.contract.codec import JSON, Codec, DecodeError, encode
+from mdp.shared.contract.messages import BadRow, Bar, BarBatch, DeadTick, TickBatch
 
 Body = TickBatch | BarBatch | Bar | DeadTick | BadRow
 

@@ -18,8 +18,8 @@ from typing import IO, Any, Literal
 import msgspec
 from msgspec.structs import asdict
 
-from services.store.writers import CSV_HEADER
-from shared.contract.messages import Bar
+from mdp.services.store.writers import CSV_HEADER
+from mdp.shared.contract.messages import Bar
 
 Format = Literal["csv", "jsonl", "parquet"]
 FORMATS: tuple[Format, ...] = ("csv", "jsonl", "parquet")

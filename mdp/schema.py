@@ -1,6 +1,6 @@
 """The wire contract as documents: an AsyncAPI 3 description and JSON Schemas of every message.
 
-Both are generated from the msgspec structs of `shared.contract` (and the pydantic policy
+Both are generated from the msgspec structs of `mdp.shared.contract` (and the pydantic policy
 model), so they cannot say anything the code does not do. `mdp schema` writes them to `docs/`;
 `tests/unit/test_schema.py` fails when the checked-in copies drift from the code.
 """
@@ -14,9 +14,9 @@ from typing import Any
 import msgspec
 import yaml
 
-from shared.config import EffectivePolicy
-from shared.contract import control, events, messages, names, records
-from shared.version import VERSION
+from mdp.shared.config import EffectivePolicy
+from mdp.shared.contract import control, events, messages, names, records
+from mdp.shared.version import VERSION
 
 REF = "#/components/schemas/{name}"
 

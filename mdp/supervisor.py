@@ -20,10 +20,10 @@ import nats
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.registry import SERVICES
-from shared.contract import names
-from shared.contract.records import ServiceUrl
-from shared.natsserver import EmbeddedNats, parent_death_signal
+from mdp.services.registry import SERVICES
+from mdp.shared.contract import names
+from mdp.shared.contract.records import ServiceUrl
+from mdp.shared.natsserver import EmbeddedNats, parent_death_signal
 
 # Stop order: sources first, so every later stage can drain what is in flight.
 STOP_ORDER = ["provider", "control", "router", "aggregator", "store"]
@@ -175,7 +175,7 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
         child.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
+            [sys.executable, "-m", f"mdp.services.{name}"],
             env=self.child_env(),
             stdout=log,
             stderr=log,

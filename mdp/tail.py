@@ -18,10 +18,10 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from shared.contract import names
-from shared.contract.codec import Codec, DecodeError
-from shared.contract.events import Event, decode_event, event_name
-from shared.contract.messages import Bar, Tick, TickBatch
+from mdp.shared.contract import names
+from mdp.shared.contract.codec import Codec, DecodeError
+from mdp.shared.contract.events import Event, decode_event, event_name
+from mdp.shared.contract.messages import Bar, Tick, TickBatch
 
 Kind = Literal["quotes", "bars", "events"]
 KINDS: tuple[Kind, ...] = ("quotes", "bars", "events")

@@ -21,10 +21,10 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from mdp.shared.contract import names
+from mdp.shared.contract.codec import Codec, DecodeError
+from mdp.shared.contract.messages import Bar
 from mdp.supervisor import scrape
-from shared.contract import names
-from shared.contract.codec import Codec, DecodeError
-from shared.contract.messages import Bar
 
 SERVICES = ("provider", "router", "aggregator", "store", "control")
 
@@ -194,7 +194,7 @@ def progress_line(
 ) -> str:
     """The live line of `mdp up`: elapsed, ticks in, bars out per interval, rows, dead letters,
     restarts, and a warning naming a stalled stage."""
-    from shared.contract.messages import interval_ns
+    from mdp.shared.contract.messages import interval_ns
 
     def width(interval: str) -> int:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from services.provider.adapters.synthetic import SyntheticAdapter
+from mdp.services.provider.adapters.synthetic import SyntheticAdapter
 
 
 class BackupAdapter(SyntheticAdapter):

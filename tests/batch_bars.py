@@ -16,7 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import NamedTuple
 
-from shared.contract.messages import Tick, interval_ns
+from mdp.shared.contract.messages import Tick, interval_ns
 from tests.reference import RefBar, RefKey
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.natsserver import EmbeddedNats, free_port
+from mdp.shared.natsserver import EmbeddedNats, free_port
 
 
 class EmbeddedCluster:

@@ -12,8 +12,8 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from mdp.shared.natsserver import EmbeddedNats
 from mdp.supervisor import Supervisor
-from shared.natsserver import EmbeddedNats
 
 pytest_plugins = ["tests.conftest_store"]
 

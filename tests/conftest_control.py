@@ -25,8 +25,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
+from mdp.shared.natsserver import EmbeddedNats
 from mdp.supervisor import Supervisor
-from shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ class System:
             env["MDP_PROVIDER__ADAPTERS"] = adapters
         with log.open("ab") as out:
             return subprocess.Popen(
-                [sys.executable, "-m", "services.provider"],
+                [sys.executable, "-m", "mdp.services.provider"],
                 env=env,
                 stdout=out,
                 stderr=out,
@@ -173,7 +173,7 @@ def default_configs(directory: Path) -> Path:
     """A config directory holding copies of the shipped files."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("data_providers.yaml", "ingestion_policy.yaml"):
-        (directory / name).write_text((REPO / "configs" / name).read_text())
+        (directory / name).write_text((REPO / "mdp" / "configs" / name).read_text())
     return directory
 
 

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from services.provider.adapters.base import TickSink
-from shared.contract.control import JobSpec
-from shared.contract.messages import Tick
+from mdp.services.provider.adapters.base import TickSink
+from mdp.shared.contract.control import JobSpec
+from mdp.shared.contract.messages import Tick
 
 
 class FlakyAdapter:

@@ -10,9 +10,9 @@ import time
 from collections.abc import Mapping
 from typing import ClassVar
 
-from services.provider.adapters.base import TickSink, job_symbols
-from shared.contract.control import JobSpec
-from shared.contract.messages import Tick
+from mdp.services.provider.adapters.base import TickSink, job_symbols
+from mdp.shared.contract.control import JobSpec
+from mdp.shared.contract.messages import Tick
 
 
 class PacedAdapter:

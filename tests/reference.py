@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
-from shared.contract.messages import Bar, Tick
+from mdp.shared.contract.messages import Bar, Tick
 
 VWAP_REL_TOL = 1e-9
 

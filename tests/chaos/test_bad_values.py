@@ -17,8 +17,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
-from shared.contract import names
-from shared.contract.messages import Bar, TickBatch
+from mdp.shared.contract import names
+from mdp.shared.contract.messages import Bar, TickBatch
 from tests.conftest import PipelineFactory, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]

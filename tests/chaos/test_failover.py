@@ -18,9 +18,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from shared.contract.events import Failover, decode_event
-from shared.contract.messages import TickBatch
-from shared.natsserver import EmbeddedNats
+from mdp.shared.contract.events import Failover, decode_event
+from mdp.shared.contract.messages import TickBatch
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 from tests.conftest_control import System, start_system, stop_system
 

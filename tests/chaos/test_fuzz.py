@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mdp.cli import replay_file
+from mdp.services.store.writers import read_bars
+from mdp.shared.contract import names
+from mdp.shared.natsserver import EmbeddedNats
 from mdp.supervisor import Supervisor
-from services.store.writers import read_bars
-from shared.contract import names
-from shared.natsserver import EmbeddedNats
 from tests.conftest import DATA
 from tests.reference import compare_bars, load_reference
 

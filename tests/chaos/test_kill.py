@@ -17,8 +17,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mdp.cli import replay_file
+from mdp.shared.natsserver import EmbeddedNats
 from mdp.supervisor import Supervisor
-from shared.natsserver import EmbeddedNats
 from tests.conftest import DATA, PipelineFactory
 from tests.integration.test_pipeline import assert_store_matches_reference
 

@@ -14,9 +14,9 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
 from mdp.cli import replay_file
-from shared.contract import names
-from shared.contract.codec import MSGPACK
-from shared.contract.names import DLQ_REASON
+from mdp.shared.contract import names
+from mdp.shared.contract.codec import MSGPACK
+from mdp.shared.contract.names import DLQ_REASON
 from tests.chaos.test_kill import SEEDS
 from tests.conftest import DATA, PipelineFactory, wait_for
 from tests.integration.test_pipeline import assert_store_matches_reference

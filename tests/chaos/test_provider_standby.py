@@ -12,8 +12,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from shared.contract.messages import TickBatch
-from shared.natsserver import EmbeddedNats
+from mdp.shared.contract.messages import TickBatch
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 from tests.conftest_control import System, start_system, stop_system
 

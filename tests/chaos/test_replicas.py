@@ -12,8 +12,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mdp.cli import replay_file
-from shared.contract.messages import Bar
-from shared.contract.names import PRODUCER
+from mdp.shared.contract.messages import Bar
+from mdp.shared.contract.names import PRODUCER
 from tests.chaos.test_kill import SEEDS, kill_when
 from tests.conftest import DATA, PipelineFactory
 from tests.integration.test_pipeline import assert_store_matches_reference

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from mdp.services.registry import SERVICES
+from mdp.shared.natsserver import EmbeddedNats, free_port
 from mdp.supervisor import running_system
-from services.registry import SERVICES
-from shared.natsserver import EmbeddedNats, free_port
 from tests.conftest import DATA
 
 pytestmark = pytest.mark.integration

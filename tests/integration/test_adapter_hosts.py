@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from shared.natsserver import EmbeddedNats
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 from tests.conftest_control import REPO, System, module_nats_fixture, start_system, stop_system
 
@@ -29,7 +29,7 @@ PLUGIN = '''
 
 import time
 
-from shared.contract.messages import Tick
+from mdp.shared.contract.messages import Tick
 
 
 class TinyAdapter:

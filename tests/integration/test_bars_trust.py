@@ -34,9 +34,9 @@ from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
 from mdp.cli import replay_file
-from services.store.writers import read_bars
-from shared.contract.messages import Bar, interval_ns
-from shared.contract.names import DLQ_REASON
+from mdp.services.store.writers import read_bars
+from mdp.shared.contract.messages import Bar, interval_ns
+from mdp.shared.contract.names import DLQ_REASON
 from tests.batch_bars import RawTick, batch_bars, raw_ticks, read_raw_ticks
 from tests.conftest import DATA, PipelineFactory, wait_for
 from tests.reference import compare_bars, load_reference

@@ -23,9 +23,9 @@ import pytest
 from nats.js.errors import KeyNotFoundError
 
 from mdp.client import ControlRequestError, PipelineRuntime
-from shared.contract import names
-from shared.contract.control import ResetReply
-from shared.natsserver import EmbeddedNats
+from mdp.shared.contract import names
+from mdp.shared.contract.control import ResetReply
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 from tests.conftest_control import REPO, System, module_nats_fixture, start_system, stop_system
 

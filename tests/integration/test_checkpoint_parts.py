@@ -10,12 +10,12 @@ import nats
 import pytest
 import structlog
 
-from services.aggregator.checkpoint import PARTED_MAGIC, Checkpoint, CheckpointStore
-from shared.bus.declare import ensure_buckets
-from shared.contract import names
-from shared.contract.messages import Bar
-from shared.natsserver import EmbeddedNats
-from shared.settings import StreamSettings
+from mdp.services.aggregator.checkpoint import PARTED_MAGIC, Checkpoint, CheckpointStore
+from mdp.shared.bus.declare import ensure_buckets
+from mdp.shared.contract import names
+from mdp.shared.contract.messages import Bar
+from mdp.shared.natsserver import EmbeddedNats
+from mdp.shared.settings import StreamSettings
 
 pytestmark = pytest.mark.integration
 

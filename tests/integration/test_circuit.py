@@ -1,4 +1,4 @@
-"""shared.circuit against a real nats-server: records in KV, compare-and-swap, circuit events."""
+"""mdp.shared.circuit against a real nats-server: KV records, compare-and-swap, circuit events."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
-from shared.breaker import BreakerConfig
-from shared.bus.declare import ensure_buckets, ensure_streams
-from shared.bus.publisher import JsPublisher
-from shared.circuit import Circuits
-from shared.contract import names
-from shared.contract.events import Circuit
-from shared.contract.records import CircuitRecord
-from shared.natsserver import EmbeddedNats
-from shared.settings import StreamSettings
+from mdp.shared.breaker import BreakerConfig
+from mdp.shared.bus.declare import ensure_buckets, ensure_streams
+from mdp.shared.bus.publisher import JsPublisher
+from mdp.shared.circuit import Circuits
+from mdp.shared.contract import names
+from mdp.shared.contract.events import Circuit
+from mdp.shared.contract.records import CircuitRecord
+from mdp.shared.natsserver import EmbeddedNats
+from mdp.shared.settings import StreamSettings
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from services.store.writers import read_bars
-from shared.natsserver import EmbeddedNats
+from mdp.services.store.writers import read_bars
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import DATA, PipelineFactory
 
 pytestmark = pytest.mark.integration

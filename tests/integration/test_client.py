@@ -13,9 +13,9 @@ from typing import TypeVar
 import pytest
 
 from mdp.client import ControlRequestError, PipelineRuntime, _highest_rev_only
-from shared.contract.control import StartReply, StatusReply, StopReply
-from shared.contract.messages import Bar, TickBatch
-from shared.natsserver import EmbeddedNats
+from mdp.shared.contract.control import StartReply, StatusReply, StopReply
+from mdp.shared.contract.messages import Bar, TickBatch
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import PipelineFactory, wait_for
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from shared.bus.consumer import PullConsumer
+from mdp.shared.bus.consumer import PullConsumer
 from tests.conftest import wait_for
 
 LOG = structlog.get_logger()

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.integration
 
 POLICY = "ingestion_policy.yaml"
 PROVIDERS = "data_providers.yaml"
-SHIPPED_POLICY = (REPO / "configs" / POLICY).read_text()
-SHIPPED_PROVIDERS = (REPO / "configs" / PROVIDERS).read_text()
+SHIPPED_POLICY = (REPO / "mdp" / "configs" / POLICY).read_text()
+SHIPPED_PROVIDERS = (REPO / "mdp" / "configs" / PROVIDERS).read_text()
 TOKEN = {"Authorization": "Bearer s3cret"}
 
 
@@ -445,7 +445,7 @@ def test_config_check_command(tmp_path: Path) -> None:
             cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 
-    good = check("--config-dir", str(REPO / "configs"))
+    good = check("--config-dir", str(REPO / "mdp" / "configs"))
     assert good.returncode == 0, good.stderr
     assert f"ingestion_policy.yaml: ok ({REPO / 'configs' / POLICY})" in good.stdout
     (tmp_path / POLICY).write_text("guards:\n  max_concurrent_jobs: -1\n")
@@ -483,7 +483,7 @@ def test_a_bad_config_at_start_up_is_a_clean_exit(
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MDP_")}
     clean.update(env, MDP_CONFIG_DIR=str(tmp_path), MDP_NATS_URL="nats://127.0.0.1:1")
     result = subprocess.run(
-        [sys.executable, "-m", "services.control"],
+        [sys.executable, "-m", "mdp.services.control"],
         env=clean, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from services.store.writers import read_bars
-from shared.contract import names
-from shared.contract.messages import Bar, BarBatch
-from shared.natsserver import EmbeddedNats
+from mdp.services.store.writers import read_bars
+from mdp.shared.contract import names
+from mdp.shared.contract.messages import Bar, BarBatch
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 from tests.conftest_control import (  # noqa: F401 (fixtures)
     REPO,
@@ -33,7 +33,7 @@ from tests.conftest_control import (  # noqa: F401 (fixtures)
 pytestmark = pytest.mark.integration
 
 FORWARD_TOKEN = "fwd-token"
-SHIPPED_POLICY = yaml.safe_load((REPO / "configs" / "ingestion_policy.yaml").read_text())
+SHIPPED_POLICY = yaml.safe_load((REPO / "mdp" / "configs" / "ingestion_policy.yaml").read_text())
 
 
 @pytest.fixture(scope="module", name="pipeline_system")

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from msgspec import Struct
 
-from shared.contract.control import (
+from mdp.shared.contract.control import (
     ReloadRequest,
     ResetRequest,
     StartRequest,

@@ -36,9 +36,9 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from mdp.cli import control_request, replay_file
+from mdp.services.registry import SERVICES
+from mdp.shared.natsserver import find_binary, free_port
 from mdp.supervisor import Supervisor, scrape
-from services.registry import SERVICES
-from shared.natsserver import find_binary, free_port
 from tests.conftest import DATA, wait_for
 from tests.integration.test_pipeline import assert_store_matches_reference
 

@@ -15,8 +15,8 @@ import pytest
 
 from mdp.client import read_bars_async
 from mdp.export import CSV_COLUMNS, NOTHING_MATCHED, iso_utc, parse_time
-from services.store.writers import CSV_HEADER, open_writer, read_bars
-from shared.contract.messages import Bar
+from mdp.services.store.writers import CSV_HEADER, open_writer, read_bars
+from mdp.shared.contract.messages import Bar
 
 pytestmark = pytest.mark.integration
 
@@ -214,7 +214,7 @@ async def test_export_streams_in_constant_memory(fmt: str, tmp_path: Path) -> No
 
 async def test_the_reader_yields_chunks_before_the_query_is_exhausted(store: str) -> None:
     """A cursor / fetchmany, not one fetch of everything: chunks arrive one by one."""
-    from services.store.writers import stream_bars
+    from mdp.services.store.writers import stream_bars
 
     sizes = []
     async for chunk in stream_bars(store, chunk=50):

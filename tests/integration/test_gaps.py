@@ -10,7 +10,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
 from mdp.cli import control_request
-from shared.contract.messages import Bar
+from mdp.shared.contract.messages import Bar
 from tests.conftest import PipelineFactory, wait_for
 
 pytestmark = pytest.mark.integration

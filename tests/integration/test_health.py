@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
-from shared.natsserver import EmbeddedNats
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import PipelineFactory, wait_for
 
 pytestmark = pytest.mark.integration

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from services.provider.adapters.ibkr.adapter import IbkrAdapter
-from services.provider.pacing import unlimited
-from shared.contract.control import JobSpec
-from shared.contract.messages import Tick
-from shared.contract.records import FeedStatus
+from mdp.services.provider.adapters.ibkr.adapter import IbkrAdapter
+from mdp.services.provider.pacing import unlimited
+from mdp.shared.contract.control import JobSpec
+from mdp.shared.contract.messages import Tick
+from mdp.shared.contract.records import FeedStatus
 from tests.conftest import wait_for
 from tests.fakes.ibgateway import FakeGateway
 

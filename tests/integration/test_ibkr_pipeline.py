@@ -22,12 +22,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from services.provider.ratelimit import max_in_window
-from services.store.writers import read_bars
-from shared.contract import names
-from shared.contract.events import Failover, decode_event
-from shared.contract.messages import TickBatch
-from shared.natsserver import EmbeddedNats
+from mdp.services.provider.ratelimit import max_in_window
+from mdp.services.store.writers import read_bars
+from mdp.shared.contract import names
+from mdp.shared.contract.events import Failover, decode_event
+from mdp.shared.contract.messages import TickBatch
+from mdp.shared.natsserver import EmbeddedNats
 from tests.batch_bars import RawTick, batch_bars
 from tests.conftest import wait_for
 from tests.conftest_control import System, module_nats_fixture, start_system, stop_system

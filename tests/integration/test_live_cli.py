@@ -15,13 +15,13 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mdp.cli import control_request
-from services.store.writers import read_bars
-from shared.bus.deadletter import dead_letter_payload
-from shared.bus.publisher import JsPublisher
-from shared.contract import names
-from shared.contract.codec import JSON
-from shared.contract.messages import Bar, BarBatch
-from shared.natsserver import EmbeddedNats
+from mdp.services.store.writers import read_bars
+from mdp.shared.bus.deadletter import dead_letter_payload
+from mdp.shared.bus.publisher import JsPublisher
+from mdp.shared.contract import names
+from mdp.shared.contract.codec import JSON
+from mdp.shared.contract.messages import Bar, BarBatch
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import PipelineFactory, wait_for
 from tests.integration.test_cli import mdp
 

@@ -24,7 +24,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
 from mdp.cli import control_request
-from services.registry import SERVICES
+from mdp.services.registry import SERVICES
 from tests.conftest import PipelineFactory, wait_for
 
 pytestmark = pytest.mark.integration

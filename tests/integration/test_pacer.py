@@ -15,11 +15,11 @@ from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from services.provider.pacing import COOLDOWNS, TOKENS_GRANTED, WAITS, Pacer, unlimited
-from services.provider.ratelimit import PacingConfig
-from shared.contract import names
-from shared.contract.records import RateRecord
-from shared.natsserver import EmbeddedNats
+from mdp.services.provider.pacing import COOLDOWNS, TOKENS_GRANTED, WAITS, Pacer, unlimited
+from mdp.services.provider.ratelimit import PacingConfig
+from mdp.shared.contract import names
+from mdp.shared.contract.records import RateRecord
+from mdp.shared.natsserver import EmbeddedNats
 
 pytestmark = pytest.mark.integration
 

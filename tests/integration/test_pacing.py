@@ -12,11 +12,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from services.provider.ratelimit import max_in_window
-from shared.contract import names
-from shared.contract.messages import TickBatch
-from shared.contract.records import LeaseRecord
-from shared.natsserver import EmbeddedNats
+from mdp.services.provider.ratelimit import max_in_window
+from mdp.shared.contract import names
+from mdp.shared.contract.messages import TickBatch
+from mdp.shared.contract.records import LeaseRecord
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 from tests.conftest_control import System, start_system, stop_system
 

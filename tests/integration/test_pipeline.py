@@ -9,9 +9,9 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mdp.cli import replay_file
-from services.store.writers import read_bars
-from shared.contract import names
-from shared.contract.messages import Bar
+from mdp.services.store.writers import read_bars
+from mdp.shared.contract import names
+from mdp.shared.contract.messages import Bar
 from tests.conftest import DATA, PipelineFactory
 from tests.reference import compare_bars, load_reference
 

@@ -9,8 +9,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from shared.contract.messages import Bar, BarBatch
-from shared.natsserver import EmbeddedNats
+from mdp.shared.contract.messages import Bar, BarBatch
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 from tests.conftest_control import start_system, stop_system
 

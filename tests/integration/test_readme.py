@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mdp.services.store.writers import read_bars
 from mdp.supervisor import running_system
-from services.store.writers import read_bars
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
 from mdp.cli import CliError, replay_file
-from services.provider.adapters.replay import MAX_LINE_BYTES
-from services.store.writers import read_bars
-from shared.contract import names
-from shared.contract.messages import BadRow, Bar
+from mdp.services.provider.adapters.replay import MAX_LINE_BYTES
+from mdp.services.store.writers import read_bars
+from mdp.shared.contract import names
+from mdp.shared.contract.messages import BadRow, Bar
 from tests.conftest import DATA, PipelineFactory, wait_for
 from tests.reference import compare_bars, load_reference
 

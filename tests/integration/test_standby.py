@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.natsserver import EmbeddedNats
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 from tests.conftest_control import System, start_system, stop_system
 

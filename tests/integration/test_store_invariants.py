@@ -15,9 +15,9 @@ import msgspec
 import pytest
 from nats.js.api import DeliverPolicy
 
-from shared.contract import names
-from shared.contract.codec import MSGPACK
-from shared.contract.messages import Bar, BarBatch
+from mdp.shared.contract import names
+from mdp.shared.contract.codec import MSGPACK
+from mdp.shared.contract.messages import Bar, BarBatch
 from tests.conftest import wait_for
 from tests.conftest_control import System, module_nats_fixture  # noqa: F401 (fixtures)
 from tests.integration.test_store_modes import (

@@ -15,12 +15,12 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from services.store.writers import read_bars
-from shared.config import EffectivePolicy, StoreSyncConfig
-from shared.contract.codec import JSON, MSGPACK
-from shared.contract.messages import Bar, BarBatch, EndOfStream
-from shared.contract.names import CONTENT_TYPE, END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY
-from shared.natsserver import EmbeddedNats
+from mdp.services.store.writers import read_bars
+from mdp.shared.config import EffectivePolicy, StoreSyncConfig
+from mdp.shared.contract.codec import JSON, MSGPACK
+from mdp.shared.contract.messages import Bar, BarBatch, EndOfStream
+from mdp.shared.contract.names import CONTENT_TYPE, END_OF_STREAM, KV_STATE, MSG_ID, POLICY_KEY
+from mdp.shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 from tests.conftest_control import (  # noqa: F401 (fixtures)
     System,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mdp.shared.natsserver import EmbeddedNats
 from mdp.supervisor import Supervisor
-from shared.natsserver import EmbeddedNats
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration

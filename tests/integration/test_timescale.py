@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.store.timescale import (
+from mdp.services.store.timescale import (
     DAY_NS,
     HOUR_NS,
     ROLLUPS,
@@ -34,8 +34,8 @@ from services.store.timescale import (
     policy_statements,
     rollup_select,
 )
-from services.store.writers import PostgresBarWriter, latest_revisions
-from shared.contract.messages import Bar
+from mdp.services.store.writers import PostgresBarWriter, latest_revisions
+from mdp.shared.contract.messages import Bar
 
 pytestmark = pytest.mark.postgres
 

@@ -14,8 +14,8 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from mdp.cli import control_request
-from shared import tracing
-from shared.natsserver import free_port
+from mdp.shared import tracing
+from mdp.shared.natsserver import free_port
 from tests.conftest import PipelineFactory, wait_for
 
 pytest.importorskip("opentelemetry.sdk", reason="the tracing extra is not installed")

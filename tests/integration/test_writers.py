@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from services.store.writers import (
+from mdp.services.store.writers import (
     CSV_HEADER,
     BarWriter,
     InvalidBarError,
@@ -30,7 +30,7 @@ from services.store.writers import (
     redact_url,
     sqlite_path,
 )
-from shared.contract.messages import Bar
+from mdp.shared.contract.messages import Bar
 from tests.conftest_store import admin_connect, create_database, drop_database
 
 pytest_plugins = ["tests.conftest_store"]

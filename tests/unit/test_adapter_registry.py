@@ -6,17 +6,17 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
-from services.provider.adapters import base
-from services.provider.adapters.base import (
+from mdp.services.provider.adapters import base
+from mdp.services.provider.adapters.base import (
     AdapterError,
     TickSink,
     load_adapters,
     register,
     resolve_hosted,
 )
-from shared.contract.control import JobSpec
-from shared.contract.records import AdapterInfo
-from shared.version import VERSION
+from mdp.shared.contract.control import JobSpec
+from mdp.shared.contract.records import AdapterInfo
+from mdp.shared.version import VERSION
 
 
 class TinyAdapter:

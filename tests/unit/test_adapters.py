@@ -17,21 +17,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.provider.adapters import base, synthetic
-from services.provider.adapters.base import (
+from mdp.services.provider.adapters import base, synthetic
+from mdp.services.provider.adapters.base import (
     AdapterError,
     TickSink,
     get_adapter,
     load_adapters,
 )
-from services.provider.adapters.ibkr.adapter import IbkrAdapter
-from services.provider.adapters.replay import MAX_BAD_ROWS, ReplayAdapter
-from services.provider.adapters.synthetic import SyntheticAdapter
-from services.provider.batching import TickBatcher
-from services.provider.pacing import unlimited
-from services.provider.service import JobSink
-from shared.contract.control import JobSpec
-from shared.contract.messages import Tick
+from mdp.services.provider.adapters.ibkr.adapter import IbkrAdapter
+from mdp.services.provider.adapters.replay import MAX_BAD_ROWS, ReplayAdapter
+from mdp.services.provider.adapters.synthetic import SyntheticAdapter
+from mdp.services.provider.batching import TickBatcher
+from mdp.services.provider.pacing import unlimited
+from mdp.services.provider.service import JobSink
+from mdp.shared.contract.control import JobSpec
+from mdp.shared.contract.messages import Tick
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 HEADER = "ts_ns,ts_utc,symbol,price,size"

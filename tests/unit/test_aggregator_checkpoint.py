@@ -13,7 +13,7 @@ import pytest
 import structlog
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from services.aggregator.checkpoint import (
+from mdp.services.aggregator.checkpoint import (
     PART_HEADROOM,
     PARTED_MAGIC,
     Checkpoint,
@@ -22,8 +22,8 @@ from services.aggregator.checkpoint import (
     decode_checkpoint,
     encode_checkpoint,
 )
-from services.aggregator.dedup import SeenSeqs
-from shared.contract.messages import Bar
+from mdp.services.aggregator.dedup import SeenSeqs
+from mdp.shared.contract.messages import Bar
 
 KEY = "aggregator.aggregator"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from services.aggregator.dedup import SeenSeqs, fresh_ticks
-from services.aggregator.eos import BadMarker, EndOfStreamTracker
-from shared.contract.messages import EndOfStream, Tick
+from mdp.services.aggregator.dedup import SeenSeqs, fresh_ticks
+from mdp.services.aggregator.eos import BadMarker, EndOfStreamTracker
+from mdp.shared.contract.messages import EndOfStream, Tick
 
 MARKER = EndOfStream(run="r1", symbol="AAPL", symbols_total=1, ticks=3)
 HEADER = msgspec.json.encode(MARKER).decode()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import msgspec
 
-from services.aggregator.bars import Emitted, InvalidTick, LateTick
-from services.aggregator.outputs import Outgoing, OutputRouter
-from shared.config import BatchingConfig, EffectivePolicy, StoreSyncConfig, WritePathConfig
-from shared.contract import names
-from shared.contract.codec import JSON, MSGPACK
-from shared.contract.events import Gap, Suppressed
-from shared.contract.messages import Bar, BarBatch, DeadTick, EndOfStream, Tick
+from mdp.services.aggregator.bars import Emitted, InvalidTick, LateTick
+from mdp.services.aggregator.outputs import Outgoing, OutputRouter
+from mdp.shared.config import BatchingConfig, EffectivePolicy, StoreSyncConfig, WritePathConfig
+from mdp.shared.contract import names
+from mdp.shared.contract.codec import JSON, MSGPACK
+from mdp.shared.contract.events import Gap, Suppressed
+from mdp.shared.contract.messages import Bar, BarBatch, DeadTick, EndOfStream, Tick
 
 MS = 1_000_000
 NOW = 1_000_000 * MS
@@ -247,7 +247,7 @@ def test_a_new_policy_retunes_the_batch_being_filled() -> None:
 
 
 def test_the_transit_credit_applies_to_live_batches_only_and_is_capped() -> None:
-    from services.aggregator.service import transit_credited
+    from mdp.services.aggregator.service import transit_credited
 
     ms = 1_000_000
     now = 10_000 * ms

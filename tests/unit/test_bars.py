@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.aggregator.bars import BarEngine, Emitted, InvalidTick, LateTick
-from shared.contract.messages import Bar, Tick
+from mdp.services.aggregator.bars import BarEngine, Emitted, InvalidTick, LateTick
+from mdp.shared.contract.messages import Bar, Tick
 
 S = 1_000_000_000
 MS = 1_000_000

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from services.aggregator.bars import BarEngine, LateTick
-from shared.contract.messages import Bar, Tick
+from mdp.services.aggregator.bars import BarEngine, LateTick
+from mdp.shared.contract.messages import Bar, Tick
 from tests.reference import compare_bars, latest_revisions, load_reference, load_ticks
 
 DATA = Path(__file__).resolve().parents[1] / "data"

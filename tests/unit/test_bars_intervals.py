@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.aggregator.bars import BarEngine
-from shared.contract.messages import Bar, interval_ns
+from mdp.services.aggregator.bars import BarEngine
+from mdp.shared.contract.messages import Bar, interval_ns
 from tests.batch_bars import RawTick, batch_bars, raw_ticks, read_raw_ticks
 from tests.reference import RefBar, RefKey, compare_bars, load_reference
 

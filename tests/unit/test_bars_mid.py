@@ -13,8 +13,8 @@ from pathlib import Path
 
 import msgspec
 
-from services.aggregator.bars import BarEngine
-from shared.contract.messages import Bar, Tick
+from mdp.services.aggregator.bars import BarEngine
+from mdp.shared.contract.messages import Bar, Tick
 from tests.batch_bars import RawTick, batch_bars, raw_ticks, read_raw_ticks
 from tests.reference import compare_bars, load_reference
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.aggregator.bars import REJECT_AFTER, BarEngine, Emitted
-from shared.contract.messages import Bar, Tick
+from mdp.services.aggregator.bars import REJECT_AFTER, BarEngine, Emitted
+from mdp.shared.contract.messages import Bar, Tick
 from tests.unit.test_bars_properties import (
     INTERVALS,
     WINDOW,

@@ -21,8 +21,8 @@ from typing import NamedTuple
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from services.aggregator.bars import BarEngine
-from shared.contract.messages import Bar, Tick, interval_ns
+from mdp.services.aggregator.bars import BarEngine
+from mdp.shared.contract.messages import Bar, Tick, interval_ns
 
 S = 1_000_000_000
 T0 = 28_333_333 * 60 * S  # a whole minute

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.aggregator.batcher import BarBatcher, batch_id
-from shared.contract.messages import Bar, BarBatch
+from mdp.services.aggregator.batcher import BarBatcher, batch_id
+from mdp.shared.contract.messages import Bar, BarBatch
 
 MS = 1_000_000
 NOW = 1_000_000 * MS

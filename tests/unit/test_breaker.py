@@ -7,14 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.breaker import (
+from mdp.shared.breaker import (
     BreakerConfig,
     CircuitBreaker,
     Transition,
     failure_kind,
     same_state,
 )
-from shared.contract.records import CircuitRecord
+from mdp.shared.contract.records import CircuitRecord
 
 S = 1_000_000_000
 CFG = BreakerConfig(failure_threshold=3, window_s=10, recovery_s=5)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.provider.adapters.base import load_adapters, params_models
-from services.provider.adapters.synthetic import SyntheticAdapter
-from shared import config as config_module
-from shared.breaker import BreakerConfig
-from shared.config import (
+from mdp.services.provider.adapters.base import load_adapters, params_models
+from mdp.services.provider.adapters.synthetic import SyntheticAdapter
+from mdp.shared import config as config_module
+from mdp.shared.breaker import BreakerConfig
+from mdp.shared.config import (
     POLICY_FILE,
     PROVIDERS_FILE,
     CircuitConfig,
@@ -22,9 +22,9 @@ from shared.config import (
     PacingSection,
     find_config_dir,
 )
-from shared.settings import Settings
+from mdp.shared.settings import Settings
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "mdp" / "configs"
 # As control loads them: each provider's params checked by its adapter's own model.
 PARAMS_MODELS = params_models(load_adapters())
 

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.config import (
+from mdp.shared.config import (
     POLICY_FILE,
     PROVIDERS_FILE,
     ConfigError,
@@ -22,7 +22,9 @@ from shared.config import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = {name: (REPO / "configs" / name).read_text() for name in (PROVIDERS_FILE, POLICY_FILE)}
+SHIPPED = {
+    name: (REPO / "mdp" / "configs" / name).read_text() for name in (PROVIDERS_FILE, POLICY_FILE)
+}
 
 
 def problems_of(directory: Path, name: str, text: str) -> list[str]:
@@ -111,6 +113,6 @@ def test_mdp_config_check_and_a_service_start_refuse_it(tmp_path: Path) -> None:
     check = run("mdp.cli", "config", "check", env=env)
     assert check.returncode == 1 and expected in check.stderr, check
     # The control service validates its files before it connects: a clean exit 2, no traceback.
-    service = run("services.control", env=env)
+    service = run("mdp.services.control", env=env)
     assert service.returncode == 2 and expected in service.stderr, service
     assert "Traceback" not in service.stderr

@@ -6,7 +6,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from shared.bus import _nats_internals
+from mdp.shared.bus import _nats_internals
 
 ROOT = Path(__file__).resolve().parents[2]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][^\s;]*)$")

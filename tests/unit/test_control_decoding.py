@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.control.guards import (
+from mdp.services.control.guards import (
     ControlError,
     parse_reload,
     parse_reset,
@@ -18,7 +18,7 @@ from services.control.guards import (
     parse_status,
     parse_stop,
 )
-from shared.config import load_config
+from mdp.shared.config import load_config
 
 CONFIG = load_config(None, {})
 PARSERS: dict[str, Callable[[bytes], object]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.router.failover import Decision, FailoverSelector
+from mdp.services.router.failover import Decision, FailoverSelector
 
 S = 1_000_000_000
 
@@ -241,7 +241,7 @@ def test_a_redelivery_is_no_sign_of_health() -> None:
 
 
 def test_source_health_from_circuits_and_job_states() -> None:
-    from services.router.service import SourceHealth
+    from mdp.services.router.service import SourceHealth
 
     health = SourceHealth()
     assert health.down_reason("ibkr") is None  # nothing known: up

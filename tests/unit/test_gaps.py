@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from services.aggregator.gaps import GapDetector
-from shared.contract.events import Gap
+from mdp.services.aggregator.gaps import GapDetector
+from mdp.shared.contract.events import Gap
 
 S = 1_000_000_000
 MS = 1_000_000

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from services.control.guards import (
+from mdp.services.control.guards import (
     ControlError,
     build_job,
     check_capacity,
@@ -20,12 +20,12 @@ from services.control.guards import (
     parse_stop,
     standby_jobs,
 )
-from services.provider.adapters.base import AdapterError, AdapterParams, TickSink
-from services.provider.adapters.replay import ReplayAdapter
-from services.provider.adapters.synthetic import SyntheticAdapter
-from shared.config import Config, load_config
-from shared.contract.control import JobSpec, StartRequest
-from shared.contract.records import ProviderState
+from mdp.services.provider.adapters.base import AdapterError, AdapterParams, TickSink
+from mdp.services.provider.adapters.replay import ReplayAdapter
+from mdp.services.provider.adapters.synthetic import SyntheticAdapter
+from mdp.shared.config import Config, load_config
+from mdp.shared.contract.control import JobSpec, StartRequest
+from mdp.shared.contract.records import ProviderState
 
 NOW = 1_800_000_000_000_000_000
 

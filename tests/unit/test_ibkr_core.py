@@ -8,24 +8,24 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.provider.adapters.base import AdapterError, check_params
-from services.provider.adapters.ibkr.adapter import IbkrAdapter
-from services.provider.adapters.ibkr.feed import SymbolTicks
-from services.provider.adapters.ibkr.params import IbkrParams
-from services.provider.adapters.ibkr.recovery import (
+from mdp.services.provider.adapters.base import AdapterError, check_params
+from mdp.services.provider.adapters.ibkr.adapter import IbkrAdapter
+from mdp.services.provider.adapters.ibkr.feed import SymbolTicks
+from mdp.services.provider.adapters.ibkr.params import IbkrParams
+from mdp.services.provider.adapters.ibkr.recovery import (
     POLICIES,
     Action,
     new_port,
     policy,
     recovery_table,
 )
-from services.provider.adapters.ibkr.watchdog import (
+from mdp.services.provider.adapters.ibkr.watchdog import (
     VerdictKind,
     WatchConfig,
     Watchdog,
     is_open,
 )
-from shared.contract.control import JobSpec
+from mdp.shared.contract.control import JobSpec
 
 NS = 1_000_000_000
 

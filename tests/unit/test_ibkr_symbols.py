@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.provider.adapters.ibkr.symbols import (
+from mdp.services.provider.adapters.ibkr.symbols import (
     CURRENCIES,
     MONTH_CODES,
     ContractSpec,

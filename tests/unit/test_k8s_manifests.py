@@ -29,8 +29,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.registry import SERVICES
-from shared.natsserver import find_binary
+from mdp.services.registry import SERVICES
+from mdp.shared.natsserver import find_binary
 from tests.k8s_render import KustomizeError, load_documents, render, secret_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -420,7 +420,7 @@ def test_deployments_probe_limit_and_drop_privileges(tree: str) -> None:
 def test_shipped_configs_equal_the_repository_ones() -> None:
     for name in ("data_providers.yaml", "ingestion_policy.yaml"):
         copy = K8S / "base" / "configs" / name
-        assert copy.read_text() == (ROOT / "configs" / name).read_text(), f"{copy} is stale"
+        assert copy.read_text() == (ROOT / "mdp" / "configs" / name).read_text(), f"{copy} is stale"
     assert (K8S / "nats" / "accounts.conf").read_text() == ACCOUNTS.read_text()
 
 

@@ -6,7 +6,7 @@ from importlib import metadata
 
 from nats.aio.client import Client
 
-from shared.bus import _nats_internals
+from mdp.shared.bus import _nats_internals
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -53,7 +53,7 @@ def test_a_client_without_the_buffer_is_left_alone() -> None:
 def test_sequences_by_hand_equal_what_nats_py_parses() -> None:
     from nats.aio.msg import Msg
 
-    from shared.bus.consumer import consumer_sequence, stream_sequence
+    from mdp.shared.bus.consumer import consumer_sequence, stream_sequence
 
     for reply in (
         "$JS.ACK.MD_QUOTES.aggregator.1.4711.42.1796289044002936324.7",  # v1: 9 tokens
@@ -70,7 +70,7 @@ def test_sequences_by_hand_equal_what_nats_py_parses() -> None:
 def test_timestamp_by_hand_equals_what_nats_py_parses() -> None:
     from nats.aio.msg import Msg
 
-    from shared.bus.consumer import timestamp_ns
+    from mdp.shared.bus.consumer import timestamp_ns
 
     for reply in (
         "$JS.ACK.MD_QUOTES.aggregator.1.4711.42.1796289044002936324.7",  # v1: 9 tokens
@@ -87,7 +87,7 @@ def test_lag_of_a_consumer_info() -> None:
 
     from nats.js.api import ConsumerConfig, ConsumerInfo, SequenceInfo
 
-    from shared.bus.consumer import ConsumerLag, lag_of
+    from mdp.shared.bus.consumer import ConsumerLag, lag_of
 
     created = datetime.datetime.now(datetime.UTC)
     info = ConsumerInfo(

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from services.provider.pacing import Pacer, pacing_config
-from services.provider.ratelimit import PacingConfig
-from shared.config import PacingSection
+from mdp.services.provider.pacing import Pacer, pacing_config
+from mdp.services.provider.ratelimit import PacingConfig
+from mdp.shared.config import PacingSection
 
 
 @dataclass

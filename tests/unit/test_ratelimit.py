@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.provider.ratelimit import (
+from mdp.services.provider.ratelimit import (
     Block,
     BlockGrant,
     BlockSizer,
@@ -19,7 +19,7 @@ from services.provider.ratelimit import (
     SlidingWindowLimit,
     TokenBucket,
 )
-from shared.contract.records import RateRecord
+from mdp.shared.contract.records import RateRecord
 
 S = 1_000_000_000
 MS = 1_000_000

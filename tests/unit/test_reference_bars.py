@@ -13,8 +13,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.aggregator.bars import BarEngine
-from shared.contract.messages import Bar, Tick
+from mdp.services.aggregator.bars import BarEngine
+from mdp.shared.contract.messages import Bar, Tick
 from tests.reference import compare_bars, load_reference, load_ticks
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -13,15 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.control.guards import HTTP_STATUS, ControlError, build_job, parse_start
-from services.provider.adapters.replay import (
+from mdp.services.control.guards import HTTP_STATUS, ControlError, build_job, parse_start
+from mdp.services.provider.adapters.replay import (
     MAX_LINE_BYTES,
     PathNotAllowed,
     ReplayAdapter,
     confine,
 )
-from shared.config import load_config
-from shared.settings import Settings
+from mdp.shared.config import load_config
+from mdp.shared.settings import Settings
 from tests.unit.test_adapters import HEADER, RecordingSink, as_rows, job, run_replay, write
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.provider.retry import Backoff
+from mdp.services.provider.retry import Backoff
 
 
 def test_delays_double_up_to_the_cap() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.router.service import screen, tick_problem
-from shared.contract.messages import Tick, TickBatch
+from mdp.services.router.service import screen, tick_problem
+from mdp.shared.contract.messages import Tick, TickBatch
 
 NOW = 1_796_000_000_000_000_000
 S = 1_000_000_000

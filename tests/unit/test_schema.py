@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mdp import schema
-from shared.contract.messages import Bar
+from mdp.shared.contract.messages import Bar
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from shared.contract.codec import MSGPACK, Codec, DecodeError, encode
-from shared.contract.messages import Bar, BarBatch, Tick, TickBatch, interval_ns
+from mdp.shared.contract.codec import MSGPACK, Codec, DecodeError, encode
+from mdp.shared.contract.messages import Bar, BarBatch, Tick, TickBatch, interval_ns
 
 BATCH = TickBatch(
     "BRK.B",

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.store.invariants import bar_violation, split_bars
-from shared.contract.messages import Bar, interval_ns
+from mdp.services.store.invariants import bar_violation, split_bars
+from mdp.shared.contract.messages import Bar, interval_ns
 
 T0 = 1_700_000_000_000_000_000
 _prices = st.floats(-1e12, 1e12, allow_nan=False, allow_infinity=False)

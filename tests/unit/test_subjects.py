@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.contract import names
-from shared.contract.names import escape_symbol, unescape_symbol
+from mdp.shared.contract import names
+from mdp.shared.contract.names import escape_symbol, unescape_symbol
 
 
 @pytest.mark.parametrize(

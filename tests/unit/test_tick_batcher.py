@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.provider.batching import TickBatcher
-from shared.contract.messages import Tick
-from shared.settings import ProviderSettings
+from mdp.services.provider.batching import TickBatcher
+from mdp.shared.contract.messages import Tick
+from mdp.shared.settings import ProviderSettings
 
 MS = 1_000_000
 

@@ -1,4 +1,4 @@
-"""shared.tracing with an in-memory exporter: producer spans, parents and links by traceparent."""
+"""mdp.shared.tracing, in-memory exporter: producer spans, parents and links by traceparent."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared import tracing
+from mdp.shared import tracing
 
 pytest.importorskip("opentelemetry.sdk", reason="the tracing extra is not installed")
 from opentelemetry.sdk.trace import TracerProvider

@@ -9,10 +9,10 @@ import msgspec
 import pytest
 
 from mdp import chart, dlq, export, tail, top
-from shared.contract import names
-from shared.contract.codec import JSON
-from shared.contract.events import Gap, Started
-from shared.contract.messages import BadRow, Bar, BarBatch, DeadTick, Tick, TickBatch
+from mdp.shared.contract import names
+from mdp.shared.contract.codec import JSON
+from mdp.shared.contract.events import Gap, Started
+from mdp.shared.contract.messages import BadRow, Bar, BarBatch, DeadTick, Tick, TickBatch
 
 T0 = 1_723_107_600_000_000_000  # 2024-08-08T09:00:00Z
 M = 60 * 10**9

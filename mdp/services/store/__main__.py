@@ -1,0 +1,5 @@
+"""`python -m mdp.services.store`."""
+
+from mdp.services.__main__ import launch
+
+launch("store")

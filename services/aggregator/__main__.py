@@ -1,5 +1,0 @@
-"""`python -m services.aggregator`."""
-
-from services.__main__ import launch
-
-launch("aggregator")

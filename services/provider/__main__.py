@@ -1,5 +1,0 @@
-"""`python -m services.provider`."""
-
-from services.__main__ import launch
-
-launch("provider")

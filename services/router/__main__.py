@@ -1,5 +1,0 @@
-"""`python -m services.router`."""
-
-from services.__main__ import launch
-
-launch("router")

@@ -1,5 +1,0 @@
-"""`python -m services.store`."""
-
-from services.__main__ import launch
-
-launch("store")
