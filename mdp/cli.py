@@ -185,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("dir", nargs="?", type=Path, default=Path("configs"), help="(./configs)")
     init.add_argument("--force", action="store_true", help="overwrite files that exist")
 
+    bench = sub.add_parser(
+        "bench", help="run the benchmarks of a checkout, each beside its same-run baseline"
+    )
+    bench.add_argument("--quick", action="store_true", help="small inputs: minutes, not an hour")
+    bench.add_argument(
+        "--only", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        help="comma-separated: engine,replay,postgres,live (default: all)",
+    )  # fmt: skip
+
     schema = sub.add_parser("schema", help="write the AsyncAPI document and JSON Schemas")
     schema.add_argument("--out", type=Path, default=Path("."), help="writes OUT/docs/... (.)")
     schema.add_argument(
@@ -981,6 +990,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cmd_config_init(args) if args.config_command == "init" else cmd_config_check(args))
     if args.command == "schema":
         sys.exit(cmd_schema(args))
+    if args.command == "bench":
+        from mdp.bench import run as run_benchmarks
+
+        sys.exit(run_benchmarks(args.quick, args.only))
     if args.command == "service":
         from mdp.services.registry import service_factory
         from mdp.shared.runtime import main as run_service

@@ -96,7 +96,17 @@ class StreamSettings(BaseModel):
     raw_max_bytes: int = Field(-1, ge=-1, description="-1: unlimited")
     quotes_max_bytes: int = Field(-1, ge=-1, description="-1: unlimited")
     bars_max_bytes: int = Field(-1, ge=-1, description="-1: unlimited (events, DLQ too)")
-    duplicate_window_s: float = Field(300, gt=0)
+    # The server keeps every message id of the window in memory: at 1,000 symbols x 10 batches/s
+    # a 300 s window on the two tick streams held ~1.7 GB. Ticks are republished only seconds
+    # after the original (a publish retry, a standby taking a job over, a router restart; the
+    # router and aggregator also drop repeated batch ids and seqs themselves), bars and events
+    # also after an aggregator or store is restarted much later: hence two windows.
+    tick_duplicate_window_s: float = Field(
+        60, gt=0, description="MD_RAW and MD_QUOTES: how long a message id is remembered"
+    )
+    duplicate_window_s: float = Field(
+        300, gt=0, description="every other stream: how long a message id is remembered"
+    )
     quote_partitions: int = Field(
         1, ge=1, le=64, description="MD_QUOTES stores md.quotes.<p>.<sym> when above 1"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,15 @@ def test_export_of_a_store_that_does_not_exist_is_an_error(tmp_path: Path) -> No
     assert result.stdout == ""
     assert "no store at" in result.stderr
     assert not (tmp_path / "none.db").exists()  # looking did not create it
+
+
+def test_bench_runs_the_named_benchmarks_with_their_baselines(tmp_path: Path) -> None:
+    result = mdp("bench", "--quick", "--only", "engine", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "=== engine: bar engine vs naive" in out
+    assert "naive and engine agree bar for bar: True" in out
+    assert re.search(r"^naive .* engine \d+\.\d+x faster$", out, flags=re.M), out
+    assert re.search(r"^engine\s+\d+\.\d s\s+ok$", out, flags=re.M), out  # the summary
+    unknown = mdp("bench", "--only", "kernel", cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown benchmark kernel" in unknown.stderr

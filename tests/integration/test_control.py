@@ -447,7 +447,7 @@ def test_config_check_command(tmp_path: Path) -> None:
 
     good = check("--config-dir", str(REPO / "mdp" / "configs"))
     assert good.returncode == 0, good.stderr
-    assert f"ingestion_policy.yaml: ok ({REPO / 'configs' / POLICY})" in good.stdout
+    assert f"ingestion_policy.yaml: ok ({REPO / 'mdp' / 'configs' / POLICY})" in good.stdout
     (tmp_path / POLICY).write_text("guards:\n  max_concurrent_jobs: -1\n")
     bad = check("--config-dir", str(tmp_path))
     assert bad.returncode == 1

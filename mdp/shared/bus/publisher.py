@@ -44,11 +44,17 @@ def message_size(data: bytes, headers: dict[str, str] | None) -> int:
     return len(data) + 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
 
 
+RETRY_CHECK_S = 0.25
+"""How often unacknowledged messages are looked at when nobody publishes or flushes."""
+
+
 class JsPublisher:
     """JetStream publishes without awaiting each ack: a bounded window, `flush()` awaits all.
 
     A publish that fails (error ack, no responders during an election, or no ack within
     `ack_timeout`) is sent again with the same headers, so `Nats-Msg-Id` makes it idempotent.
+    Retries do not wait for the next publish or flush: a process's last message (a job's
+    `stopped` event) rejected during a leader election is sent again all the same.
     """
 
     def __init__(
@@ -70,11 +76,26 @@ class JsPublisher:
         self._changed = asyncio.Event()
         self._prefix = ""
         self._sub: Subscription | None = None
+        self._retrier: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Subscribe to the ack inbox."""
+        """Subscribe to the ack inbox; start retrying what is not acknowledged."""
         self._prefix = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_ack)
+        self._retrier = asyncio.create_task(self._retry_loop(), name="publisher-retries")
+
+    async def _retry_loop(self) -> None:
+        """Resend, in order, what was rejected or went unacknowledged, even when idle."""
+        while True:
+            await asyncio.sleep(RETRY_CHECK_S)
+            if not self._pending or self._order.locked():
+                continue  # nothing to do, or a publish is under way (it resends first)
+            try:
+                async with self._order:  # no new message overtakes the resent ones
+                    await self._resend_due()
+            except Exception as exc:  # a lost connection: the next round tries again
+                if self._log is not None:
+                    self._log.debug("publish_retry_failed", error=repr(exc))
 
     @property
     def max_payload(self) -> int:
@@ -189,7 +210,11 @@ class JsPublisher:
         self._changed.set()
 
     async def close(self) -> None:
-        """Stop listening for acks."""
+        """Stop retrying and listening for acks."""
+        if self._retrier is not None:
+            self._retrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._retrier
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

@@ -33,6 +33,8 @@ class StreamLimits(Protocol):
     @property
     def bars_max_bytes(self) -> int: ...
     @property
+    def tick_duplicate_window_s(self) -> float: ...
+    @property
     def duplicate_window_s(self) -> float: ...
     @property
     def quote_partitions(self) -> int: ...
@@ -41,13 +43,17 @@ class StreamLimits(Protocol):
 def stream_configs(limits: StreamLimits) -> list[StreamConfig]:
     """Every stream of the contract."""
 
+    ticks = (names.STREAM_RAW, names.STREAM_QUOTES)
+
     def stream(name: str, subject: str, **extra: object) -> StreamConfig:
         return StreamConfig(
             name=name,
             subjects=[subject],
             storage=StorageType.FILE,
             num_replicas=limits.replicas,
-            duplicate_window=limits.duplicate_window_s,
+            duplicate_window=(
+                limits.tick_duplicate_window_s if name in ticks else limits.duplicate_window_s
+            ),
             **extra,  # type: ignore[arg-type]
         )
 
