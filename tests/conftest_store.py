@@ -2,7 +2,10 @@
 
 Load with `pytest_plugins = ["tests.conftest_store"]`. The server is taken from
 `MDP_TEST_POSTGRES_URL` (a URL to a maintenance database, default
-`postgresql://postgres@127.0.0.1:5432/postgres`).
+`postgresql://postgres@127.0.0.1:5432/postgres`), or, where a Docker engine exists, started with
+testcontainers from the image `MDP_TEST_POSTGRES_IMAGE` names (`pip install testcontainers`;
+e.g. `timescale/timescaledb:latest-pg16`, which also runs the Timescale-only statements). The
+machines CI runs on have no Docker engine: there the local server is the path that runs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,24 @@ import pytest
 PG_ADMIN_URL = os.environ.get(
     "MDP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+PG_IMAGE = os.environ.get("MDP_TEST_POSTGRES_IMAGE", "")
+
+
+def _start_container(image: str) -> str:
+    """Start a PostgreSQL container for the session (stopped at exit); its admin URL."""
+    import atexit
+
+    from testcontainers.postgres import PostgresContainer  # type: ignore[import-not-found]
+
+    container = PostgresContainer(image, username="postgres", password="postgres")
+    container.start()
+    atexit.register(container.stop)
+    host, port = container.get_container_host_ip(), container.get_exposed_port(5432)
+    return f"postgresql://postgres:postgres@{host}:{port}/postgres"
+
+
+if PG_IMAGE:
+    PG_ADMIN_URL = _start_container(PG_IMAGE)
 
 # Probed once per session: a missing server costs one connect timeout, not one per test.
 _pg_probe: dict[str, str | None] = {}

@@ -568,3 +568,22 @@ def test_huge_sizes_keep_the_volume_of_the_decimal_sum() -> None:
     engine.on_ticks("BIG", "replay", ticks, now_ns=0, clock_rate=0)
     (bar,) = engine.end_of_stream("BIG").bars
     assert bar.volume == float(sum(Decimal(s) for s in sizes))
+
+
+def test_a_snapshot_after_a_revision_carries_the_revised_bar() -> None:
+    # Closed bars are encoded once and reused by later snapshots: a late tick must renew that.
+    eng = engine(("1s",), grace=0, window=60 * S)
+    feed(eng, [tk(T0, 10.0), tk(T0 + 2 * S, 11.0)], now=T0 + 2 * S)
+    first = eng.snapshot()
+    assert eng.snapshot() == first  # nothing changed: the cached encodings, the same bytes
+    revised = eng.on_ticks("AAPL", "p", [tk(T0 + 500 * MS, 15.0, 2.0)], T0 + 2 * S).bars
+    assert [(b.start, b.rev, b.high, b.volume) for b in revised] == [(T0, 1, 15.0, 3.0)]
+    second = eng.snapshot()
+    assert second != first
+    restored = BarEngine.restore(second)
+    assert restored.snapshot() == second
+    # One more late tick on each: both revise from the same state (rev 1, high 15, volume 3).
+    again = [tk(T0 + 600 * MS, 12.0)]
+    for e in (eng, restored):
+        bars = e.on_ticks("AAPL", "p", again, T0 + 2 * S).bars
+        assert [(b.start, b.rev, b.high, b.volume) for b in bars] == [(T0, 2, 15.0, 4.0)]

@@ -67,7 +67,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 
@@ -154,6 +154,7 @@ class _Acc:
         "close",
         "close_ts",
         "count",
+        "encoded",
         "end",
         "high",
         "low",
@@ -178,9 +179,13 @@ class _Acc:
         self.count = 1
         self.rev = -1  # -1: never emitted
         self.provider = provider
+        # A closed bar's snapshot form, kept until a late tick revises it: a checkpoint then
+        # re-encodes only what changed, not the whole revise window of every symbol.
+        self.encoded: msgspec.Raw | None = None
 
     def add(self, ts: int, price: float, units: int, pv: float) -> None:
         """Fold one tick in (the slow path; `BarEngine._fold` inlines the same logic)."""
+        self.encoded = None
         if price > self.high:
             self.high = price
         elif price < self.low:
@@ -285,6 +290,15 @@ class _SeriesState(msgspec.Struct, array_like=True):
     closed: list[_AccState]  # in closing order
 
 
+class _SeriesOut(msgspec.Struct, array_like=True):
+    """`_SeriesState` as written: the closed bars as their cached encodings (same bytes)."""
+
+    interval: str
+    closed_end: int
+    open: list[_AccState]
+    closed: list[msgspec.Raw]
+
+
 class _SymbolState(msgspec.Struct, array_like=True):
     symbol: str
     wm: int
@@ -325,6 +339,17 @@ def _acc_state(acc: _Acc) -> _AccState:
         acc.units if acc.units < 2**63 else str(acc.units), acc.pv, acc.count, acc.rev,
         acc.provider,
     )  # fmt: skip
+
+
+_encode = msgspec.msgpack.Encoder().encode
+
+
+def _closed_state(acc: _Acc) -> msgspec.Raw:
+    """A closed bar's snapshot form, encoded once per change."""
+    encoded = acc.encoded
+    if encoded is None:
+        encoded = acc.encoded = msgspec.Raw(_encode(_acc_state(acc)))
+    return encoded
 
 
 def _acc_from_state(state: _AccState, width: int) -> _Acc:
@@ -610,6 +635,7 @@ class BarEngine:
             state.anchor_now = now_ns
         for series, acc in dirty.values():
             acc.rev += 1  # -1 (created for an interval empty at close) becomes 0
+            acc.encoded = None
             bars.append(self._bar(state.symbol, series.interval, acc))
         self._close_due(state, self._line(state, state.wm), bars)
 
@@ -791,6 +817,7 @@ class BarEngine:
 
     def _emit_closed(self, state: _Symbol, series: _Series, acc: _Acc, bars: list[Bar]) -> None:
         acc.rev = 0
+        acc.encoded = None
         series.closed[acc.start] = acc
         series.order.append(acc.start)
         bars.append(self._bar(state.symbol, series.interval, acc))
@@ -838,15 +865,19 @@ class BarEngine:
                 anchor_now=state.anchor_now,
                 rate=state.rate,
                 max_ts=state.max_ts,
-                series=[
-                    _SeriesState(
-                        interval=series.interval,
-                        closed_end=series.closed_end,
-                        open=[_acc_state(series.open[s]) for s in sorted(series.open)],
-                        closed=[_acc_state(series.closed[s]) for s in series.order],
-                    )
-                    for series in state.series
-                ],
+                # _SeriesOut encodes to the very bytes of _SeriesState, which restore decodes.
+                series=cast(
+                    list[_SeriesState],
+                    [
+                        _SeriesOut(
+                            interval=series.interval,
+                            closed_end=series.closed_end,
+                            open=[_acc_state(series.open[s]) for s in sorted(series.open)],
+                            closed=[_closed_state(series.closed[s]) for s in series.order],
+                        )
+                        for series in state.series
+                    ],
+                ),
                 held=[_SuspectState(h.row[4], h.provider, h.behind) for h in state.held],
             )
             for state in self._symbols.values()

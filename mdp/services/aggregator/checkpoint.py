@@ -14,6 +14,7 @@ generation's parts are deleted after the swap.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
@@ -40,6 +41,7 @@ __all__ = [
     "PartedHead",
     "decode_checkpoint",
     "encode_checkpoint",
+    "encode_checkpoint_async",
 ]
 
 CHECKPOINT_AGE = Gauge(
@@ -68,6 +70,19 @@ class Checkpoint(msgspec.Struct):
 def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
     """msgpack, compressed: the retained bars of many symbols compress several times over."""
     return zlib.compress(msgspec.msgpack.encode(checkpoint), 1)
+
+
+COMPRESS_IN_THREAD_BYTES = 256 * 1024
+
+
+async def encode_checkpoint_async(checkpoint: Checkpoint) -> bytes:
+    """`encode_checkpoint`, compressing a large one in a thread (zlib releases the GIL there),
+    so that the event loop goes on closing bars meanwhile: ~25 ms at 375 symbols' full window.
+    The msgpack part stays on the loop: it must see the state as it is now."""
+    raw = msgspec.msgpack.encode(checkpoint)
+    if len(raw) < COMPRESS_IN_THREAD_BYTES:
+        return zlib.compress(raw, 1)
+    return await asyncio.to_thread(zlib.compress, raw, 1)
 
 
 def decode_checkpoint(data: bytes) -> Checkpoint:
@@ -149,7 +164,7 @@ class CheckpointStore:
     async def save(self, checkpoint: Checkpoint) -> None:
         """Write with compare-and-swap (in parts when it does not fit one message); stop the
         service and raise Fenced if another instance wrote meanwhile."""
-        data = encode_checkpoint(checkpoint)
+        data = await encode_checkpoint_async(checkpoint)
         # As the server announced it (on reconnect too).
         part_size = max(1024, self._ctx.nc.max_payload - PART_HEADROOM)
         head: PartedHead | None = None
