@@ -97,7 +97,7 @@ class StreamSettings(BaseModel):
     quotes_max_bytes: int = Field(-1, ge=-1, description="-1: unlimited")
     bars_max_bytes: int = Field(-1, ge=-1, description="-1: unlimited (events, DLQ too)")
     # The server keeps every message id of the window in memory: at 1,000 symbols x 10 batches/s
-    # a 300 s window on the two tick streams held ~1.7 GB. Ticks are republished only seconds
+    # a tick stream remembers 600,000 ids a minute. Ticks are republished only seconds
     # after the original (a publish retry, a standby taking a job over, a router restart; the
     # router and aggregator also drop repeated batch ids and seqs themselves), bars and events
     # also after an aggregator or store is restarted much later: hence two windows.
