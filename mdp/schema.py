@@ -30,13 +30,7 @@ MESSAGES: dict[str, type[Any]] = {
     "BadRow": messages.BadRow,
 }
 EVENTS: dict[str, type[Any]] = {name: typ for typ, name in events.EVENT_NAMES.items()}
-REQUESTS: dict[str, tuple[type[Any], type[Any]]] = {
-    "start": (control.StartRequest, control.StartReply),
-    "stop": (control.StopRequest, control.StopReply),
-    "status": (control.StatusRequest, control.StatusReply),
-    "reload": (control.ReloadRequest, control.ReloadReply),
-    "reset": (control.ResetRequest, control.ResetReply),
-}
+REQUESTS = control.ENDPOINTS
 RECORDS: dict[str, type[Any]] = {
     "JobSpec": control.JobSpec,
     "ProviderState": records.ProviderState,

@@ -132,8 +132,17 @@ class Context:
         self.consumers.append(consumer)
         return consumer
 
-    async def add_endpoint(self, name: str, subject: str, handler: RequestHandler) -> None:
-        """Answer requests on `subject` (a micro endpoint); a `ServiceError` becomes its reply."""
+    async def add_endpoint(
+        self,
+        name: str,
+        subject: str,
+        handler: RequestHandler,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        """Answer requests on `subject` (a micro endpoint); a `ServiceError` becomes its reply.
+
+        `metadata` (e.g. the request and reply JSON Schemas) is shown in `$SRV.INFO`.
+        """
 
         async def endpoint(request: Request) -> None:
             try:
@@ -147,7 +156,9 @@ class Context:
                 return
             await request.respond(reply)
 
-        await self.micro.add_endpoint(name=name, subject=subject, handler=endpoint)
+        await self.micro.add_endpoint(
+            name=name, subject=subject, handler=endpoint, metadata=metadata
+        )
 
 
 class Service(Protocol):

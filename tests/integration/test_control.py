@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -510,3 +511,20 @@ async def _job_view(system: System, job: str) -> dict[str, Any]:
 async def _job_gone(system: System, job: str) -> bool:
     status = await system.ok("status")
     return job not in [v["job"] for v in status["jobs"]]
+
+
+async def test_the_control_endpoints_carry_their_schemas_in_micro_metadata(
+    control_system: System,
+) -> None:
+    info = json.loads((await control_system.nc.request("$SRV.INFO.mdp-control", b"", 5)).data)
+    endpoints = {e["name"]: e for e in info["endpoints"]}
+    assert {"start", "stop", "status", "reload", "reset"} <= set(endpoints)
+    start = endpoints["start"]
+    assert start["subject"] == "ingest.control.start"
+    request = json.loads(start["metadata"]["request_schema"])
+    definition = request["$defs"]["StartRequest"]
+    assert {"provider", "symbols"} <= set(definition["properties"])
+    reply = json.loads(endpoints["status"]["metadata"]["response_schema"])
+    assert "StatusReply" in reply["$defs"]
+    error = json.loads(start["metadata"]["error_schema"])
+    assert "ErrorReply" in error["$defs"]

@@ -60,6 +60,7 @@ from mdp.shared.contract.control import (
     StartReply,
     StatusReply,
     StopReply,
+    endpoint_metadata,
 )
 from mdp.shared.contract.events import (
     Event,
@@ -188,7 +189,12 @@ class ControlService:
         }
         self.handlers = handlers
         for verb in VERBS:
-            await ctx.add_endpoint(verb, names.control(verb), functools.partial(self.answer, verb))
+            await ctx.add_endpoint(
+                verb,
+                names.control(verb),
+                functools.partial(self.answer, verb),
+                metadata=endpoint_metadata(verb),
+            )
         self.http = ControlHttp(self.dispatch, self.http_settings)
         url = await self.http.start()
         await self.state_kv.put(names.HTTP_CONTROL_KEY, msgspec.json.encode(ServiceUrl(url)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
 from mdp.shared.contract.records import CircuitState, FeedStatus, ProviderHost, StopRecord
@@ -184,3 +185,24 @@ class ResetReply(Struct, kw_only=True):
 
 
 Reply = StartReply | StopReply | StatusReply | ReloadReply | ResetReply
+
+
+ENDPOINTS: dict[str, tuple[type[Any], type[Any]]] = {
+    "start": (StartRequest, StartReply),
+    "stop": (StopRequest, StopReply),
+    "status": (StatusRequest, StatusReply),
+    "reload": (ReloadRequest, ReloadReply),
+    "reset": (ResetRequest, ResetReply),
+}
+"""Each `ingest.control.<verb>`: the request it decodes and the reply it answers (or ErrorReply)."""
+
+
+def endpoint_metadata(verb: str) -> dict[str, str]:
+    """The JSON Schemas of a control endpoint, as its micro metadata (`$SRV.INFO`)."""
+    request, reply = ENDPOINTS[verb]
+    schema = msgspec.json.schema
+    return {
+        "request_schema": msgspec.json.encode(schema(request)).decode(),
+        "response_schema": msgspec.json.encode(schema(reply)).decode(),
+        "error_schema": msgspec.json.encode(schema(ErrorReply)).decode(),
+    }
