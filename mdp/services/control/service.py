@@ -48,6 +48,7 @@ from mdp.shared.circuit import Circuits, view
 from mdp.shared.config import Config, ConfigError, EffectivePolicy
 from mdp.shared.contract import names
 from mdp.shared.contract.control import (
+    ENDPOINTS,
     JobSpec,
     JobStatus,
     JobView,
@@ -112,7 +113,6 @@ NO_HOST = "no_adapter_host"
 HOST_CHECK_PERIOD_S = 1.0
 # The gauge is recomputed this often: an open breaker turns half_open by the clock alone.
 CIRCUIT_GAUGE_PERIOD_S = 1.0
-VERBS = ("start", "stop", "status", "reload", "reset")
 
 Handler = Callable[[bytes], Awaitable[Reply]]
 
@@ -188,7 +188,7 @@ class ControlService:
             "reset": self.reset,
         }
         self.handlers = handlers
-        for verb in VERBS:
+        for verb in ENDPOINTS:  # the contract's table: one endpoint per verb
             await ctx.add_endpoint(
                 verb,
                 names.control(verb),
