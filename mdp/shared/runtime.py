@@ -313,7 +313,8 @@ async def _run(service: Service, ctx: Context, startup: _Startup) -> int:
     # acknowledged is sent again after the restart (the ids make it harmless).
     budget = STOP_BUDGET_S if ctx.nc.is_connected else STOP_BUDGET_OFFLINE_S
     try:
-        await asyncio.wait_for(wind_down(), timeout=budget)
+        async with asyncio.timeout(budget):  # not wait_for: it can swallow a cancel on 3.11
+            await wind_down()
     except Exception as exc:
         log.error("stop_failed", error=repr(exc), budget_s=budget)
         code = 1

@@ -284,8 +284,9 @@ class ProviderService:
         """Stop every job and publish what is buffered."""
         for name in list(self.claims):
             self._drop_claim(name)
-        for job in list(self.jobs.values()):
-            await self._stop_job(job, state="interrupted")
+        async with self.jobs_lock:  # not beside the watcher stopping the same job
+            for job in list(self.jobs.values()):
+                await self._stop_job(job, state="interrupted")
         with contextlib.suppress(Exception):  # a dead record expires anyway
             await self.state_kv.delete(names.host_key(self.instance))
 
@@ -674,8 +675,8 @@ class ProviderService:
 
     async def _stop_job(self, job: RunningJob, state: JobState) -> None:
         job.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(job.task), STOP_FLUSH_S)
+        # asyncio.wait neither raises the task's CancelledError nor swallows our own.
+        await asyncio.wait({job.task}, timeout=STOP_FLUSH_S)
         if not job.task.done():
             self.ctx.log.error("job_task_ignores_cancel", job=job.spec.job, run=job.spec.run)
         if job.keeper is not None:
@@ -683,7 +684,8 @@ class ProviderService:
         for sym, batch in job.sink.batcher.flush():
             await job.sink.publish(sym, batch)  # waits only while NATS is away: nothing is dropped
         try:
-            await asyncio.wait_for(self.ctx.publisher.flush(), STOP_FLUSH_S)
+            async with asyncio.timeout(STOP_FLUSH_S):
+                await self.ctx.publisher.flush()
         except TimeoutError:
             self.ctx.log.warning(
                 "job_stop_flush_slow",

@@ -168,8 +168,11 @@ class JsPublisher:
 
     async def _wait_progress(self) -> None:
         self._changed.clear()
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+        # arrives as its inner wait ends, and a flush cancelled by a stop budget must stop.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout=0.5)
+            async with asyncio.timeout(0.5):
+                await self._changed.wait()
         await self._resend_due()
 
     async def _resend_due(self) -> None:
