@@ -65,6 +65,7 @@ class Run:
     rss_mb: dict[str, tuple[float, float]] = field(default_factory=dict)  # start, end
     exported_ms: dict[str, float] = field(default_factory=dict)  # the histograms' means
     rss_peak_mb: dict[str, float] = field(default_factory=dict)  # sampled every 10 s
+    worst_by_second: dict[int, float] = field(default_factory=dict)  # bar start -> max latency
 
     def percentile(self, q: float, of: list[float] | None = None) -> float:
         """The q-th percentile of a latency list in ms (the bars' by default; nan if empty)."""
@@ -156,6 +157,8 @@ async def run_once(
             if start in wanted:
                 result.delivered += 1
                 result.latencies_ms.append(latency)
+                worst = result.worst_by_second
+                worst[start] = max(worst.get(start, 0.0), latency)
         result.cpu = {name: (cpu1[name] - cpu0[name]) / elapsed for name in pids}
         result.rss_mb = {name: (rss0[name] / MB, rss1[name] / MB) for name in pids}
     finally:
@@ -187,6 +190,11 @@ def report(run: Run, grace_ms: int) -> str:
         f"{run.percentile(50, run.quote_ms):.0f} ms, p99 {run.percentile(99, run.quote_ms):.0f} ms",
         "  as the services measure it (mean): "
         + "  ".join(f"{k} {v:.0f} ms" for k, v in run.exported_ms.items()),
+        "  slowest seconds (bar start, second of the minute: max latency): "
+        + "  ".join(
+            f":{start // SECOND % 60:02d} {ms:.0f} ms"
+            for start, ms in sorted(run.worst_by_second.items(), key=lambda kv: -kv[1])[:6]
+        ),
         "  CPU (cores): " + "  ".join(f"{k} {v:.2f}" for k, v in run.cpu.items()),
         "  RSS MB start->end (peak): "
         + "  ".join(
@@ -220,6 +228,7 @@ def main() -> int:
         print(f"run {i + 1}/{args.repeat}: " + report(run, args.grace_ms), flush=True)
         if args.json:
             print(json.dumps({**run.__dict__, "latencies_ms": None, "quote_ms": None,
+                              "worst_by_second": None,
                               "p50": run.percentile(50),
                               "p99": run.percentile(99)}))  # fmt: skip
         p99s.append(run.percentile(99))

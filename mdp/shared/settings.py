@@ -27,7 +27,22 @@ class ProviderSettings(BaseModel):
     host_ttl_s: float = Field(6.0, gt=0, description="a host record older than this is dead")
 
     batch_max_ticks: int = Field(1000, ge=1, le=100_000)
-    batch_max_delay_ms: int = Field(100, ge=1, le=10_000)
+    batch_max_delay_ms: int = Field(
+        100, ge=1, le=10_000, description="a partial batch waits at most this long (unstretched)"
+    )
+    batch_messages_per_s: float = Field(
+        2000,
+        ge=0,
+        description="per job: the partial batches' delay stretches so that N symbols waiting "
+        "send about this many batches per second (N / this s of delay); 0: off",
+    )
+    batch_stretch_max_ms: int = Field(
+        250,
+        ge=1,
+        le=10_000,
+        description="the stretched delay's ceiling; keep it well below the bars' grace_ms, or "
+        "ticks arrive after their bar closed",
+    )
     max_in_flight: int = Field(256, ge=1, description="unacknowledged publishes per provider")
     # A live feed that stays connected but delivers nothing (a stalled subscription) is as
     # broken as one that raises: after this much silence its breaker counts a `data_stopped`.

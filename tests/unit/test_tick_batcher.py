@@ -122,10 +122,36 @@ def test_from_settings_and_argument_checks() -> None:
         ProviderSettings(batch_max_ticks=7, batch_max_delay_ms=20, max_in_flight=1)
     )
     assert (batcher.max_ticks, batcher.max_delay_ns) == (7, 20 * MS)
+    assert batcher.delay_ns == 20 * MS  # nothing waits: nothing to stretch
     with pytest.raises(ValueError, match="max_ticks"):
         TickBatcher(0, MS)
     with pytest.raises(ValueError, match="max_delay_ns"):
         TickBatcher(1, -1)
+    with pytest.raises(ValueError, match="messages_per_s"):
+        TickBatcher(1, MS, messages_per_s=-1)
+
+
+def test_a_message_budget_stretches_the_delay_with_the_symbols_waiting() -> None:
+    # 100 batches/s for the job: 5 symbols waiting wait 50 ms, 20 wait 200 ms, 40 the cap.
+    batcher = TickBatcher(10, 20 * MS, messages_per_s=100, stretch_max_ns=300 * MS)
+    batcher.add("S0", ticks(1, 1), now_ns=0)
+    assert batcher.delay_ns == 20 * MS  # one symbol: the floor
+    for i in range(1, 5):
+        batcher.add(f"S{i}", ticks(1, 1), now_ns=0)
+    assert batcher.delay_ns == 50 * MS
+    assert batcher.next_deadline_ns == 50 * MS
+    assert batcher.due(49 * MS) == []
+    assert len(batcher.due(50 * MS)) == 5
+    for i in range(40):
+        batcher.add(f"S{i}", ticks(2, 1), now_ns=60 * MS)
+    assert batcher.delay_ns == 300 * MS  # 400 ms stretched, capped
+    assert batcher.due(359 * MS) == [] and len(batcher.due(360 * MS)) == 40
+
+
+def test_the_stretch_never_goes_below_the_floor() -> None:
+    batcher = TickBatcher(10, 100 * MS, messages_per_s=1e9, stretch_max_ns=MS)
+    batcher.add("A", ticks(1, 1), now_ns=0)
+    assert batcher.delay_ns == 100 * MS
 
 
 # Operations: add `count` ticks of a symbol, or ask for due buffers, or pop a symbol; each after
@@ -146,16 +172,27 @@ _ops = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops=_ops, max_ticks=st.integers(1, 12), delay_ms=st.integers(0, 40))
+@given(
+    ops=_ops,
+    max_ticks=st.integers(1, 12),
+    delay_ms=st.integers(0, 40),
+    budget=st.sampled_from([0, 40, 150]),
+)
 def test_no_tick_is_lost_duplicated_or_reordered(
-    ops: list[tuple[str, str, int, int]], max_ticks: int, delay_ms: int
+    ops: list[tuple[str, str, int, int]], max_ticks: int, delay_ms: int, budget: int
 ) -> None:
-    delay = delay_ms * MS
-    batcher = TickBatcher(max_ticks, delay)
+    floor, cap = delay_ms * MS, 60 * MS
+    batcher = TickBatcher(max_ticks, floor, messages_per_s=budget, stretch_max_ns=cap)
     sent: dict[str, list[int]] = {sym: [] for sym in "ABC"}
     received: dict[str, list[int]] = {sym: [] for sym in "ABC"}
     # A model of what must be buffered: per symbol the ticks and when the oldest arrived.
     model: dict[str, tuple[list[int], int]] = {}
+
+    def delay_now() -> int:  # the floor, or the symbols waiting over the budget, up to the cap
+        if not budget:
+            return floor
+        return min(max(cap, floor), max(floor, int(len(model) * 1e9 / budget)))
+
     now = 0
     for op, sym, count, advance in ops:
         now += advance
@@ -177,6 +214,7 @@ def test_no_tick_is_lost_duplicated_or_reordered(
             else:
                 model.pop(sym, None)
         elif op == "due":
+            delay = delay_now()
             for s, batch in batcher.due(now):
                 expected, since = model.pop(s)
                 assert now - since >= delay
@@ -189,7 +227,7 @@ def test_no_tick_is_lost_duplicated_or_reordered(
             assert seqs(batch) == model.pop(sym, ([], 0))[0]
             received[sym].extend(seqs(batch))
         assert batcher.pending == sum(len(buffered) for buffered, _ in model.values())
-        deadline = min((since + delay for _, since in model.values()), default=None)
+        deadline = min((since + delay_now() for _, since in model.values()), default=None)
         assert batcher.next_deadline_ns == deadline
     for sym, batch in batcher.flush():
         assert 0 < len(batch) < max_ticks

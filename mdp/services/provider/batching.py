@@ -15,22 +15,47 @@ Batch = tuple[str, list[Tick]]
 
 
 class TickBatcher:
-    """Collects ticks per symbol into batches of at most `max_ticks`, none older than `max_delay`.
+    """Collects ticks per symbol into batches of at most `max_ticks`, none older than the delay.
 
     `add` hands back every batch that reached `max_ticks` (exactly that many ticks each); the
-    remainder waits until it fills up or its oldest tick has waited `max_delay_ns`, which `due`
+    remainder waits until it fills up or its oldest tick has waited `delay_ns`, which `due`
     reports. Ticks of one symbol leave in the order they came in, each exactly once.
+
+    The delay is `max_delay_ns`, stretched under a message budget: with `messages_per_s` set,
+    N symbols waiting wait N / `messages_per_s` seconds (never less than `max_delay_ns`, never
+    more than `stretch_max_ns`), so a feed of many symbols sends about `messages_per_s`
+    batches per second instead of one per symbol per `max_delay_ns`. Every message costs each
+    hop of the pipeline far more than a tick inside it does.
     """
 
-    __slots__ = ("_buffers", "_max_delay_ns", "_max_ticks", "_pending", "_since")
+    __slots__ = (
+        "_buffers",
+        "_max_delay_ns",
+        "_max_ticks",
+        "_messages_per_s",
+        "_pending",
+        "_since",
+        "_stretch_max_ns",
+    )
 
-    def __init__(self, max_ticks: int, max_delay_ns: int) -> None:
+    def __init__(
+        self,
+        max_ticks: int,
+        max_delay_ns: int,
+        *,
+        messages_per_s: float = 0.0,
+        stretch_max_ns: int = 0,
+    ) -> None:
         if max_ticks < 1:
             raise ValueError(f"max_ticks must be >= 1, got {max_ticks}")
         if max_delay_ns < 0:
             raise ValueError(f"max_delay_ns must be >= 0, got {max_delay_ns}")
+        if messages_per_s < 0 or stretch_max_ns < 0:
+            raise ValueError("messages_per_s and stretch_max_ns must be >= 0")
         self._max_ticks = max_ticks
         self._max_delay_ns = max_delay_ns
+        self._messages_per_s = messages_per_s
+        self._stretch_max_ns = max(stretch_max_ns, max_delay_ns)
         self._buffers: dict[str, list[Tick]] = {}
         # Symbol -> when its buffered ticks started waiting. Buffers only ever start waiting at
         # "now", and a symbol is (re)inserted at the end whenever that happens, so with a
@@ -40,8 +65,14 @@ class TickBatcher:
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> TickBatcher:
-        """A batcher with the provider's configured `batch_max_ticks` and `batch_max_delay_ms`."""
-        return cls(settings.batch_max_ticks, settings.batch_max_delay_ms * 1_000_000)
+        """A batcher with the provider's `batch_max_ticks`, `batch_max_delay_ms`,
+        `batch_messages_per_s` and `batch_stretch_max_ms`."""
+        return cls(
+            settings.batch_max_ticks,
+            settings.batch_max_delay_ms * 1_000_000,
+            messages_per_s=settings.batch_messages_per_s,
+            stretch_max_ns=settings.batch_stretch_max_ms * 1_000_000,
+        )
 
     @property
     def max_ticks(self) -> int:
@@ -50,8 +81,16 @@ class TickBatcher:
 
     @property
     def max_delay_ns(self) -> int:
-        """How long the oldest buffered tick of a symbol may wait."""
+        """How long the oldest buffered tick of a symbol waits without a message budget."""
         return self._max_delay_ns
+
+    @property
+    def delay_ns(self) -> int:
+        """How long the oldest buffered tick of a symbol waits now (stretched by the budget)."""
+        if not self._messages_per_s:
+            return self._max_delay_ns
+        stretched = int(len(self._since) * 1e9 / self._messages_per_s)
+        return min(self._stretch_max_ns, max(self._max_delay_ns, stretched))
 
     @property
     def pending(self) -> int:
@@ -65,7 +104,7 @@ class TickBatcher:
     def next_deadline_ns(self) -> int | None:
         """When the oldest buffer becomes due (`now_ns` scale), or None when nothing is buffered."""
         since = next(iter(self._since.values()), None)
-        return None if since is None else since + self._max_delay_ns
+        return None if since is None else since + self.delay_ns
 
     def add(self, symbol: str, ticks: Sequence[Tick], now_ns: int) -> list[Batch]:
         """Buffer `ticks` of `symbol` and return the batches that are now full."""
@@ -108,9 +147,9 @@ class TickBatcher:
         return out
 
     def due(self, now_ns: int) -> list[Batch]:
-        """Remove and return the buffers whose oldest tick has waited at least `max_delay`."""
+        """Remove and return the buffers whose oldest tick has waited at least `delay_ns`."""
         out: list[Batch] = []
-        limit = now_ns - self._max_delay_ns
+        limit = now_ns - self.delay_ns
         since = self._since
         while since:
             symbol = next(iter(since))

@@ -456,10 +456,7 @@ class ProviderService:
             await self._record(spec, "failed", error=str(exc))
             await self._failed(spec, str(exc))
             return False
-        batcher = TickBatcher(
-            self.settings.provider.batch_max_ticks,
-            self.settings.provider.batch_max_delay_ms * 1_000_000,
-        )
+        batcher = TickBatcher.from_settings(self.settings.provider)
         sink = JobSink(
             self.ctx,
             spec,
