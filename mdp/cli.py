@@ -27,6 +27,7 @@ from mdp.shared.contract.events import Failed, Stopped, decode_event
 from mdp.shared.contract.messages import EndOfStream
 from mdp.shared.contract.names import dlq
 from mdp.shared.logging import configure_logging
+from mdp.shared.tasks import cancel_until_done, cancellable
 from mdp.supervisor import DataDirBusy, Supervisor, running_system
 
 DEFAULT_SYMBOLS = "AAPL,MSFT,BRK.B,BTC/USD"
@@ -249,7 +250,7 @@ async def _connect(url: str) -> NATS:
         errors.append(exc)  # said once in the CliError, not as a traceback per attempt
 
     try:
-        return await asyncio.wait_for(
+        return await cancellable(  # not wait_for: nats-py can swallow a SIGTERM mid-connect
             nats.connect(
                 url.split(","), max_reconnect_attempts=-1, connect_timeout=2, error_cb=on_error
             ),
@@ -869,9 +870,7 @@ async def replay_file(nc: NATS, path: Path, speed: str, timeout: float = 0) -> d
         return result
     finally:
         if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(BaseException):  # bounded: its consumer goes on its own
-                await asyncio.wait_for(reader, 2)
+            await cancel_until_done(reader, 2)  # bounded: its consumer goes on its own
         if nc.is_connected:
             with contextlib.suppress(CliError):
                 await control_request(nc, "stop", {"job": job, "reason": "replay_done"}, 2)
@@ -906,7 +905,7 @@ async def _while_connected(
 async def _close(nc: NATS) -> None:
     """Close a connection in bounded time, whatever state it is in."""
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(nc.close(), 5)
+        await cancellable(nc.close(), 5)
 
 
 def _speed(value: str) -> str | float:

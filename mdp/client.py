@@ -51,6 +51,7 @@ from mdp.shared.contract.control import (
     StopRequest,
 )
 from mdp.shared.contract.messages import Bar, TickBatch, interval_ns
+from mdp.shared.tasks import cancellable
 
 __all__ = ["ControlRequestError", "PipelineRuntime", "read_bars", "read_bars_async"]
 
@@ -121,16 +122,18 @@ class PipelineRuntime:
             log.info("reconnected to NATS")
 
         self._closing = False
-        self._nc = await nats.connect(
-            servers=self.servers,
-            name=self.name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=self.connect_timeout,
-            allow_reconnect=True,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
+        self._nc = await cancellable(  # a cancel mid-connect is never lost
+            nats.connect(
+                servers=self.servers,
+                name=self.name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=self.connect_timeout,
+                allow_reconnect=True,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+            )
         )
         self._js = self._nc.jetstream()
 

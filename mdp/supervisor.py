@@ -24,6 +24,7 @@ from mdp.services.registry import SERVICES
 from mdp.shared.contract import names
 from mdp.shared.contract.records import ServiceUrl
 from mdp.shared.natsserver import EmbeddedNats, parent_death_signal
+from mdp.shared.tasks import cancellable
 
 # Stop order: sources first, so every later stage can drain what is in flight.
 STOP_ORDER = ["provider", "control", "router", "aggregator", "store"]
@@ -194,7 +195,7 @@ class Supervisor:
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until every service has started (it answers `mdp.ready.<name>`)."""
         assert self.nats_url
-        nc = await nats.connect(self.nats_url.split(","), max_reconnect_attempts=3)
+        nc = await cancellable(nats.connect(self.nats_url.split(","), max_reconnect_attempts=3))
         try:
             deadline = time.monotonic() + timeout
             waiting = set(self.services)

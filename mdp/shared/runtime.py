@@ -34,6 +34,7 @@ from mdp.shared.contract.control import ErrorBody, ErrorReply
 from mdp.shared.logging import configure_logging
 from mdp.shared.metrics import Health, serve_metrics
 from mdp.shared.settings import Settings
+from mdp.shared.tasks import cancel_until_done
 from mdp.shared.version import VERSION
 
 RequestHandler = Callable[[bytes], Awaitable[bytes]]
@@ -198,9 +199,7 @@ async def serve(service: Service, settings: Settings) -> int:
     if not starting.done():
         # Stopped while connecting, declaring or starting: nothing was served, nothing to flush.
         log.info("stopped_while_starting", step=startup.step)
-        starting.cancel()
-        with contextlib.suppress(BaseException):
-            await starting
+        await cancel_until_done(starting)  # nats-py's connect can swallow a single cancel
         await startup.close()
         return 1 if startup.lost else 0
     stopped.cancel()
@@ -322,8 +321,7 @@ async def _run(service: Service, ctx: Context, startup: _Startup) -> int:
     for task in ctx.tasks:
         task.cancel()
     for task in ctx.tasks:
-        with contextlib.suppress(BaseException):
-            await task
+        await cancel_until_done(task)
     startup.stopping = True
     with contextlib.suppress(Exception):
         await ctx.micro.stop()
