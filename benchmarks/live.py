@@ -66,6 +66,7 @@ class Run:
     exported_ms: dict[str, float] = field(default_factory=dict)  # the histograms' means
     rss_peak_mb: dict[str, float] = field(default_factory=dict)  # sampled every 10 s
     worst_by_second: dict[int, float] = field(default_factory=dict)  # bar start -> max latency
+    nats_rss_mb: list[float] = field(default_factory=list)  # nats-server's, every 10 s
 
     def percentile(self, q: float, of: list[float] | None = None) -> float:
         """The q-th percentile of a latency list in ms (the bars' by default; nan if empty)."""
@@ -77,7 +78,13 @@ class Run:
 
 
 async def run_once(
-    symbols: int, rate: float, seconds: float, warmup: float, grace_ms: int, keep: bool = False
+    symbols: int,
+    rate: float,
+    seconds: float,
+    warmup: float,
+    grace_ms: int,
+    keep: bool = False,
+    settings: dict[str, str] | None = None,
 ) -> Run:
     """One live run in a fresh directory (kept, with the services' logs, with `keep`)."""
     workdir = Path(tempfile.mkdtemp(prefix="mdp-live-"))
@@ -85,6 +92,7 @@ async def run_once(
         "MDP_LOG_LEVEL": "WARNING",
         "MDP_STREAM__RAW_MAX_AGE_S": "300",
         "MDP_STREAM__QUOTES_MAX_AGE_S": "300",
+        **(settings or {}),
     }
     sup = Supervisor(data_dir=workdir, store_url=f"sqlite:///{workdir / 'bars.db'}", env=env)
     result = Run(symbols, rate, seconds)
@@ -134,6 +142,8 @@ async def run_once(
             for name, pid in pids.items():
                 rss = (read_memory(pid) or (0, 0))[0] / MB
                 result.rss_peak_mb[name] = max(result.rss_peak_mb.get(name, 0.0), rss)
+                if name == "nats-server":
+                    result.nats_rss_mb.append(rss)
         measuring = False
         measure_to = time.time_ns()
         elapsed = time.monotonic() - t0
@@ -201,6 +211,7 @@ def report(run: Run, grace_ms: int) -> str:
             f"{k} {a:.0f}->{b:.0f} ({run.rss_peak_mb.get(k, b):.0f})"
             for k, (a, b) in run.rss_mb.items()
         ),
+        "  nats-server RSS MB every 10 s: " + " ".join(f"{mb:.0f}" for mb in run.nats_rss_mb),
     ]
     return "\n".join(lines)
 
@@ -215,20 +226,30 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="also print each run as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory and logs")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="MDP_X=VALUE",
+        help="a setting for every service (repeatable), e.g. MDP_STREAM__RAW_MAX_AGE_S=60",
+    )  # fmt: skip
     args = parser.parse_args()
     # The grace is the policy's (mdp/configs/ingestion_policy.yaml, bars.grace_ms), as the services
     # read it: the run reports against it.
     args.grace_ms = local_policy("aggregator").bars.grace_ms
+    settings = dict(item.split("=", 1) for item in args.set if "=" in item)
+    if len(settings) != len(args.set) or not all(k.startswith("MDP_") for k in settings):
+        parser.error("--set takes MDP_<SETTING>=VALUE")
     ok = True
     p99s = []
     for i in range(args.repeat):
         run = asyncio.run(
-            run_once(args.symbols, args.rate, args.seconds, args.warmup, args.grace_ms, args.keep)
-        )
+            run_once(
+                args.symbols, args.rate, args.seconds, args.warmup, args.grace_ms, args.keep,
+                settings,
+            )
+        )  # fmt: skip
         print(f"run {i + 1}/{args.repeat}: " + report(run, args.grace_ms), flush=True)
         if args.json:
             print(json.dumps({**run.__dict__, "latencies_ms": None, "quote_ms": None,
-                              "worst_by_second": None,
+                              "worst_by_second": None, "nats_rss_mb": run.nats_rss_mb,
                               "p50": run.percentile(50),
                               "p99": run.percentile(99)}))  # fmt: skip
         p99s.append(run.percentile(99))
