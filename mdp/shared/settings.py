@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mdp.shared.contract.messages import interval_ns
@@ -125,6 +125,23 @@ class StreamSettings(BaseModel):
     quote_partitions: int = Field(
         1, ge=1, le=64, description="MD_QUOTES stores md.quotes.<p>.<sym> when above 1"
     )
+
+    @model_validator(mode="after")
+    def _windows_fit_the_ages(self) -> StreamSettings:
+        # JetStream refuses a stream whose duplicate window is longer than its max age; said
+        # here, by name, rather than as a server error on every start-up retry.
+        for age, window in (
+            ("raw_max_age_s", "tick_duplicate_window_s"),
+            ("quotes_max_age_s", "tick_duplicate_window_s"),
+            ("bars_max_age_s", "duplicate_window_s"),
+        ):
+            if getattr(self, age) < getattr(self, window):
+                raise ValueError(
+                    f"{age} ({getattr(self, age):g} s) is shorter than {window} "
+                    f"({getattr(self, window):g} s): JetStream keeps a message id no longer "
+                    "than the message; shorten the window too"
+                )
+        return self
 
 
 class StoreSettings(BaseModel):

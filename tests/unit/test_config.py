@@ -434,3 +434,13 @@ def test_data_stopped_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MDP_PROVIDER__DATA_STOPPED_AFTER_S", "-1")
     with pytest.raises(ValidationError, match="data_stopped_after_s"):
         Settings()
+
+
+def test_a_stream_age_shorter_than_its_duplicate_window_names_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MDP_STREAM__RAW_MAX_AGE_S", "30")
+    with pytest.raises(ValidationError, match=r"raw_max_age_s \(30 s\) is shorter than tick_dup"):
+        Settings()
+    monkeypatch.setenv("MDP_STREAM__TICK_DUPLICATE_WINDOW_S", "20")
+    assert Settings().stream.raw_max_age_s == 30
