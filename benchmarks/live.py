@@ -66,7 +66,7 @@ class Run:
     exported_ms: dict[str, float] = field(default_factory=dict)  # the histograms' means
     rss_peak_mb: dict[str, float] = field(default_factory=dict)  # sampled every 10 s
     worst_by_second: dict[int, float] = field(default_factory=dict)  # bar start -> max latency
-    nats_rss_mb: list[float] = field(default_factory=list)  # nats-server's, every 10 s
+    rss_trace_mb: dict[str, list[float]] = field(default_factory=dict)  # every 10 s
 
     def percentile(self, q: float, of: list[float] | None = None) -> float:
         """The q-th percentile of a latency list in ms (the bars' by default; nan if empty)."""
@@ -142,8 +142,7 @@ async def run_once(
             for name, pid in pids.items():
                 rss = (read_memory(pid) or (0, 0))[0] / MB
                 result.rss_peak_mb[name] = max(result.rss_peak_mb.get(name, 0.0), rss)
-                if name == "nats-server":
-                    result.nats_rss_mb.append(rss)
+                result.rss_trace_mb.setdefault(name, []).append(rss)
         measuring = False
         measure_to = time.time_ns()
         elapsed = time.monotonic() - t0
@@ -211,7 +210,11 @@ def report(run: Run, grace_ms: int) -> str:
             f"{k} {a:.0f}->{b:.0f} ({run.rss_peak_mb.get(k, b):.0f})"
             for k, (a, b) in run.rss_mb.items()
         ),
-        "  nats-server RSS MB every 10 s: " + " ".join(f"{mb:.0f}" for mb in run.nats_rss_mb),
+        *(
+            f"  {name} RSS MB every 10 s: " + " ".join(f"{mb:.0f}" for mb in trace)
+            for name, trace in run.rss_trace_mb.items()
+            if name in ("router", "aggregator", "nats-server")
+        ),
     ]
     return "\n".join(lines)
 
@@ -249,7 +252,7 @@ def main() -> int:
         print(f"run {i + 1}/{args.repeat}: " + report(run, args.grace_ms), flush=True)
         if args.json:
             print(json.dumps({**run.__dict__, "latencies_ms": None, "quote_ms": None,
-                              "worst_by_second": None, "nats_rss_mb": run.nats_rss_mb,
+                              "worst_by_second": None, "rss_trace_mb": run.rss_trace_mb,
                               "p50": run.percentile(50),
                               "p99": run.percentile(99)}))  # fmt: skip
         p99s.append(run.percentile(99))

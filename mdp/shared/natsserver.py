@@ -18,6 +18,14 @@ from pathlib import Path
 
 MIN_VERSION = (2, 14)
 
+# The Go runtime's soft memory limit for an embedded server unless the environment sets
+# GOMEMLIMIT. Without one its heap grows to twice its live size between collections and is
+# slow to go back: 166 MB to 1.7 GB in 5 minutes at 1,000 symbols x 50 ticks/s. The live heap
+# there is ~250-400 MB (mostly each stream's newest block buffered for writing; the streams
+# themselves are on disk), and with this limit RSS stays at ~740 MB for 10 minutes at no
+# measurable CPU cost (0.31 cores either way).
+MEMORY_LIMIT = "768MiB"
+
 
 class NatsServerError(RuntimeError):
     """The embedded server could not be found or started."""
@@ -93,6 +101,7 @@ class EmbeddedNats:
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             args,
+            env={"GOMEMLIMIT": MEMORY_LIMIT, **os.environ},
             stdout=log,
             stderr=log,
             start_new_session=True,

@@ -349,7 +349,9 @@ async def _with_retries(
         except Exception as exc:
             if attempt == attempts:
                 raise
-            log.warning(f"{what}_retry", error=str(exc) or repr(exc), attempt=attempt, retry_in_s=delay)
+            log.warning(
+                f"{what}_retry", error=str(exc) or repr(exc), attempt=attempt, retry_in_s=delay
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 8.0)
 

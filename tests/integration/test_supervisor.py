@@ -47,3 +47,24 @@ async def test_a_dead_service_is_restarted_and_announced(
     finally:
         codes = sup.stop()
     assert codes == {"router": 0}
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_an_embedded_server_has_a_soft_memory_limit_unless_the_environment_sets_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GOMEMLIMIT", raising=False)
+    for given, expected in ((None, "768MiB"), ("2GiB", "2GiB")):
+        if given:
+            monkeypatch.setenv("GOMEMLIMIT", given)
+        server = EmbeddedNats(tmp_path / f"nats-{expected}")
+        server.start()
+        try:
+            assert server.proc is not None
+            assert _environ(server.proc.pid)["GOMEMLIMIT"] == expected
+        finally:
+            server.stop()
