@@ -24,6 +24,7 @@ from mdp.services.store.writers import (
     SqliteBarWriter,
     StoreError,
     StoreUnavailableError,
+    _pg_key,
     export_csv,
     latest_revisions,
     open_writer,
@@ -566,3 +567,21 @@ async def test_postgres_sessions_killed_between_writes_are_replaced(postgres_url
         # The pooled session is dead: the writer replaces it without bothering the caller.
         assert await w.write([bar("MSFT")]) == 1
         assert await w.read() == [bar(), bar("MSFT")]
+
+
+@pytest.mark.postgres
+async def test_the_writers_key_order_is_postgresqls_c_collation(postgres_url: str) -> None:
+    # The writer sorts rows as the upsert's ORDER BY ... COLLATE "C" does (concurrent writers
+    # then lock keys in one order), comparing str, not UTF-8 bytes: the same order, checked here.
+    rng = random.Random(11)
+    alphabet = "aAzZ09._/-:é€ß日本𝄞\u00a0\u0301\uffff"
+    symbols = list({"".join(rng.choices(alphabet, k=rng.randint(1, 6))) for _ in range(400)})
+    rows = [(s, "1s", i) for i, s in enumerate(symbols)]
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        expected = await conn.fetch(
+            'SELECT s FROM unnest($1::text[]) AS s ORDER BY s COLLATE "C"', symbols
+        )
+    finally:
+        await conn.close()
+    assert [row[0] for row in sorted(rows, key=_pg_key)] == [r["s"] for r in expected]

@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import csv
 import math
+import operator
 import sqlite3
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -597,9 +598,10 @@ CREATE TEMP TABLE IF NOT EXISTS {_PG_STAGE} (
 """
 
 
-def _pg_key(row: tuple[Any, ...]) -> tuple[bytes, bytes, int]:
-    """A row's key in the order of `COLLATE "C"` (bytes), as the upsert sorts."""
-    return row[0].encode(), row[1].encode(), row[2]
+# A row's key (symbol, interval, start) in the order of `COLLATE "C"`, as the upsert sorts:
+# PostgreSQL's "C" compares UTF-8 bytes, and UTF-8 keeps code-point order, so Python's own
+# string order is the same order without encoding every key (a third of the writer's time).
+_pg_key = operator.itemgetter(0, 1, 2)
 
 
 # ORDER BY: concurrent writers then lock overlapping keys in the same order and cannot deadlock.
