@@ -638,7 +638,8 @@ async def cmd_top(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty() and not args.json
     # A signal sets `stop` rather than cancelling: a cancel landing in one of the many NATS
     # requests of a snapshot can be lost (asyncio.wait_for in Python 3.11).
-    stop = args.interrupt.gentle = asyncio.Event()
+    stop = asyncio.Event()
+    args.interrupt.stop_gently(stop)
     try:
         while not stop.is_set():
             table = await top.snapshot(
@@ -738,6 +739,13 @@ class Interrupt:
         else:  # a second signal never waits for the gentle path
             self.task.cancel()
 
+    def stop_gently(self, stop: asyncio.Event) -> None:
+        """From now on a first signal sets `stop`; one that came already sets it at once (its
+        cancel may have been lost in a library on Python 3.11, where `wait_for` can swallow one)."""
+        self.gentle = stop
+        if self.signal:
+            stop.set()
+
 
 async def cmd_up(args: argparse.Namespace) -> int:
     """`mdp up`: embedded NATS, every service, the synthetic provider, a live progress line."""
@@ -767,7 +775,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         if not reply.get("ok"):
             raise CliError(f"start refused: {reply.get('error')}")
         print(f"started {args.provider} for {', '.join(symbols)}; Ctrl-C stops", file=sys.stderr)
-        args.interrupt.gentle = stop  # from here a signal stops the job, then the system
+        args.interrupt.stop_gently(stop)  # from here a signal stops the job, then the system
         deadline = time.monotonic() + args.duration if args.duration > 0 else None
         progress = Progress()
         tty = sys.stdout.isatty()

@@ -212,7 +212,8 @@ class Supervisor:
                 self.check()  # a service that died while starting is restarted (with backoff)
                 for name in list(waiting):
                     with contextlib.suppress(Exception):
-                        await nc.request(names.ready(name), b"", timeout=0.5)
+                        # In a task of its own: nats-py's request can swallow a cancel.
+                        await cancellable(nc.request(names.ready(name), b"", timeout=0.5))
                         waiting.discard(name)
                 await asyncio.sleep(0.05)
         finally:

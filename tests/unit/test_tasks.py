@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 
 import pytest
 
+from mdp.cli import Interrupt
 from mdp.shared.tasks import cancel_until_done, cancellable
 
 
@@ -62,3 +64,17 @@ async def test_a_task_that_outlives_the_patience_is_given_up() -> None:
     assert await cancel_until_done(task, patience_s=0.2) is False
     mortal = True
     assert await cancel_until_done(task) is True
+
+
+async def test_a_signal_whose_cancel_was_lost_still_stops_the_gentle_phase() -> None:
+    started = asyncio.Event()
+    task = asyncio.create_task(_swallows_one_cancel(started))
+    await started.wait()
+    interrupt = Interrupt(task)
+    interrupt(signal.SIGTERM)  # cancels the task, which swallows it and goes on
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    stop = asyncio.Event()
+    interrupt.stop_gently(stop)  # the command reaches its gentle phase: it stops at once
+    assert stop.is_set()
+    await cancel_until_done(task)
