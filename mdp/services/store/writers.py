@@ -600,7 +600,7 @@ CREATE TEMP TABLE IF NOT EXISTS {_PG_STAGE} (
 
 # A row's key (symbol, interval, start) in the order of `COLLATE "C"`, as the upsert sorts:
 # PostgreSQL's "C" compares UTF-8 bytes, and UTF-8 keeps code-point order, so Python's own
-# string order is the same order without encoding every key (a third of the writer's time).
+# string order is the same order without encoding every key (a third of the rows' preparation).
 _pg_key = operator.itemgetter(0, 1, 2)
 
 
