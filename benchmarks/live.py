@@ -213,7 +213,6 @@ def report(run: Run, grace_ms: int) -> str:
         *(
             f"  {name} RSS MB every 10 s: " + " ".join(f"{mb:.0f}" for mb in trace)
             for name, trace in run.rss_trace_mb.items()
-            if name in ("router", "aggregator", "nats-server")
         ),
     ]
     return "\n".join(lines)
@@ -237,9 +236,12 @@ def main() -> int:
     # The grace is the policy's (mdp/configs/ingestion_policy.yaml, bars.grace_ms), as the services
     # read it: the run reports against it.
     args.grace_ms = local_policy("aggregator").bars.grace_ms
-    settings = dict(item.split("=", 1) for item in args.set if "=" in item)
-    if len(settings) != len(args.set) or not all(k.startswith("MDP_") for k in settings):
-        parser.error("--set takes MDP_<SETTING>=VALUE")
+    settings: dict[str, str] = {}
+    for item in args.set:
+        key, equals, value = item.partition("=")
+        if not (key.startswith("MDP_") and equals):
+            parser.error(f"--set {item!r}: expected MDP_<SETTING>=VALUE")
+        settings[key] = value  # the last of a key given twice wins, as in a shell
     ok = True
     p99s = []
     for i in range(args.repeat):

@@ -321,7 +321,8 @@ async def _run(service: Service, ctx: Context, startup: _Startup) -> int:
     for task in ctx.tasks:
         task.cancel()
     for task in ctx.tasks:
-        await cancel_until_done(task)
+        if not await cancel_until_done(task):
+            log.error("task_ignores_cancel", task=task.get_name())  # left behind, not awaited
     startup.stopping = True
     with contextlib.suppress(Exception):
         await ctx.micro.stop()
